@@ -82,7 +82,7 @@ impl ModelError {
         };
         ModelError::Syntax {
             line: e.line(),
-            column: e.column(),
+            column: e.column().max(1), // serde_json says 0 at end of input
             message,
         }
     }

@@ -1,0 +1,326 @@
+//! [`Snapshot`]: one immutable state with its indexes, built once, read by every request.
+//!
+//! Every lookup here takes borrowed or `Copy` keys and returns references into the
+//! snapshot: nothing on the request path allocates.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::time::SystemTime;
+
+use vmedge_model::{
+    parse_public_host, Fingerprint, HostError, PublicHost, Service, ServiceName, SshKey, State,
+    User, Vm, VmId,
+};
+
+/// A service found for a public host: where to send the request, and what it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    /// The VM (its status decides between proxying, waking and refusing).
+    pub vm: &'a Vm,
+    /// The service (its port, and h2c or HTTP/1.1).
+    pub service: &'a Service,
+}
+
+impl Route<'_> {
+    /// `[public_ipv6]:port`.
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::V6(SocketAddrV6::new(
+            self.vm.public_ipv6,
+            self.service.port,
+            0,
+            0,
+        ))
+    }
+}
+
+/// Why a host has no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// Not under `proxy.<domain>` (HTTP 421).
+    NotOurs,
+    /// Malformed, unknown VM or unknown service: deliberately one answer (HTTP 404).
+    Unknown,
+}
+
+#[derive(Default)]
+struct WorkerIndex {
+    vms: Vec<u32>,
+    by_ipv4: HashMap<Ipv4Addr, u32>,
+}
+
+/// The state in force, and its indexes.
+pub struct Snapshot {
+    state: State,
+    generation: u64,
+    loaded_at: SystemTime,
+    routes: HashMap<(VmId, ServiceName), (u32, u16)>,
+    by_id: HashMap<VmId, u32>,
+    by_ipv6: HashMap<Ipv6Addr, u32>,
+    by_fingerprint: HashMap<Fingerprint, (u32, u16)>,
+    workers: HashMap<Box<str>, WorkerIndex>,
+}
+
+impl Snapshot {
+    /// Indexes a validated state. `generation` counts the snapshots of one registry.
+    pub fn build(state: State, generation: u64) -> Snapshot {
+        let service_count = state.vms.iter().map(|v| v.services.len()).sum();
+        let mut routes = HashMap::with_capacity(service_count);
+        let mut by_id = HashMap::with_capacity(state.vms.len());
+        let mut by_ipv6 = HashMap::with_capacity(state.vms.len());
+        let mut workers: HashMap<Box<str>, WorkerIndex> = HashMap::new();
+        for (i, vm) in state.vms.iter().enumerate() {
+            let i = i as u32;
+            by_id.insert(vm.id, i);
+            by_ipv6.insert(vm.public_ipv6, i);
+            for (s, service) in vm.services.iter().enumerate() {
+                routes.insert((vm.id, service.name), (i, s as u16));
+            }
+            let worker = match workers.get_mut(vm.worker.as_str()) {
+                Some(w) => w,
+                None => workers.entry(vm.worker.as_str().into()).or_default(),
+            };
+            worker.vms.push(i);
+            if let Some(v4) = vm.ipv4 {
+                worker.by_ipv4.insert(v4, i);
+            }
+        }
+        let mut by_fingerprint = HashMap::new();
+        for (u, user) in state.users.iter().enumerate() {
+            for (k, key) in user.ssh_keys.iter().enumerate() {
+                by_fingerprint.insert(key.fingerprint, (u as u32, k as u16));
+            }
+        }
+        Snapshot {
+            state,
+            generation,
+            loaded_at: SystemTime::now(),
+            routes,
+            by_id,
+            by_ipv6,
+            by_fingerprint,
+            workers,
+        }
+    }
+
+    /// An empty snapshot (generation 0): nothing routes.
+    pub fn empty() -> Snapshot {
+        Snapshot::build(State::default(), 0)
+    }
+
+    /// The whole state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Counts the snapshots of one registry, from 1; 0 is the empty snapshot.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// When it was built.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    /// Every VM.
+    pub fn vms(&self) -> &[Vm] {
+        &self.state.vms
+    }
+
+    /// Every user.
+    pub fn users(&self) -> &[User] {
+        &self.state.users
+    }
+
+    /// The service a parsed public host names.
+    pub fn route(&self, host: &PublicHost) -> Option<Route<'_>> {
+        let &(vm, service) = self.routes.get(&(host.vm, host.service))?;
+        let vm = &self.state.vms[vm as usize];
+        Some(Route {
+            vm,
+            service: &vm.services[service as usize],
+        })
+    }
+
+    /// Host header / `:authority` / SNI straight to a route.
+    pub fn route_host(&self, host: &str, domain: &str) -> Result<Route<'_>, RouteError> {
+        match parse_public_host(host, domain) {
+            Ok(parsed) => self.route(&parsed).ok_or(RouteError::Unknown),
+            Err(HostError::NotUnderDomain) => Err(RouteError::NotOurs),
+            Err(HostError::Malformed) => Err(RouteError::Unknown),
+        }
+    }
+
+    /// A VM by id.
+    pub fn vm(&self, id: &VmId) -> Option<&Vm> {
+        self.by_id.get(id).map(|&i| &self.state.vms[i as usize])
+    }
+
+    /// A VM by its public IPv6 address.
+    pub fn vm_by_ipv6(&self, addr: &Ipv6Addr) -> Option<&Vm> {
+        self.by_ipv6.get(addr).map(|&i| &self.state.vms[i as usize])
+    }
+
+    /// The VM of this worker that a packet with this source address came from, if any.
+    ///
+    /// IPv6 by public address (IPv4-mapped IPv6 is read as IPv4); IPv4 by the
+    /// worker-local `ipv4` of the worker's VMs. A VM of another worker is not found.
+    pub fn vm_by_source(&self, worker: &str, addr: IpAddr) -> Option<&Vm> {
+        let addr = match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            },
+            v4 => v4,
+        };
+        let vm = match addr {
+            IpAddr::V6(v6) => self.vm_by_ipv6(&v6)?,
+            IpAddr::V4(v4) => {
+                let &i = self.workers.get(worker)?.by_ipv4.get(&v4)?;
+                &self.state.vms[i as usize]
+            }
+        };
+        (vm.worker == worker).then_some(vm)
+    }
+
+    /// The user that owns a key, and the key.
+    pub fn user_by_fingerprint(&self, fingerprint: &Fingerprint) -> Option<(&User, &SshKey)> {
+        let &(u, k) = self.by_fingerprint.get(fingerprint)?;
+        let user = &self.state.users[u as usize];
+        Some((user, &user.ssh_keys[k as usize]))
+    }
+
+    /// The VMs placed on a worker, in state order.
+    pub fn worker_vms<'a>(&'a self, worker: &str) -> impl Iterator<Item = &'a Vm> + 'a {
+        let indexes = self
+            .workers
+            .get(worker)
+            .map(|w| w.vms.as_slice())
+            .unwrap_or_default();
+        indexes.iter().map(|&i| &self.state.vms[i as usize])
+    }
+
+    /// The names of every worker with at least one VM.
+    pub fn workers(&self) -> impl Iterator<Item = &str> {
+        self.workers.keys().map(|k| &**k)
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("generation", &self.generation)
+            .field("vms", &self.state.vms.len())
+            .field("users", &self.state.users.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmedge_model::parse_state;
+
+    fn example() -> Snapshot {
+        let text = include_str!("../../examples/state.json");
+        Snapshot::build(parse_state(text).unwrap().value, 1)
+    }
+
+    #[test]
+    fn routes_by_host() {
+        let s = example();
+        let r = s
+            .route_host(
+                "APP--6f1c2d3e0000400080000000000000aa.proxy.example.dev:443",
+                "example.dev",
+            )
+            .unwrap();
+        assert_eq!(r.service.port, 3000);
+        assert_eq!(r.target(), "[fd5e:ed00:1::2]:3000".parse().unwrap());
+        assert!(
+            s.route_host(
+                "api-v2--6f1c2d3e0000400080000000000000aa.proxy.example.dev",
+                "example.dev"
+            )
+            .unwrap()
+            .service
+            .h2c
+        );
+        let unknown_service = s.route_host(
+            "nope--6f1c2d3e0000400080000000000000aa.proxy.example.dev",
+            "example.dev",
+        );
+        let unknown_vm = s.route_host(
+            "app--6f1c2d3e0000400080000000000000ab.proxy.example.dev",
+            "example.dev",
+        );
+        let malformed = s.route_host("app.proxy.example.dev", "example.dev");
+        assert_eq!(unknown_service.unwrap_err(), RouteError::Unknown);
+        assert_eq!(unknown_vm.unwrap_err(), RouteError::Unknown);
+        assert_eq!(malformed.unwrap_err(), RouteError::Unknown);
+        assert_eq!(
+            s.route_host("ssh.example.dev", "example.dev").unwrap_err(),
+            RouteError::NotOurs
+        );
+    }
+
+    #[test]
+    fn vms_by_id_address_source_and_worker() {
+        let s = example();
+        let id = VmId::parse("6f1c2d3e-0000-4000-8000-0000000000aa").unwrap();
+        assert_eq!(s.vm(&id).unwrap().id, id);
+        assert_eq!(
+            s.vm_by_ipv6(&"fd5e:ed00:1::2".parse().unwrap()).unwrap().id,
+            id
+        );
+        assert_eq!(
+            s.vm_by_source("worker-1", "fd5e:ed00:1::2".parse().unwrap())
+                .unwrap()
+                .id,
+            id
+        );
+        assert_eq!(
+            s.vm_by_source("worker-1", "198.18.1.2".parse().unwrap())
+                .unwrap()
+                .id,
+            id
+        );
+        assert_eq!(
+            s.vm_by_source("worker-1", "::ffff:198.18.1.2".parse().unwrap())
+                .unwrap()
+                .id,
+            id
+        );
+        assert!(
+            s.vm_by_source("worker-2", "fd5e:ed00:1::2".parse().unwrap())
+                .is_none(),
+            "another worker's VM"
+        );
+        assert!(s
+            .vm_by_source("worker-2", "198.18.1.2".parse().unwrap())
+            .is_none());
+        assert!(s
+            .vm_by_source("worker-1", "fd5e:ed00:1::99".parse().unwrap())
+            .is_none());
+        assert_eq!(s.worker_vms("worker-1").count(), 6);
+        assert_eq!(s.worker_vms("worker-2").count(), 3);
+        assert_eq!(s.worker_vms("worker-9").count(), 0);
+        let mut workers: Vec<_> = s.workers().collect();
+        workers.sort();
+        assert_eq!(workers, ["worker-1", "worker-2"]);
+    }
+
+    #[test]
+    fn users_by_fingerprint() {
+        let s = example();
+        for user in s.users() {
+            for key in &user.ssh_keys {
+                let (u, k) = s.user_by_fingerprint(&key.fingerprint).unwrap();
+                assert_eq!((u.id.as_str(), k), (user.id.as_str(), key));
+            }
+        }
+        assert!(s
+            .user_by_fingerprint(&Fingerprint::from_bytes([7; 32]))
+            .is_none());
+    }
+}

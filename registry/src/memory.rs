@@ -1,0 +1,90 @@
+//! [`MemoryRegistry`]: the cell every source publishes through, and a registry of its own
+//! for tests and for states built in code.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
+use vmedge_model::State;
+
+use crate::index::Snapshot;
+use crate::{Registry, Status};
+
+/// Holds the snapshot in force; publishing swaps it atomically and tells subscribers.
+pub struct MemoryRegistry {
+    current: ArcSwap<Snapshot>,
+    changes: watch::Sender<Arc<Snapshot>>,
+    status: Mutex<Status>,
+}
+
+impl MemoryRegistry {
+    /// A registry serving `state` as generation 1. `source` says where states come from, for logs.
+    pub fn new(source: impl Into<String>, state: State) -> MemoryRegistry {
+        let snapshot = Arc::new(Snapshot::build(state, 1));
+        let status = Status::new(source.into(), &snapshot);
+        MemoryRegistry {
+            current: ArcSwap::new(snapshot.clone()),
+            changes: watch::Sender::new(snapshot),
+            status: Mutex::new(status),
+        }
+    }
+
+    /// Indexes `state` as the next generation and puts it in force.
+    pub fn publish(&self, state: State) -> Arc<Snapshot> {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = Arc::new(Snapshot::build(state, status.generation + 1));
+        status.published(&snapshot);
+        self.current.store(snapshot.clone());
+        self.changes.send_replace(snapshot.clone());
+        snapshot
+    }
+
+    /// Records that a new state was refused; the snapshot in force stays.
+    pub fn refused(&self, why: String) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.refusals += 1;
+        status.last_refusal = Some(why);
+    }
+}
+
+impl Registry for MemoryRegistry {
+    fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.changes.subscribe()
+    }
+
+    fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn publish_swaps_and_notifies() {
+        let registry = MemoryRegistry::new("test", State::default());
+        let mut changes = registry.subscribe();
+        assert_eq!(registry.load().generation(), 1);
+        let text = include_str!("../../examples/state.json");
+        registry.publish(vmedge_model::parse_state(text).unwrap().value);
+        changes.changed().await.unwrap();
+        assert_eq!(changes.borrow_and_update().generation(), 2);
+        assert_eq!(registry.load().vms().len(), 9);
+        registry.refused("bad".into());
+        let status = registry.status();
+        assert_eq!((status.generation, status.vms, status.refusals), (2, 9, 1));
+        assert_eq!(status.last_refusal.as_deref(), Some("bad"));
+    }
+}

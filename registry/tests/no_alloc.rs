@@ -1,0 +1,67 @@
+//! Lookups on the request path allocate nothing: counted with a global allocator.
+#![allow(unsafe_code)] // a counting GlobalAlloc has to be `unsafe impl`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use vmedge_model::{parse_state, Fingerprint};
+use vmedge_registry::{MemoryRegistry, Registry};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn request_path_lookups_allocate_nothing() {
+    let text = include_str!("../../examples/state.json");
+    let registry = MemoryRegistry::new("test", parse_state(text).unwrap().value);
+    let fingerprint: Fingerprint = registry.load().users()[0].ssh_keys[0].fingerprint;
+    let source: IpAddr = "198.18.1.2".parse().unwrap();
+    let hosts = [
+        "APP--6f1c2d3e0000400080000000000000aa.proxy.example.dev:8443",
+        "nope--6f1c2d3e0000400080000000000000aa.proxy.example.dev",
+        "app.proxy.example.dev",
+        "elsewhere.example.org",
+    ];
+    // Warm up anything lazily initialised (arc-swap's thread-local debt slots).
+    drop(registry.load());
+
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let mut found = 0;
+    for _ in 0..1000 {
+        let snapshot = registry.load();
+        for host in hosts {
+            if let Ok(route) = snapshot.route_host(host, "example.dev") {
+                found += route.target().port() as usize;
+            }
+        }
+        found += snapshot.user_by_fingerprint(&fingerprint).is_some() as usize;
+        found += snapshot.vm_by_source("worker-1", source).is_some() as usize;
+        found += snapshot.worker_vms("worker-1").count();
+    }
+    let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        found,
+        1000 * (3000 + 1 + 1 + 6),
+        "the lookups found what they should"
+    );
+    assert_eq!(allocations, 0, "request-path lookups allocated");
+}
