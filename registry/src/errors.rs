@@ -28,7 +28,7 @@ pub enum RegistryError {
         message: String,
     },
     /// The state file breaks the platform's rules; every error with its JSON path.
-    #[error("{}: {errors}", path.display())]
+    #[error("{}: {} error{}:\n{errors}", path.display(), errors.len(), if errors.len() == 1 { "" } else { "s" })]
     Invalid {
         /// The file.
         path: PathBuf,
