@@ -1,4 +1,5 @@
 //! Fingerprints must equal what `ssh-keygen -lf` prints, for every key type the platform takes.
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 //!
 //! Keys are made by ssh-keygen at test time; the FIDO keys (which need an authenticator
 //! to generate) are fixtures built from valid curve points, and are still fingerprinted

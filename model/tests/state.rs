@@ -1,4 +1,5 @@
 //! Table tests of the state document: VMs, services, users, cross-object rules.
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 use serde_json::{json, Value};
 use vmedge_model::{
@@ -109,9 +110,12 @@ fn a_vm_with_every_field() {
     );
 }
 
+/// A change to a good VM, to make it bad in one way.
+type Patch = Box<dyn FnOnce(&mut Value)>;
+
 #[test]
 fn vm_field_rules() {
-    let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    let cases: Vec<(Patch, &str)> = vec![
         (Box::new(|v| { v.as_object_mut().unwrap().remove("id"); }), "vms[0].id: is required"),
         (Box::new(|v| v["id"] = json!("vm-1")), r#"vms[0].id: "vm-1" is not a VM id (a UUID)"#),
         (Box::new(|v| v["org_id"] = json!("")), "vms[0].org_id: must not be empty"),

@@ -9,7 +9,7 @@
 //!   for lock-free reads, a watch channel for subscribers); a registry of its own in tests.
 //! - [`file`]: [`FileRegistry`], a JSON state file, reloaded when it changes (notify). An
 //!   invalid document is refused as a whole and the last good snapshot keeps serving.
-//! - [`errors`]: [`RegistryError`].
+//! - [`errors`]: [`RegistryError`], naming the file it is about.
 //!
 //! A request's path: `Registry::load()` -> `Snapshot::route_host()` -> `Route::target()`.
 

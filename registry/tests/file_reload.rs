@@ -1,4 +1,5 @@
 //! Hot reload of the state file through the real file watcher (inotify).
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 use std::path::Path;
 use std::sync::Arc;

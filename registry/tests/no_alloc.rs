@@ -1,4 +1,5 @@
 //! Lookups on the request path allocate nothing: counted with a global allocator.
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 #![allow(unsafe_code)] // a counting GlobalAlloc has to be `unsafe impl`
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -1,0 +1,138 @@
+//! `vmedge up`: everything in one process on loopback, with `examples/` by default.
+//!
+//! This build runs the registry: the state is loaded, watched and hot-reloaded, and the
+//! plan of listeners is printed. The edge, SSH gateway and DNS gate join this process
+//! as they are built; until then `up` says so rather than pretending to serve.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use vmedge_model::public_host;
+use vmedge_registry::{FileRegistry, Registry, RegistryError};
+
+use crate::config::{Config, RegistrySource};
+
+const EXAMPLE_CONFIG: &str = "examples/vmedge.toml";
+
+/// Runs until SIGINT or SIGTERM.
+pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (config, origin) = match config_path {
+        Some(p) => (Config::load(p)?, p.display().to_string()),
+        None if Path::new(EXAMPLE_CONFIG).exists() => (
+            Config::load(Path::new(EXAMPLE_CONFIG))?,
+            EXAMPLE_CONFIG.to_string(),
+        ),
+        None => (Config::default(), "built-in defaults".to_string()),
+    };
+
+    let registry = match &config.registry {
+        RegistrySource::File(path) => match FileRegistry::open(path) {
+            Ok(r) => Arc::new(r),
+            Err(e @ (RegistryError::Invalid { .. } | RegistryError::Syntax { .. })) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(e) => return Err(e.into()),
+        },
+        RegistrySource::Etcd(_) => anyhow::bail!(
+            "registry {}: this build reads file: registries only (etcd comes with the fleet work)",
+            config.registry
+        ),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let _watch = registry.watch()?;
+        print_plan(&config, &origin, registry.as_ref());
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
+    let snapshot = registry.load();
+    let domain = config.domain.as_str();
+    println!("vmedge {} up: config {origin}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "  state   {} (generation {}: {} VMs, {} users), watched for changes",
+        registry.path().display(),
+        snapshot.generation(),
+        snapshot.vms().len(),
+        snapshot.users().len()
+    );
+    println!(
+        "  domain  {domain}: services at <service>--<vmid>.proxy.{domain}, SSH at ssh.{domain}"
+    );
+    let prefixes: Vec<String> = config.vm_prefixes.iter().map(|p| p.to_string()).collect();
+    println!("  dials   only {}", prefixes.join(" "));
+    println!("listeners (these servers are not in this build yet: only the registry runs):");
+    println!(
+        "  edge    http {}  https {}  admin {}",
+        list(&config.edge.http),
+        list(&config.edge.https),
+        config.edge.admin
+    );
+    println!(
+        "  ssh     {}  admin {}",
+        list(&config.ssh.listen),
+        config.ssh.admin
+    );
+    println!(
+        "  dns     {}  admin {}",
+        list(&config.dns.listen),
+        config.dns.admin
+    );
+    let demo = snapshot
+        .vms()
+        .iter()
+        .find(|vm| vm.status.is_running() && !vm.services.is_empty());
+    if let (Some(vm), Some(http)) = (demo, config.edge.http.first()) {
+        let host = public_host(&vm.services[0].name, vm.id, domain);
+        println!(
+            "  a service of {} ({}): http://{host}:{}/ -> [{}]:{}",
+            vm.id,
+            vm.status,
+            http.port(),
+            vm.public_ipv6,
+            vm.services[0].port
+        );
+    }
+    println!("Ctrl-C stops.");
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

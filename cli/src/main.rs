@@ -1,0 +1,114 @@
+//! `vmedge`: the one binary of the network edge.
+//!
+//! # Layout
+//! - `main.rs`: the command line (clap) and exit codes: 0 ok, 1 bad input or failure
+//!   (every error printed), 2 usage error.
+//! - `config.rs`: the TOML config, every key with a default for `vmedge up`.
+//! - `logging.rs`: tracing to stderr, text or JSON.
+//! - `cmd/`: one file per subcommand.
+
+mod cmd;
+mod config;
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// The network edge of a microVM platform: HTTP(S) proxy, SSH gateway, DNS gate and
+/// firewall for every VM.
+#[derive(Debug, Parser)]
+#[command(name = "vmedge", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "VMEDGE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+
+    /// Log level or filter (e.g. "debug", "info,vmedge_registry=debug"); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info", env = "VMEDGE_LOG")]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the edge on loopback with the example config and state (examples/ when no config is given).
+    Up {
+        /// Config file; default: examples/vmedge.toml if present, else built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Work with state documents.
+    #[command(subcommand)]
+    State(StateCommand),
+    /// Work with firewall policies.
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Validate a state file; print every error with its JSON path (exit 1 if any).
+    Check {
+        /// The state file (JSON); "-" reads standard input.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FirewallCommand {
+    /// Validate one FirewallPolicy (seed 001 shape, or the older seed 002 shape).
+    Check {
+        /// The policy file (JSON); "-" reads standard input.
+        policy: PathBuf,
+        /// Print the policy as the worker reads it (current shape, canonical values).
+        #[arg(long)]
+        print: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file; unknown keys and bad values are named with their line.
+    Check {
+        /// The config file (TOML).
+        file: PathBuf,
+        /// Print the config with every default filled in.
+        #[arg(long)]
+        print: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, &cli.log_level);
+    let result = match cli.command {
+        Command::Up { config } => cmd::up::run(config.as_deref()),
+        Command::State(StateCommand::Check { file }) => cmd::state::check(&file),
+        Command::Firewall(FirewallCommand::Check { policy, print }) => {
+            cmd::firewall::check(&policy, print)
+        }
+        Command::Config(ConfigCommand::Check { file, print }) => cmd::config::check(&file, print),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
