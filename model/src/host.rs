@@ -56,7 +56,13 @@ pub fn parse_public_host(host: &str, domain: &str) -> Result<PublicHost, HostErr
         return Err(HostError::NotUnderDomain);
     }
     let label = head.strip_suffix('.').ok_or(HostError::NotUnderDomain)?;
-    let (service, vm) = label.split_once("--").ok_or(HostError::Malformed)?;
+    // label = <service> "--" <32 hex>: the separator's place is fixed, no search needed.
+    // A second "--" inside the service part is refused by ServiceName (double hyphen).
+    let split = label.len().checked_sub(34).ok_or(HostError::Malformed)?;
+    if !label.is_char_boundary(split) || &label.as_bytes()[split..split + 2] != b"--" {
+        return Err(HostError::Malformed);
+    }
+    let (service, vm) = (&label[..split], &label[split + 2..]);
     let vm = VmId::parse_hex32(vm).ok_or(HostError::Malformed)?;
     let service = ServiceName::parse_ignore_case(service).map_err(|_| HostError::Malformed)?;
     Ok(PublicHost { service, vm })

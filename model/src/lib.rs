@@ -11,7 +11,8 @@
 //! - [`policy`]: [`FirewallPolicy`] in the seed 001 shape and the older seed 002 shape,
 //!   and [`effective_policy`].
 //! - [`domain`]: [`DomainPattern`], `example.com` or `*.example.com`.
-//! - `validate`: the decoder that walks a JSON value with its path and collects every error.
+//! - `json`: a borrowed JSON tree (strings borrow from the input): what is walked.
+//! - `validate`: the decoder that walks it with the JSON path and collects every error.
 //! - [`errors`]: [`ModelError`], [`FieldError`]: each error names its JSON path.
 //!
 //! Documents are validated as a whole: [`ModelError::Invalid`] carries every error,
@@ -20,6 +21,7 @@
 pub mod domain;
 pub mod errors;
 pub mod host;
+mod json;
 pub mod policy;
 pub mod service;
 pub mod state;

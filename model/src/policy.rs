@@ -8,12 +8,12 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv6Net};
 use serde::ser::SerializeStruct;
 use serde::{Serialize, Serializer};
-use serde_json::{Map, Value};
 
 use crate::domain::DomainPattern;
+use crate::json::Node;
 use crate::service::Service;
 use crate::validate::{
-    array, boolean, deny_unknown, kind_of, object, optional, required, string, Path, Report,
+    array, boolean, deny_unknown, object, optional, required, string, Fields, Path, Report,
 };
 
 /// Allow or deny: a direction's default posture and each rule's verdict.
@@ -304,12 +304,12 @@ enum Direction {
 
 /// Decodes a policy in either shape; `None` when errors were reported.
 pub(crate) fn decode_policy(
-    v: &Value,
+    v: &Node<'_>,
     path: &Path<'_>,
     report: &mut Report,
 ) -> Option<(FirewallPolicy, PolicyShape)> {
     let map = object(v, path, report)?;
-    if map.contains_key("mode") {
+    if map.iter().any(|(k, _)| k == "mode") {
         return decode_legacy(map, path, report).map(|p| (p, PolicyShape::Legacy));
     }
     deny_unknown(map, POLICY_KEYS, path, report);
@@ -356,7 +356,7 @@ pub(crate) fn decode_policy(
     ))
 }
 
-fn decode_action(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<Action> {
+fn decode_action(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<Action> {
     match string(v, path, report)? {
         "allow" => Some(Action::Allow),
         "deny" => Some(Action::Deny),
@@ -371,7 +371,7 @@ fn decode_action(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<Acti
 }
 
 fn decode_direction(
-    v: &Value,
+    v: &Node<'_>,
     direction: Direction,
     path: &Path<'_>,
     report: &mut Report,
@@ -401,7 +401,7 @@ fn decode_direction(
 }
 
 fn decode_rule(
-    v: &Value,
+    v: &Node<'_>,
     direction: Direction,
     path: &Path<'_>,
     report: &mut Report,
@@ -469,13 +469,15 @@ fn decode_rule(
     let ports_path = path.field("ports");
     let ports = match optional(map, "ports") {
         None => Some(Ports::Any),
-        Some(Value::Number(n)) => match Ports::parse(&n.to_string()) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                report.error(&ports_path, e);
-                None
+        Some(n @ (Node::U64(_) | Node::I64(_) | Node::F64(_))) => {
+            match Ports::parse(&n.to_string()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    report.error(&ports_path, e);
+                    None
+                }
             }
-        },
+        }
         Some(v) => match string(v, &ports_path, report).map(Ports::parse) {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => {
@@ -527,7 +529,7 @@ pub(crate) fn decode_cidr(text: &str, path: &Path<'_>, report: &mut Report) -> O
     Some(trunc)
 }
 
-fn decode_dns(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<DnsPolicy> {
+fn decode_dns(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<DnsPolicy> {
     let map = object(v, path, report)?;
     deny_unknown(map, DNS_KEYS, path, report);
     let errors_before = report.errors.len();
@@ -571,11 +573,7 @@ fn decode_dns(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<DnsPoli
 /// `open` allows all inbound traffic; `restricted` denies by default and allows the
 /// rules. Each rule becomes one allow per source CIDR (`::/0` when none are given).
 /// Egress and DNS take the current defaults, which is what that API revision did.
-fn decode_legacy(
-    map: &Map<String, Value>,
-    path: &Path<'_>,
-    report: &mut Report,
-) -> Option<FirewallPolicy> {
+fn decode_legacy(map: &Fields<'_>, path: &Path<'_>, report: &mut Report) -> Option<FirewallPolicy> {
     deny_unknown(map, LEGACY_KEYS, path, report);
     let errors_before = report.errors.len();
     let mut policy = FirewallPolicy::default();
@@ -599,7 +597,7 @@ fn decode_legacy(
     (report.errors.len() == errors_before).then_some(policy)
 }
 
-fn decode_legacy_rule(v: &Value, path: &Path<'_>, report: &mut Report, out: &mut Vec<Rule>) {
+fn decode_legacy_rule(v: &Node<'_>, path: &Path<'_>, report: &mut Report, out: &mut Vec<Rule>) {
     let Some(map) = object(v, path, report) else {
         return;
     };
@@ -626,7 +624,7 @@ fn decode_legacy_rule(v: &Value, path: &Path<'_>, report: &mut Report, out: &mut
             _ => {
                 report.error(
                     &path.field(key),
-                    format!("expected a port 1-65535, found {}", describe(v)),
+                    format!("expected a port 1-65535, found {v}"),
                 );
                 None
             }
@@ -680,12 +678,4 @@ fn decode_legacy_rule(v: &Value, path: &Path<'_>, report: &mut Report, out: &mut
         ports: Ports::Range { first, last },
         description: description.to_string(),
     }));
-}
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
-        other => kind_of(other).to_string(),
-    }
 }

@@ -1,15 +1,18 @@
 //! The state document: every user and VM the edge serves (DESIGN.md, "The state").
 
-use std::collections::HashMap;
+use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+// Keys come from the state itself, never from clients: a fast hasher is safe here.
+use foldhash::{HashMap, HashMapExt};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::errors::{FieldError, FieldErrors, ModelError};
+use crate::json::Node;
 use crate::policy::{decode_policy, FirewallPolicy, PolicyShape};
 use crate::user::{decode_user, Fingerprint, User};
-use crate::validate::{array, deny_unknown, object, optional, Path, Report};
+use crate::validate::{Path, Report};
 use crate::vm::{decode_vm, Vm, VmId};
 
 /// Users and VMs.
@@ -30,8 +33,8 @@ pub struct Parsed<T> {
     pub warnings: Vec<FieldError>,
 }
 
-fn parse_json(text: &str) -> Result<Value, ModelError> {
-    serde_json::from_str(text).map_err(|e| ModelError::syntax(&e))
+fn parse_json(text: &str) -> Result<Node<'_>, ModelError> {
+    Node::parse(text).map_err(|e| ModelError::syntax(&e))
 }
 
 fn finish<T>(value: Option<T>, report: Report) -> Result<Parsed<T>, ModelError> {
@@ -45,15 +48,35 @@ fn finish<T>(value: Option<T>, report: Report) -> Result<Parsed<T>, ModelError> 
 }
 
 /// Parses and validates a state document; every error is reported, with its JSON path.
+///
+/// The `users` and `vms` arrays are decoded element by element as the parser reaches
+/// them, so only one object's JSON tree is in memory at a time: on a 100k-VM state,
+/// building the whole tree first cost more (in fresh pages) than the decoding itself.
 pub fn parse_state(text: &str) -> Result<Parsed<State>, ModelError> {
-    state_from_value(&parse_json(text)?)
+    let mut report = Report::default();
+    let mut users = Vec::new();
+    let mut vms = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let seed = StateSeed {
+        report: &mut report,
+        users: &mut users,
+        vms: &mut vms,
+    };
+    seed.deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| ModelError::syntax(&e))?;
+    check_users_unique(&users, &mut report);
+    check_vms_unique(&vms, &mut report);
+    let state = State {
+        users: users.into_iter().map(|(_, u)| u).collect(),
+        vms: vms.into_iter().map(|(_, v)| v).collect(),
+    };
+    finish(Some(state), report)
 }
 
-/// Validates an already-parsed state document.
-pub fn state_from_value(doc: &Value) -> Result<Parsed<State>, ModelError> {
-    let mut report = Report::default();
-    let state = decode_state(doc, &mut report);
-    finish(state, report)
+/// [`parse_state`] for a document built in code (tests, tools); it is printed and parsed.
+pub fn state_from_value(doc: &serde_json::Value) -> Result<Parsed<State>, ModelError> {
+    parse_state(&doc.to_string())
 }
 
 /// Parses and validates one VM object (as stored per key in etcd).
@@ -77,40 +100,179 @@ pub fn parse_policy(text: &str) -> Result<Parsed<(FirewallPolicy, PolicyShape)>,
     finish(policy, report)
 }
 
-fn decode_state(doc: &Value, report: &mut Report) -> Option<State> {
-    let root = Path::Root;
-    let map = object(doc, &root, report)?;
-    deny_unknown(map, &["users", "vms"], &root, report);
+/// The top-level object: `{"users": [...], "vms": [...]}`, decoded as it streams by.
+/// Each element keeps its document index so duplicate messages can name both sides.
+struct StateSeed<'r> {
+    report: &'r mut Report,
+    users: &'r mut Vec<(usize, User)>,
+    vms: &'r mut Vec<(usize, Vm)>,
+}
 
-    // Each object keeps its document index so that duplicate messages can name both sides.
-    let mut users = Vec::new();
-    if let Some(v) = optional(map, "users") {
-        let p = root.field("users");
-        let items = array(v, &p, report).unwrap_or_default();
-        users.reserve(items.len());
-        for (i, item) in items.iter().enumerate() {
-            if let Some(user) = decode_user(item, &p.index(i), report) {
-                users.push((i, user));
-            }
-        }
+impl<'de> DeserializeSeed<'de> for StateSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
-    let mut vms = Vec::new();
-    if let Some(v) = optional(map, "vms") {
-        let p = root.field("vms");
-        let items = array(v, &p, report).unwrap_or_default();
-        vms.reserve(items.len());
-        for (i, item) in items.iter().enumerate() {
-            if let Some(vm) = decode_vm(item, &p.index(i), report) {
-                vms.push((i, vm));
-            }
-        }
+}
+
+impl<'de> Visitor<'de> for StateSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a state object")
     }
-    check_users_unique(&users, report);
-    check_vms_unique(&vms, report);
-    Some(State {
-        users: users.into_iter().map(|(_, u)| u).collect(),
-        vms: vms.into_iter().map(|(_, v)| v).collect(),
-    })
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let root = Path::Root;
+        let mut seen: Vec<String> = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                self.report.error(&root.field(&key), "is given twice");
+            }
+            match key.as_str() {
+                "users" => map.next_value_seed(ArraySeed {
+                    path: root.field("users"),
+                    report: self.report,
+                    decode: &mut |node: &Node<'_>, i, report: &mut Report| {
+                        let p = root.field("users");
+                        if let Some(user) = decode_user(node, &p.index(i), report) {
+                            self.users.push((i, user));
+                        }
+                    },
+                })?,
+                "vms" => map.next_value_seed(ArraySeed {
+                    path: root.field("vms"),
+                    report: self.report,
+                    decode: &mut |node: &Node<'_>, i, report: &mut Report| {
+                        let p = root.field("vms");
+                        if let Some(vm) = decode_vm(node, &p.index(i), report) {
+                            self.vms.push((i, vm));
+                        }
+                    },
+                })?,
+                other => {
+                    self.report.error(
+                        &root.field(other),
+                        "unknown field; expected one of: users, vms",
+                    );
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            seen.push(key);
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.report
+            .error(&Path::Root, "expected an object, found an array");
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.report
+            .error(&Path::Root, "expected an object, found null");
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.report
+            .error(&Path::Root, "expected an object, found a boolean");
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.visit_f64(0.0)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.visit_f64(0.0)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.report
+            .error(&Path::Root, "expected an object, found a number");
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.report
+            .error(&Path::Root, "expected an object, found a string");
+        Ok(())
+    }
+}
+
+type DecodeElement<'f> = dyn FnMut(&Node<'_>, usize, &mut Report) + 'f;
+
+/// An array whose elements are decoded one at a time; `null` is an empty array.
+struct ArraySeed<'p, 'r, 'f> {
+    path: Path<'p>,
+    report: &'r mut Report,
+    decode: &'f mut DecodeElement<'f>,
+}
+
+impl<'de> DeserializeSeed<'de> for ArraySeed<'_, '_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ArraySeed<'_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while let Some(node) = seq.next_element::<Node<'de>>()? {
+            (self.decode)(&node, i, self.report);
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        self.report
+            .error(&self.path, "expected an array, found an object");
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.report
+            .error(&self.path, "expected an array, found a boolean");
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.visit_f64(0.0)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.visit_f64(0.0)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.report
+            .error(&self.path, "expected an array, found a number");
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.report
+            .error(&self.path, "expected an array, found a string");
+        Ok(())
+    }
 }
 
 fn check_users_unique(users: &[(usize, User)], report: &mut Report) {

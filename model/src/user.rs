@@ -7,6 +7,7 @@ use serde::{Serialize, Serializer};
 use ssh_key::public::KeyData;
 use ssh_key::{EcdsaCurve, HashAlg, PublicKey};
 
+use crate::json::Node;
 use crate::validate::{array, object, optional, required_string, string, Path, Report};
 
 /// A key's SHA256 fingerprint; shown as `SHA256:<base64>` exactly as `ssh-keygen -lf` prints it.
@@ -206,11 +207,7 @@ impl User {
 /// Smallest RSA modulus the gateway accepts.
 pub const RSA_MIN_BITS: u32 = 2048;
 
-pub(crate) fn decode_user(
-    v: &serde_json::Value,
-    path: &Path<'_>,
-    report: &mut Report,
-) -> Option<User> {
+pub(crate) fn decode_user(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<User> {
     let map = object(v, path, report)?;
     let errors_before = report.errors.len();
     let id = required_string(map, "id", path, report);
@@ -240,7 +237,7 @@ pub(crate) fn decode_user(
     })
 }
 
-fn decode_ssh_key(v: &serde_json::Value, path: &Path<'_>, report: &mut Report) -> Option<SshKey> {
+fn decode_ssh_key(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<SshKey> {
     let map = object(v, path, report)?;
     let name = match optional(map, "name") {
         Some(v) => string(v, &path.field("name"), report)?,

@@ -1,15 +1,19 @@
 //! The path-tracking decoder every document goes through.
 //!
 //! serde's derive stops at the first error and knows no JSON paths, so documents are
-//! parsed to a `serde_json::Value` once and then walked here: each step carries its
+//! parsed to a borrowed [`Node`] tree once and then walked here: each step carries its
 //! [`Path`] (built on the stack, turned into text only when there is something to
 //! report) and pushes every problem into one [`Report`] instead of returning early.
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 use crate::errors::FieldError;
+use crate::json::Node;
+
+/// The fields of a JSON object, in document order.
+pub(crate) type Fields<'a> = [(Cow<'a, str>, Node<'a>)];
 
 /// A JSON path, built on the stack as the decoder descends.
 #[derive(Clone, Copy)]
@@ -66,25 +70,33 @@ impl Report {
 }
 
 /// "a string", "an object", ...: what a value is, for messages.
-pub(crate) fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Node<'_>) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Node::Null => "null",
+        Node::Bool(_) => "a boolean",
+        Node::U64(_) | Node::I64(_) | Node::F64(_) => "a number",
+        Node::Str(_) => "a string",
+        Node::Array(_) => "an array",
+        Node::Object(_) => "an object",
     }
 }
 
-/// The value as an object, or an error.
-pub(crate) fn object<'v>(
-    v: &'v Value,
+/// The value as an object, or an error. A key given twice is an error too: JSON
+/// readers disagree on which one wins.
+pub(crate) fn object<'v, 'a>(
+    v: &'v Node<'a>,
     path: &Path<'_>,
     report: &mut Report,
-) -> Option<&'v Map<String, Value>> {
+) -> Option<&'v Fields<'a>> {
     match v {
-        Value::Object(m) => Some(m),
+        Node::Object(fields) => {
+            for (i, (key, _)) in fields.iter().enumerate() {
+                if fields[..i].iter().any(|(k, _)| k == key) {
+                    report.error(&path.field(key), "is given twice");
+                }
+            }
+            Some(fields)
+        }
         other => {
             report.error(
                 path,
@@ -96,9 +108,13 @@ pub(crate) fn object<'v>(
 }
 
 /// The value as an array, or an error.
-pub(crate) fn array<'v>(v: &'v Value, path: &Path<'_>, report: &mut Report) -> Option<&'v [Value]> {
+pub(crate) fn array<'v, 'a>(
+    v: &'v Node<'a>,
+    path: &Path<'_>,
+    report: &mut Report,
+) -> Option<&'v [Node<'a>]> {
     match v {
-        Value::Array(a) => Some(a),
+        Node::Array(a) => Some(a),
         other => {
             report.error(path, format!("expected an array, found {}", kind_of(other)));
             None
@@ -107,9 +123,9 @@ pub(crate) fn array<'v>(v: &'v Value, path: &Path<'_>, report: &mut Report) -> O
 }
 
 /// The value as a string, or an error.
-pub(crate) fn string<'v>(v: &'v Value, path: &Path<'_>, report: &mut Report) -> Option<&'v str> {
+pub(crate) fn string<'v>(v: &'v Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<&'v str> {
     match v {
-        Value::String(s) => Some(s),
+        Node::Str(s) => Some(s),
         other => {
             report.error(path, format!("expected a string, found {}", kind_of(other)));
             None
@@ -118,9 +134,9 @@ pub(crate) fn string<'v>(v: &'v Value, path: &Path<'_>, report: &mut Report) -> 
 }
 
 /// The value as a boolean, or an error.
-pub(crate) fn boolean(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<bool> {
+pub(crate) fn boolean(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<bool> {
     match v {
-        Value::Bool(b) => Some(*b),
+        Node::Bool(b) => Some(*b),
         other => {
             report.error(
                 path,
@@ -132,21 +148,21 @@ pub(crate) fn boolean(v: &Value, path: &Path<'_>, report: &mut Report) -> Option
 }
 
 /// A field that may be absent; `null` counts as absent (the control plane writes nulls).
-pub(crate) fn optional<'v>(map: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
-    match map.get(key) {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v),
+pub(crate) fn optional<'v, 'a>(fields: &'v Fields<'a>, key: &str) -> Option<&'v Node<'a>> {
+    match fields.iter().find(|(k, _)| k == key) {
+        None | Some((_, Node::Null)) => None,
+        Some((_, v)) => Some(v),
     }
 }
 
 /// A field that must be present and not null.
-pub(crate) fn required<'v>(
-    map: &'v Map<String, Value>,
+pub(crate) fn required<'v, 'a>(
+    fields: &'v Fields<'a>,
     key: &'static str,
     path: &Path<'_>,
     report: &mut Report,
-) -> Option<&'v Value> {
-    let v = optional(map, key);
+) -> Option<&'v Node<'a>> {
+    let v = optional(fields, key);
     if v.is_none() {
         report.error(&path.field(key), "is required");
     }
@@ -155,12 +171,12 @@ pub(crate) fn required<'v>(
 
 /// A required, non-empty string field.
 pub(crate) fn required_string<'v>(
-    map: &'v Map<String, Value>,
+    fields: &'v Fields<'_>,
     key: &'static str,
     path: &Path<'_>,
     report: &mut Report,
 ) -> Option<&'v str> {
-    let v = required(map, key, path, report)?;
+    let v = required(fields, key, path, report)?;
     let s = string(v, &path.field(key), report)?;
     if s.trim().is_empty() {
         report.error(&path.field(key), "must not be empty");
@@ -169,15 +185,15 @@ pub(crate) fn required_string<'v>(
     Some(s)
 }
 
-/// Reports every key of `map` not in `known`, naming the keys that are allowed.
+/// Reports every key not in `known`, naming the keys that are allowed.
 pub(crate) fn deny_unknown(
-    map: &Map<String, Value>,
+    fields: &Fields<'_>,
     known: &[&str],
     path: &Path<'_>,
     report: &mut Report,
 ) {
-    for key in map.keys() {
-        if !known.contains(&key.as_str()) {
+    for (key, _) in fields {
+        if !known.contains(&&**key) {
             report.error(
                 &path.field(key),
                 format!("unknown field; expected one of: {}", known.join(", ")),

@@ -1,19 +1,35 @@
 //! VMs: id, owner, placement, address, status, services, firewall, host keys.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
-use serde_json::Value;
 use uuid::Uuid;
 
+use crate::json::Node;
 use crate::policy::{decode_policy, effective_policy, FirewallPolicy};
 use crate::service::{Service, ServiceName, SERVICE_PORT_MIN};
 use crate::user::SshKey;
 use crate::validate::{
     array, boolean, object, optional, required, required_string, string, Path, Report,
+};
+
+/// The value of each ASCII hex digit; 0xff for every other byte.
+const HEX_DIGIT: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
 };
 
 /// A VM id: a UUID. Shown hyphenated; in public hosts as 32 lowercase hex digits.
@@ -31,12 +47,16 @@ impl VmId {
 
     /// Parses exactly 32 hex digits, any case (the form in public hosts).
     pub fn parse_hex32(s: &str) -> Option<VmId> {
-        if s.len() != 32 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return None;
+        // On every request: a table lookup per digit, no from_str_radix.
+        let bytes: &[u8; 32] = s.as_bytes().try_into().ok()?;
+        let mut n: u128 = 0;
+        let mut bad = 0u8;
+        for &c in bytes {
+            let digit = HEX_DIGIT[c as usize];
+            bad |= digit;
+            n = n << 4 | u128::from(digit & 0x0f);
         }
-        u128::from_str_radix(s, 16)
-            .ok()
-            .map(|n| VmId(Uuid::from_u128(n)))
+        (bad & 0xf0 == 0).then_some(VmId(Uuid::from_u128(n)))
     }
 
     /// From a UUID.
@@ -225,7 +245,7 @@ fn valid_ifname(s: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && c != b'/' && c != b':')
 }
 
-pub(crate) fn decode_vm(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<Vm> {
+pub(crate) fn decode_vm(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<Vm> {
     let map = object(v, path, report)?;
     let errors_before = report.errors.len();
 
@@ -270,11 +290,11 @@ pub(crate) fn decode_vm(v: &Value, path: &Path<'_>, report: &mut Report) -> Opti
     let mut services = Vec::new();
     if let Some(v) = optional(map, "services") {
         let p = path.field("services");
-        let mut seen = HashSet::new();
         for (i, item) in array(v, &p, report).unwrap_or_default().iter().enumerate() {
             let sp = p.index(i);
             if let Some(service) = decode_service(item, &sp, report) {
-                if !seen.insert(service.name) {
+                // A VM has a handful of services: a scan beats a set.
+                if services.iter().any(|s: &Service| s.name == service.name) {
                     report.error(
                         &sp.field("name"),
                         format!("{:?} is registered twice on this VM", service.name.as_str()),
@@ -359,7 +379,7 @@ pub(crate) fn decode_vm(v: &Value, path: &Path<'_>, report: &mut Report) -> Opti
     })
 }
 
-fn decode_service(v: &Value, path: &Path<'_>, report: &mut Report) -> Option<Service> {
+fn decode_service(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<Service> {
     let map = object(v, path, report)?;
     let name_path = path.field("name");
     let name = required(map, "name", path, report)

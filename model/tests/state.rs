@@ -193,9 +193,9 @@ fn every_error_in_the_document_is_reported() {
     assert_eq!(
         errs,
         [
-            "version: unknown field; expected one of: users, vms",
             "users[0].id: must not be empty",
             "users[0].ssh_keys[0].public_key: is not an OpenSSH public key (<type> <base64> [comment]): length invalid",
+            "version: unknown field; expected one of: users, vms",
             r#"vms[0].public_ipv6: "nope" is not an IPv6 address"#,
             "vms[1].services[0].port: 22 is not allowed: service ports are 1024-65535 (privileged ports are rejected)",
             r#"vms[1].firewall.dns.mode: expected "allow" or "deny", found "x""#,
@@ -321,6 +321,41 @@ fn effective_policy_adds_one_ingress_allow_per_service_first() {
         json["ingress"]["rules"][0],
         json!({"action": "allow", "kind": "cidr", "value": "::/0", "protocol": "tcp", "ports": "8080", "description": "auto: proxy service web"})
     );
+}
+
+#[test]
+fn keys_given_twice_are_errors() {
+    let text = r#"{"vms": [], "vms": [], "users": [{"id": "a", "id": "b"}]}"#;
+    match parse_state(text) {
+        Err(ModelError::Invalid(errors)) => {
+            let errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            assert_eq!(
+                errors,
+                ["vms: is given twice", "users[0].id: is given twice"]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_document_must_be_an_object_of_arrays() {
+    for (text, want) in [
+        ("[]", "expected an object, found an array"),
+        ("7", "expected an object, found a number"),
+        (r#"{"vms": {}}"#, "vms: expected an array, found an object"),
+        (
+            r#"{"users": "x"}"#,
+            "users: expected an array, found a string",
+        ),
+    ] {
+        match parse_state(text) {
+            Err(ModelError::Invalid(errors)) => assert_eq!(errors.0[0].to_string(), want),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    assert!(parse_state(r#"{"vms": null, "users": null}"#).is_ok());
+    assert!(parse_state("{}").is_ok());
 }
 
 #[test]

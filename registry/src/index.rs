@@ -3,33 +3,52 @@
 //! Every lookup here takes borrowed or `Copy` keys and returns references into the
 //! snapshot: nothing on the request path allocates.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::SystemTime;
 
+// Keys come from the state, never from clients (a lookup cannot lengthen a probe
+// chain), so a fast hasher is safe here.
+use foldhash::{HashMap, HashMapExt};
 use vmedge_model::{
     parse_public_host, Fingerprint, HostError, PublicHost, Service, ServiceName, SshKey, State,
     User, Vm, VmId,
 };
 
+/// What a hit needs, kept in the map entry itself: no pointer to chase to proxy.
+#[derive(Debug, Clone, Copy)]
+struct RouteEntry {
+    target: SocketAddrV6,
+    h2c: bool,
+    service: u16,
+    vm: u32,
+}
+
 /// A service found for a public host: where to send the request, and what it is.
 #[derive(Debug, Clone, Copy)]
 pub struct Route<'a> {
-    /// The VM (its status decides between proxying, waking and refusing).
-    pub vm: &'a Vm,
-    /// The service (its port, and h2c or HTTP/1.1).
-    pub service: &'a Service,
+    entry: &'a RouteEntry,
+    vms: &'a [Vm],
 }
 
-impl Route<'_> {
+impl<'a> Route<'a> {
     /// `[public_ipv6]:port`.
     pub fn target(&self) -> SocketAddr {
-        SocketAddr::V6(SocketAddrV6::new(
-            self.vm.public_ipv6,
-            self.service.port,
-            0,
-            0,
-        ))
+        SocketAddr::V6(self.entry.target)
+    }
+
+    /// Speak h2c (HTTP/2 prior knowledge) to the VM rather than HTTP/1.1.
+    pub fn h2c(&self) -> bool {
+        self.entry.h2c
+    }
+
+    /// The VM (its status decides between proxying, waking and refusing).
+    pub fn vm(&self) -> &'a Vm {
+        &self.vms[self.entry.vm as usize]
+    }
+
+    /// The service.
+    pub fn service(&self) -> &'a Service {
+        &self.vm().services[self.entry.service as usize]
     }
 }
 
@@ -53,7 +72,7 @@ pub struct Snapshot {
     state: State,
     generation: u64,
     loaded_at: SystemTime,
-    routes: HashMap<(VmId, ServiceName), (u32, u16)>,
+    routes: HashMap<(VmId, ServiceName), RouteEntry>,
     by_id: HashMap<VmId, u32>,
     by_ipv6: HashMap<Ipv6Addr, u32>,
     by_fingerprint: HashMap<Fingerprint, (u32, u16)>,
@@ -73,7 +92,13 @@ impl Snapshot {
             by_id.insert(vm.id, i);
             by_ipv6.insert(vm.public_ipv6, i);
             for (s, service) in vm.services.iter().enumerate() {
-                routes.insert((vm.id, service.name), (i, s as u16));
+                let entry = RouteEntry {
+                    target: SocketAddrV6::new(vm.public_ipv6, service.port, 0, 0),
+                    h2c: service.h2c,
+                    service: s as u16,
+                    vm: i,
+                };
+                routes.insert((vm.id, service.name), entry);
             }
             let worker = match workers.get_mut(vm.worker.as_str()) {
                 Some(w) => w,
@@ -134,11 +159,10 @@ impl Snapshot {
 
     /// The service a parsed public host names.
     pub fn route(&self, host: &PublicHost) -> Option<Route<'_>> {
-        let &(vm, service) = self.routes.get(&(host.vm, host.service))?;
-        let vm = &self.state.vms[vm as usize];
+        let entry = self.routes.get(&(host.vm, host.service))?;
         Some(Route {
-            vm,
-            service: &vm.services[service as usize],
+            entry,
+            vms: &self.state.vms,
         })
     }
 
@@ -235,17 +259,20 @@ mod tests {
                 "example.dev",
             )
             .unwrap();
-        assert_eq!(r.service.port, 3000);
+        assert_eq!(r.service().port, 3000);
+        assert_eq!(
+            r.vm().id.to_string(),
+            "6f1c2d3e-0000-4000-8000-0000000000aa"
+        );
+        assert!(!r.h2c());
         assert_eq!(r.target(), "[fd5e:ed00:1::2]:3000".parse().unwrap());
-        assert!(
-            s.route_host(
+        assert!(s
+            .route_host(
                 "api-v2--6f1c2d3e0000400080000000000000aa.proxy.example.dev",
                 "example.dev"
             )
             .unwrap()
-            .service
-            .h2c
-        );
+            .h2c());
         let unknown_service = s.route_host(
             "nope--6f1c2d3e0000400080000000000000aa.proxy.example.dev",
             "example.dev",
