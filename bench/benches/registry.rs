@@ -89,6 +89,26 @@ fn route(c: &mut Criterion) {
             })
         });
     }
+    // The two halves of a hit, apart.
+    let mut i = 0usize;
+    group.bench_function("parse_only", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            black_box(vmedge_model::parse_public_host(black_box(&hits[i]), DOMAIN).ok())
+        })
+    });
+    let parsed: Vec<_> = hits
+        .iter()
+        .map(|h| vmedge_model::parse_public_host(h, DOMAIN).unwrap())
+        .collect();
+    let mut i = 0usize;
+    group.bench_function("lookup_only", |b| {
+        b.iter(|| {
+            i = (i + 1) & 1023;
+            let snapshot = registry.load();
+            black_box(snapshot.route(black_box(&parsed[i])).map(|r| r.target()))
+        })
+    });
     group.finish();
 }
 

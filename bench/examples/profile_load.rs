@@ -5,11 +5,18 @@
 use std::time::Instant;
 
 fn main() {
-    let vms: u32 = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let vms: u32 = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
     let text = vmedge_bench::synthetic_state(vms).to_string();
     let t = Instant::now();
     let parsed = vmedge_model::parse_state(&text).unwrap();
-    println!("{vms} VMs, {:.1} MB: parse + validate {:?}", text.len() as f64 / 1e6, t.elapsed());
+    println!(
+        "{vms} VMs, {:.1} MB: parse + validate {:?}",
+        text.len() as f64 / 1e6,
+        t.elapsed()
+    );
     let t = Instant::now();
     let snapshot = vmedge_registry::Snapshot::build(parsed.value, 1);
     println!("index {:?}", t.elapsed());
