@@ -38,6 +38,25 @@ pub enum Protocol {
     Any,
 }
 
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        })
+    }
+}
+
 /// A rule's ports: `any`, one port, or an inclusive range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Ports {
@@ -172,6 +191,15 @@ pub enum DnsMode {
     Allow,
     /// The listed names are blocked; everything else resolves.
     Deny,
+}
+
+impl fmt::Display for DnsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DnsMode::Allow => "allow",
+            DnsMode::Deny => "deny",
+        })
+    }
 }
 
 /// DNS-layer filtering at the worker's DNS gate.

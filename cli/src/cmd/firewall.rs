@@ -22,7 +22,7 @@ pub fn check(file: &Path, print: bool) -> anyhow::Result<ExitCode> {
                     PolicyShape::Legacy => "seed 002 shape, converted",
                 };
                 println!(
-                    "{}: ok ({shape}): ingress {} rules, default {:?}; egress {} rules, default {:?}; dns {:?} with {} domains",
+                    "{}: ok ({shape}): ingress {} rules, default {}; egress {} rules, default {}; dns {} mode with {} domains",
                     file.display(),
                     policy.ingress.rules.len(),
                     policy.ingress.default,
