@@ -4,38 +4,19 @@
 //!   < 200 ns per lookup and no allocation; allocations are counted around a separate
 //!   run of the same lookups and printed (and the run fails if there are any).
 //! - `load/100k`: reading, validating and indexing a 100k-VM state file. Goal: < 1 s.
-#![allow(unsafe_code)] // a counting GlobalAlloc has to be `unsafe impl`
 #![allow(clippy::unwrap_used)] // a benchmark may panic on a broken set-up
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use vmedge_bench::{synthetic_state, vm_id};
 use vmedge_model::{public_host, ServiceName};
 use vmedge_registry::{FileRegistry, MemoryRegistry, Registry};
-
-struct Counting;
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use vmedge_tests::alloc::{allocations, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 const VMS: u32 = 100_000;
 const DOMAIN: &str = "proxy-bench.example.dev";
@@ -58,19 +39,19 @@ fn route(c: &mut Criterion) {
 
     // Allocation count over the same lookups the timings below make.
     drop(registry.load());
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = allocations();
     let mut found = 0usize;
     for host in hits.iter().chain(&misses) {
         let snapshot = registry.load();
         found += snapshot.route_host(host, DOMAIN).is_ok() as usize;
     }
-    let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    let made = allocations() - before;
     println!(
-        "route: {} lookups ({found} hits) made {allocations} allocations",
+        "route: {} lookups ({found} hits) made {made} allocations",
         hits.len() + misses.len()
     );
     assert_eq!(found, hits.len());
-    assert_eq!(allocations, 0, "the request path allocated");
+    assert_eq!(made, 0, "the request path allocated");
 
     let mut group = c.benchmark_group("route");
     group.throughput(Throughput::Elements(1));

@@ -100,12 +100,41 @@ pub fn parse_policy(text: &str) -> Result<Parsed<(FirewallPolicy, PolicyShape)>,
     finish(policy, report)
 }
 
+/// The scalar `visit_*` methods of a visitor that wanted a container: each reports
+/// "expected <what>, found <kind>" through `self.wrong_kind` and lets decoding go on.
+macro_rules! wrong_kind_scalars {
+    ($expected:literal) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            self.wrong_kind(concat!("expected ", $expected, ", found a boolean"))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            self.wrong_kind(concat!("expected ", $expected, ", found a number"))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            self.wrong_kind(concat!("expected ", $expected, ", found a number"))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            self.wrong_kind(concat!("expected ", $expected, ", found a number"))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            self.wrong_kind(concat!("expected ", $expected, ", found a string"))
+        }
+    };
+}
+
 /// The top-level object: `{"users": [...], "vms": [...]}`, decoded as it streams by.
 /// Each element keeps its document index so duplicate messages can name both sides.
 struct StateSeed<'r> {
     report: &'r mut Report,
     users: &'r mut Vec<(usize, User)>,
     vms: &'r mut Vec<(usize, Vm)>,
+}
+
+impl StateSeed<'_> {
+    fn wrong_kind<E>(self, message: &'static str) -> Result<(), E> {
+        self.report.error(&Path::Root, message);
+        Ok(())
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for StateSeed<'_> {
@@ -166,42 +195,14 @@ impl<'de> Visitor<'de> for StateSeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        self.report
-            .error(&Path::Root, "expected an object, found an array");
-        Ok(())
+        self.wrong_kind("expected an object, found an array")
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.report
-            .error(&Path::Root, "expected an object, found null");
-        Ok(())
+        self.wrong_kind("expected an object, found null")
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.report
-            .error(&Path::Root, "expected an object, found a boolean");
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.visit_f64(0.0)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.visit_f64(0.0)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.report
-            .error(&Path::Root, "expected an object, found a number");
-        Ok(())
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.report
-            .error(&Path::Root, "expected an object, found a string");
-        Ok(())
-    }
+    wrong_kind_scalars!("an object");
 }
 
 type DecodeElement<'f> = dyn FnMut(&Node<'_>, usize, &mut Report) + 'f;
@@ -211,6 +212,13 @@ struct ArraySeed<'p, 'r, 'f> {
     path: Path<'p>,
     report: &'r mut Report,
     decode: &'f mut DecodeElement<'f>,
+}
+
+impl ArraySeed<'_, '_, '_> {
+    fn wrong_kind<E>(self, message: &'static str) -> Result<(), E> {
+        self.report.error(&self.path, message);
+        Ok(())
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for ArraySeed<'_, '_, '_> {
@@ -243,36 +251,10 @@ impl<'de> Visitor<'de> for ArraySeed<'_, '_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        self.report
-            .error(&self.path, "expected an array, found an object");
-        Ok(())
+        self.wrong_kind("expected an array, found an object")
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.report
-            .error(&self.path, "expected an array, found a boolean");
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.visit_f64(0.0)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.visit_f64(0.0)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.report
-            .error(&self.path, "expected an array, found a number");
-        Ok(())
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.report
-            .error(&self.path, "expected an array, found a string");
-        Ok(())
-    }
+    wrong_kind_scalars!("an array");
 }
 
 fn check_users_unique(users: &[(usize, User)], report: &mut Report) {

@@ -1,34 +1,14 @@
 //! Lookups on the request path allocate nothing: counted with a global allocator.
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
-#![allow(unsafe_code)] // a counting GlobalAlloc has to be `unsafe impl`
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vmedge_model::{parse_state, Fingerprint};
 use vmedge_registry::{MemoryRegistry, Registry};
-
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use vmedge_tests::alloc::{allocations, CountingAllocator};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 #[test]
 fn request_path_lookups_allocate_nothing() {
@@ -45,7 +25,7 @@ fn request_path_lookups_allocate_nothing() {
     // Warm up anything lazily initialised (arc-swap's thread-local debt slots).
     drop(registry.load());
 
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = allocations();
     let mut found = 0;
     for _ in 0..1000 {
         let snapshot = registry.load();
@@ -58,11 +38,11 @@ fn request_path_lookups_allocate_nothing() {
         found += snapshot.vm_by_source("worker-1", source).is_some() as usize;
         found += snapshot.worker_vms("worker-1").count();
     }
-    let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    let made = allocations() - before;
     assert_eq!(
         found,
         1000 * (3000 + 1 + 1 + 6),
         "the lookups found what they should"
     );
-    assert_eq!(allocations, 0, "request-path lookups allocated");
+    assert_eq!(made, 0, "request-path lookups allocated");
 }

@@ -5,6 +5,8 @@
 //! Everything is removed when the lab is dropped, also while a test panics, and a lab id
 //! left behind by a killed run is swept when it is claimed again.
 //!
+//! [`alloc`] has a counting global allocator for "allocates nothing" checks.
+//!
 //! # Address plan (DESIGN.md, last section)
 //! This machine's own network is `fd00::/64` and `192.0.2.0/24`; nothing here touches
 //! those. Labs live in `fd5e:ed00::/32` and `198.18.0.0/15` only, and before the first
@@ -21,6 +23,8 @@
 //! Namespaces are `vme<n>w` (worker) and `vme<n>v<i>` (VMs); the worker's end of VM
 //! `i`'s link is `vmtap<i>`, the VM's end `eth0`. Lab ids 1..=250 are claimed with an
 //! flock on `/tmp/vmedge-lab-<n>.lock`, which the kernel releases if the process dies.
+
+pub mod alloc;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
