@@ -79,6 +79,18 @@ enum FirewallCommand {
         #[arg(long)]
         print: bool,
     },
+    /// Print the nftables transaction for one worker's VMs.
+    Compile {
+        #[command(flatten)]
+        target: cmd::firewall::Target,
+    },
+    /// Apply the worker's ruleset to this host's nftables as one transaction.
+    Apply {
+        #[command(flatten)]
+        target: cmd::firewall::Target,
+    },
+    /// Say which rule (or default) decides a packet of a VM.
+    Explain(cmd::firewall::ExplainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +114,9 @@ fn main() -> ExitCode {
         Command::Firewall(FirewallCommand::Check { policy, print }) => {
             cmd::firewall::check(&policy, print)
         }
+        Command::Firewall(FirewallCommand::Compile { target }) => cmd::firewall::compile(&target),
+        Command::Firewall(FirewallCommand::Apply { target }) => cmd::firewall::apply(&target),
+        Command::Firewall(FirewallCommand::Explain(args)) => cmd::firewall::explain(&args),
         Command::Config(ConfigCommand::Check { file, print }) => cmd::config::check(&file, print),
     };
     match result {

@@ -2,4 +2,5 @@
 //! The address plan is in the harness (`vmedge_tests`, tests/src/lib.rs).
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
+mod firewall;
 mod harness;

@@ -5,7 +5,8 @@
 //! Everything is removed when the lab is dropped, also while a test panics, and a lab id
 //! left behind by a killed run is swept when it is claimed again.
 //!
-//! [`alloc`] has a counting global allocator for "allocates nothing" checks.
+//! [`peers`] has echo servers and probes that run inside namespaces; [`alloc`] has a
+//! counting global allocator for "allocates nothing" checks.
 //!
 //! # Address plan (DESIGN.md, last section)
 //! This machine's own network is `fd00::/64` and `192.0.2.0/24`; nothing here touches
@@ -25,6 +26,7 @@
 //! flock on `/tmp/vmedge-lab-<n>.lock`, which the kernel releases if the process dies.
 
 pub mod alloc;
+pub mod peers;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -1,9 +1,14 @@
-//! `vmedge firewall check POLICY`.
+//! `vmedge firewall check | compile | apply | explain`.
 
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use vmedge_model::PolicyShape;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use vmedge_firewall::canonical::PacketProto;
+use vmedge_firewall::{CompileOptions, Direction, FirewallBackend, NftBackend, Packet};
+use vmedge_model::{PolicyShape, State, VmId};
 
 use super::{print_model_error, print_warnings, read_input};
 
@@ -39,4 +44,154 @@ pub fn check(file: &Path, print: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Which worker's VMs, from which state.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The state file (JSON).
+    #[arg(long)]
+    state: PathBuf,
+    /// The worker whose VMs are compiled.
+    #[arg(long)]
+    worker: String,
+    /// The worker's DNS gate address: the only place VMs may send port 53 (repeatable).
+    #[arg(long = "dns-gate", default_value = "fd5e:ed00::53")]
+    dns_gates: Vec<IpAddr>,
+}
+
+/// Loads a state file, printing every error on failure.
+fn load_state(path: &Path) -> anyhow::Result<Option<State>> {
+    let text = read_input(path)?;
+    match vmedge_model::parse_state(&text) {
+        Ok(parsed) => {
+            print_warnings(path, &parsed.warnings);
+            Ok(Some(parsed.value))
+        }
+        Err(e) => {
+            print_model_error(path, &e);
+            Ok(None)
+        }
+    }
+}
+
+fn ruleset(target: &Target) -> anyhow::Result<Option<vmedge_firewall::Ruleset>> {
+    let Some(state) = load_state(&target.state)? else {
+        return Ok(None);
+    };
+    let vms = state.vms.iter().filter(|v| v.worker == target.worker);
+    Ok(Some(vmedge_firewall::compile(
+        &target.worker,
+        vms,
+        &CompileOptions::new(target.dns_gates.clone()),
+    )))
+}
+
+/// Prints the transaction.
+pub fn compile(target: &Target) -> anyhow::Result<ExitCode> {
+    match ruleset(target)? {
+        Some(ruleset) => {
+            print!("{}", ruleset.text);
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Ok(ExitCode::FAILURE),
+    }
+}
+
+/// Applies the transaction with `nft -f -`; stale per-VM objects are deleted with it.
+pub fn apply(target: &Target) -> anyhow::Result<ExitCode> {
+    let Some(ruleset) = ruleset(target)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let nft = NftBackend::new();
+    let version = nft.check_version()?;
+    nft.apply(&ruleset)?;
+    let vms = ruleset
+        .objects
+        .iter()
+        .filter(|o| o.starts_with("in_") && !o.contains("_b"))
+        .count();
+    println!(
+        "applied: table inet vmedge, {vms} VMs of worker {:?} ({version})",
+        target.worker
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A direction on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Dir {
+    /// Traffic to the VM.
+    Ingress,
+    /// Traffic from the VM.
+    Egress,
+}
+
+/// A transport protocol on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Proto {
+    /// TCP
+    Tcp,
+    /// UDP
+    Udp,
+    /// Anything without ports (ICMP, ...)
+    Other,
+}
+
+/// `vmedge firewall explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The state file (JSON).
+    #[arg(long)]
+    state: PathBuf,
+    /// The VM (UUID or 32 hex).
+    #[arg(long)]
+    vm: VmId,
+    /// ingress (to the VM) or egress (from it).
+    #[arg(long, value_enum)]
+    dir: Dir,
+    /// The far side: the source for ingress, the destination for egress.
+    #[arg(long)]
+    addr: IpAddr,
+    /// Transport protocol.
+    #[arg(long, value_enum, default_value = "tcp")]
+    proto: Proto,
+    /// The VM's port (ingress) or the destination port (egress).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// The worker's DNS gate address (repeatable).
+    #[arg(long = "dns-gate", default_value = "fd5e:ed00::53")]
+    dns_gates: Vec<IpAddr>,
+}
+
+/// Prints the verdict and the rule that decided it. fqdn rules are taken to match
+/// nothing: which addresses they hold depends on DNS answers at run time.
+pub fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
+    let Some(state) = load_state(&args.state)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let vm = state
+        .vms
+        .iter()
+        .find(|v| v.id == args.vm)
+        .with_context(|| format!("{}: no VM {}", args.state.display(), args.vm))?;
+    let packet = Packet {
+        direction: match args.dir {
+            Dir::Ingress => Direction::Ingress,
+            Dir::Egress => Direction::Egress,
+        },
+        remote: args.addr,
+        proto: match args.proto {
+            Proto::Tcp => PacketProto::Tcp,
+            Proto::Udp => PacketProto::Udp,
+            Proto::Other => PacketProto::Other,
+        },
+        port: args.port,
+    };
+    let options = CompileOptions::new(args.dns_gates.clone());
+    println!(
+        "{}",
+        vmedge_firewall::explain(vm, &options, &packet, &|_, _| false)
+    );
+    Ok(ExitCode::SUCCESS)
 }

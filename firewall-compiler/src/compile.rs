@@ -1,0 +1,496 @@
+//! A worker's VMs to the text of one nftables transaction on `table inet vmedge`.
+//!
+//! The text only adds and flushes: every object is `add`ed (a no-op when it exists)
+//! and then flushed and refilled, so applying it twice gives the same table, one `nft -f`
+//! makes the whole change atomically, and conntrack entries (established flows) are
+//! never touched. fqdn sets are added but never flushed: what the DNS gate put there
+//! stays. Deleting the objects of VMs that left needs the live table: see `backend`.
+//!
+//! The forward hook: established/related accepted, invalid dropped, essential ICMPv6
+//! accepted; then the VM's egress chain (by tap, else by IPv6 source) and the VM's
+//! ingress chain (by tap, else by IPv6 destination). VM chains `return` on allow and
+//! `drop` on deny, so traffic between two VMs of a worker passes both policies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use vmedge_model::{Action, Ports, Protocol, Vm};
+
+use crate::canonical::{canonicalize, Family, L4};
+use crate::names::{self, Direction};
+
+/// What the compiler needs besides the VMs.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The worker's DNS gate addresses: the only place a VM may send port 53.
+    pub dns_gates: Vec<IpAddr>,
+    /// Public DoH resolvers dropped under `block_bypass`.
+    pub doh: Vec<IpNet>,
+}
+
+impl CompileOptions {
+    /// Options with the built-in DoH list.
+    pub fn new(dns_gates: Vec<IpAddr>) -> CompileOptions {
+        CompileOptions {
+            dns_gates,
+            doh: builtin_doh_resolvers(),
+        }
+    }
+}
+
+/// The curated DoH resolver list shipped in `data/doh-resolvers.txt`.
+pub fn builtin_doh_resolvers() -> Vec<IpNet> {
+    parse_address_list(include_str!("../data/doh-resolvers.txt"))
+}
+
+/// One address or prefix per line, `#` comments; bad lines are skipped (a test keeps the
+/// shipped file clean).
+pub fn parse_address_list(text: &str) -> Vec<IpNet> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            l.parse::<IpNet>()
+                .ok()
+                .or_else(|| l.parse::<IpAddr>().ok().map(IpNet::from))
+        })
+        .collect()
+}
+
+/// A compiled transaction, and the per-VM objects it defines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    /// The `nft -f` text.
+    pub text: String,
+    /// Names of the per-VM chains and sets the text defines (what a sync keeps).
+    pub objects: BTreeSet<String>,
+}
+
+impl Ruleset {
+    /// The text plus the deletion of live per-VM objects this ruleset no longer has.
+    pub fn with_deletions(
+        &self,
+        live: &BTreeSet<String>,
+        live_chains: &BTreeSet<String>,
+    ) -> String {
+        let mut text = self.text.clone();
+        let stale: Vec<&String> = live
+            .iter()
+            .filter(|n| names::is_per_vm(n) && !self.objects.contains(*n))
+            .collect();
+        if !stale.is_empty() {
+            text.push_str("# objects of VMs or rules that are gone\n");
+        }
+        // Chains first: their rules reference the sets.
+        for name in stale.iter().filter(|n| live_chains.contains(**n)) {
+            let _ = writeln!(text, "flush chain inet {} {name}", names::TABLE);
+            let _ = writeln!(text, "delete chain inet {} {name}", names::TABLE);
+        }
+        for name in stale.iter().filter(|n| !live_chains.contains(**n)) {
+            let _ = writeln!(text, "delete set inet {} {name}", names::TABLE);
+        }
+        text
+    }
+}
+
+const ICMPV6_ESSENTIAL: &[&str] = &[
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+    "echo-request",
+    "echo-reply",
+    "nd-router-solicit",
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+];
+
+struct Out {
+    text: String,
+    objects: BTreeSet<String>,
+}
+
+impl Out {
+    fn line(&mut self, line: std::fmt::Arguments<'_>) {
+        let _ = self.text.write_fmt(line);
+        self.text.push('\n');
+    }
+}
+
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
+}
+
+/// Compiles the VMs of one worker (any order: output is sorted by VM id).
+pub fn compile<'a>(
+    worker: &str,
+    vms: impl IntoIterator<Item = &'a Vm>,
+    options: &CompileOptions,
+) -> Ruleset {
+    let mut vms: Vec<&Vm> = vms.into_iter().collect();
+    vms.sort_by_key(|v| v.id);
+    let t = names::TABLE;
+    let mut out = Out {
+        text: String::new(),
+        objects: BTreeSet::new(),
+    };
+    emit!(
+        out,
+        "# vmedge firewall of worker {worker:?}: {} VMs. Generated; do not edit.",
+        vms.len()
+    );
+    emit!(out, "add table inet {t}");
+    emit!(
+        out,
+        "add chain inet {t} {} {{ type filter hook forward priority filter; policy accept; }}",
+        names::FORWARD_CHAIN
+    );
+    emit!(out, "flush chain inet {t} {}", names::FORWARD_CHAIN);
+    for (map, key) in [
+        (names::EGRESS_BY_IF, "ifname"),
+        (names::EGRESS_BY_ADDR, "ipv6_addr"),
+        (names::INGRESS_BY_IF, "ifname"),
+        (names::INGRESS_BY_ADDR, "ipv6_addr"),
+    ] {
+        emit!(out, "add map inet {t} {map} {{ type {key} : verdict; }}");
+        emit!(out, "flush map inet {t} {map}");
+    }
+    emit!(
+        out,
+        "add set inet {t} {} {{ type icmpv6_type; }}",
+        names::ICMPV6_ESSENTIAL
+    );
+    emit!(out, "flush set inet {t} {}", names::ICMPV6_ESSENTIAL);
+    emit!(
+        out,
+        "add element inet {t} {} {{ {} }}",
+        names::ICMPV6_ESSENTIAL,
+        ICMPV6_ESSENTIAL.join(", ")
+    );
+    for (set, family) in [(names::DOH_V4, Family::V4), (names::DOH_V6, Family::V6)] {
+        emit!(
+            out,
+            "add set inet {t} {set} {{ type {}; flags interval; }}",
+            addr_type(family)
+        );
+        emit!(out, "flush set inet {t} {set}");
+        let nets: Vec<String> = IpNet::aggregate(&options.doh)
+            .iter()
+            .filter(|n| Family::of(n) == family)
+            .map(|n| n.to_string())
+            .collect();
+        if !nets.is_empty() {
+            emit!(out, "add element inet {t} {set} {{ {} }}", nets.join(", "));
+        }
+    }
+
+    let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for vm in &vms {
+        compile_vm(&mut out, vm, options);
+        let (egress, ingress) = (
+            names::vm_chain(&vm.id, Direction::Egress),
+            names::vm_chain(&vm.id, Direction::Ingress),
+        );
+        match &vm.interface {
+            Some(tap) => {
+                map_elements
+                    .entry(names::EGRESS_BY_IF)
+                    .or_default()
+                    .push(format!("\"{tap}\" : jump {egress}"));
+                map_elements
+                    .entry(names::INGRESS_BY_IF)
+                    .or_default()
+                    .push(format!("\"{tap}\" : jump {ingress}"));
+            }
+            None => {
+                let addr = vm.public_ipv6;
+                map_elements
+                    .entry(names::EGRESS_BY_ADDR)
+                    .or_default()
+                    .push(format!("{addr} : jump {egress}"));
+                map_elements
+                    .entry(names::INGRESS_BY_ADDR)
+                    .or_default()
+                    .push(format!("{addr} : jump {ingress}"));
+            }
+        }
+    }
+
+    emit!(out, "# -- dispatch to the VMs' chains");
+    for (map, elements) in &map_elements {
+        emit!(
+            out,
+            "add element inet {t} {map} {{ {} }}",
+            elements.join(", ")
+        );
+    }
+    let f = names::FORWARD_CHAIN;
+    emit!(
+        out,
+        "add rule inet {t} {f} ct state established,related accept"
+    );
+    emit!(out, "add rule inet {t} {f} ct state invalid drop");
+    emit!(
+        out,
+        "add rule inet {t} {f} icmpv6 type @{} accept",
+        names::ICMPV6_ESSENTIAL
+    );
+    emit!(
+        out,
+        "add rule inet {t} {f} iifname vmap @{}",
+        names::EGRESS_BY_IF
+    );
+    emit!(
+        out,
+        "add rule inet {t} {f} ip6 saddr vmap @{}",
+        names::EGRESS_BY_ADDR
+    );
+    emit!(
+        out,
+        "add rule inet {t} {f} oifname vmap @{}",
+        names::INGRESS_BY_IF
+    );
+    emit!(
+        out,
+        "add rule inet {t} {f} ip6 daddr vmap @{}",
+        names::INGRESS_BY_ADDR
+    );
+    Ruleset {
+        text: out.text,
+        objects: out.objects,
+    }
+}
+
+fn addr_type(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+fn ip(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn suffix(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "4",
+        Family::V6 => "6",
+    }
+}
+
+fn verdict(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "return",
+        Action::Deny => "drop",
+    }
+}
+
+/// `tcp dport 443`, `tcp dport 8080-8090`, `meta l4proto tcp`, or nothing for any.
+fn l4_match(protocol: Protocol, ports: Ports) -> String {
+    let name = match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Any => return String::new(),
+    };
+    match ports {
+        Ports::Any => format!(" meta l4proto {name}"),
+        ports => format!(" {name} dport {ports}"),
+    }
+}
+
+fn compile_vm(out: &mut Out, vm: &Vm, options: &CompileOptions) {
+    let t = names::TABLE;
+    let policy = vm.effective_policy();
+    emit!(
+        out,
+        "# -- vm {} (org {}), {}",
+        vm.id,
+        vm.org_id,
+        vm.interface.as_deref().map_or_else(
+            || format!("by address {}", vm.public_ipv6),
+            |tap| format!("tap {tap}")
+        )
+    );
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let chain = names::vm_chain(&vm.id, direction);
+        emit!(out, "add chain inet {t} {chain}");
+        emit!(out, "flush chain inet {t} {chain}");
+        out.objects.insert(chain.clone());
+        // The far side of the packet: who sends to the VM, or where the VM sends.
+        let remote = match direction {
+            Direction::Ingress => "saddr",
+            Direction::Egress => "daddr",
+        };
+        if direction == Direction::Egress {
+            egress_guards(out, vm, &chain, options, policy.dns.block_bypass);
+        }
+        let rules = match direction {
+            Direction::Ingress => &policy.ingress,
+            Direction::Egress => &policy.egress,
+        };
+        let canonical = canonicalize(rules);
+        for (b, block) in canonical.blocks.iter().enumerate() {
+            let action = verdict(block.action.unwrap_or(canonical.default));
+            for ((family, l4), elements) in &block.ported {
+                let (kind, proto) = match l4 {
+                    L4::Tcp => ("tcp", "tcp"),
+                    L4::Udp => ("udp", "udp"),
+                };
+                let set =
+                    names::block_set(&vm.id, direction, b, &format!("{kind}{}", suffix(*family)));
+                emit!(
+                    out,
+                    "add set inet {t} {set} {{ type {} . inet_service; flags interval; }}",
+                    addr_type(*family)
+                );
+                emit!(out, "flush set inet {t} {set}");
+                let elements: Vec<String> = elements
+                    .iter()
+                    .map(|(net, r)| {
+                        if r.first == r.last {
+                            format!("{net} . {}", r.first)
+                        } else {
+                            format!("{net} . {}-{}", r.first, r.last)
+                        }
+                    })
+                    .collect();
+                emit!(
+                    out,
+                    "add element inet {t} {set} {{ {} }}",
+                    elements.join(", ")
+                );
+                emit!(
+                    out,
+                    "add rule inet {t} {chain} {} {remote} . {proto} dport @{set} {action}",
+                    ip(*family)
+                );
+                out.objects.insert(set);
+            }
+            for (family, nets) in &block.any {
+                let set =
+                    names::block_set(&vm.id, direction, b, &format!("any{}", suffix(*family)));
+                emit!(
+                    out,
+                    "add set inet {t} {set} {{ type {}; flags interval; }}",
+                    addr_type(*family)
+                );
+                emit!(out, "flush set inet {t} {set}");
+                let nets: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+                emit!(out, "add element inet {t} {set} {{ {} }}", nets.join(", "));
+                emit!(
+                    out,
+                    "add rule inet {t} {chain} {} {remote} @{set} {action}",
+                    ip(*family)
+                );
+                out.objects.insert(set);
+            }
+            for fqdn in &block.fqdn {
+                let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
+                let l4 = l4_match(fqdn.protocol, fqdn.ports);
+                for (family, set) in [(Family::V4, &sets.v4), (Family::V6, &sets.v6)] {
+                    // Added, never flushed: the DNS gate's entries survive every sync.
+                    emit!(
+                        out,
+                        "add set inet {t} {set} {{ type {}; flags timeout; }}",
+                        addr_type(family)
+                    );
+                    emit!(out, "add rule inet {t} {chain} {} daddr @{set}{l4} {action} comment \"fqdn {}\"", ip(family), fqdn.pattern);
+                    out.objects.insert(set.clone());
+                }
+            }
+        }
+        if canonical.default == Action::Deny {
+            emit!(
+                out,
+                "add rule inet {t} {chain} counter drop comment \"default deny\""
+            );
+        }
+    }
+}
+
+/// The egress rules that come before the user's: anti-spoof, DNS only to the gate,
+/// and DoT / DoH blocking under `block_bypass`.
+fn egress_guards(
+    out: &mut Out,
+    vm: &Vm,
+    chain: &str,
+    options: &CompileOptions,
+    block_bypass: bool,
+) {
+    let t = names::TABLE;
+    if vm.interface.is_some() {
+        emit!(
+            out,
+            "add rule inet {t} {chain} ip6 saddr != {} drop comment \"anti-spoof\"",
+            vm.public_ipv6
+        );
+        match vm.ipv4 {
+            Some(v4) => emit!(out, "add rule inet {t} {chain} ip saddr != {v4} drop comment \"anti-spoof\""),
+            None => emit!(out, "add rule inet {t} {chain} meta nfproto ipv4 drop comment \"anti-spoof: no IPv4 address\""),
+        }
+    }
+    for gate in &options.dns_gates {
+        let family = if gate.is_ipv4() { "ip" } else { "ip6" };
+        for proto in ["udp", "tcp"] {
+            emit!(out, "add rule inet {t} {chain} {family} daddr {gate} {proto} dport 53 return comment \"dns gate\"");
+        }
+    }
+    for proto in ["udp", "tcp"] {
+        emit!(
+            out,
+            "add rule inet {t} {chain} {proto} dport 53 drop comment \"dns: only the gate\""
+        );
+    }
+    if block_bypass {
+        for proto in ["tcp", "udp"] {
+            emit!(
+                out,
+                "add rule inet {t} {chain} {proto} dport 853 drop comment \"block_bypass: DoT\""
+            );
+        }
+        emit!(
+            out,
+            "add rule inet {t} {chain} ip daddr @{} drop comment \"block_bypass: DoH\"",
+            names::DOH_V4
+        );
+        emit!(
+            out,
+            "add rule inet {t} {chain} ip6 daddr @{} drop comment \"block_bypass: DoH\"",
+            names::DOH_V6
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_doh_list_is_clean() {
+        let text = include_str!("../data/doh-resolvers.txt");
+        let lines = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .count();
+        let parsed = builtin_doh_resolvers();
+        assert_eq!(
+            parsed.len(),
+            lines,
+            "every line of data/doh-resolvers.txt parses"
+        );
+        assert!(parsed
+            .iter()
+            .any(|n| n.contains(&"1.1.1.1".parse::<IpAddr>().unwrap())));
+        assert!(parsed
+            .iter()
+            .any(|n| n.contains(&"2001:4860:4860::8888".parse::<IpAddr>().unwrap())));
+        assert!(text.contains("# version: "), "the list says its version");
+    }
+}

@@ -1,0 +1,27 @@
+//! The firewall compiler: VM policies to one atomic nftables transaction.
+//!
+//! # Layout
+//! - [`canonical`]: one direction of an effective policy, merged into blocks of
+//!   same-action set elements, first-match order kept, dead rules dropped.
+//! - [`compile`]: a worker's VMs to the text of one transaction on `table inet vmedge`
+//!   (pure: no I/O, deterministic).
+//! - [`names`]: every nftables name, including the fqdn set names the DNS gate fills.
+//! - [`explain`]: which rule (or default) decides a packet, evaluated in process.
+//! - [`backend`]: the [`FirewallBackend`] seam and [`NftBackend`] (`nft -f -`).
+//! - [`errors`]: [`FirewallError`].
+//!
+//! A sync's path: `compile()` -> `backend.apply()` (stale per-VM objects found in the
+//! live table are deleted in the same transaction).
+
+pub mod backend;
+pub mod canonical;
+pub mod compile;
+pub mod errors;
+pub mod explain;
+pub mod names;
+
+pub use backend::{FirewallBackend, NftBackend};
+pub use compile::{compile, CompileOptions, Ruleset};
+pub use errors::FirewallError;
+pub use explain::{explain, Explanation, Packet, Reason};
+pub use names::{fqdn_sets, Direction, FqdnSets};

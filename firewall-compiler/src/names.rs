@@ -1,0 +1,112 @@
+//! Every nftables name vmedge uses, and only here.
+//!
+//! Per-VM objects carry the VM id as 32 hex digits, so a listing of the live table says
+//! which VM each object belongs to, and stale objects of VMs that left can be found by
+//! name. fqdn sets are named by (VM, pattern), not by rule position, so re-ordering or
+//! editing other rules never empties a set the DNS gate has filled.
+
+use vmedge_model::{DomainPattern, VmId};
+
+/// The table: `table inet vmedge`.
+pub const TABLE: &str = "vmedge";
+/// The base chain on the forward hook.
+pub const FORWARD_CHAIN: &str = "forward";
+/// Egress by the VM's tap (`iifname`).
+pub const EGRESS_BY_IF: &str = "egress_by_if";
+/// Egress by the VM's IPv6 source, for VMs without a tap in the state.
+pub const EGRESS_BY_ADDR: &str = "egress_by_addr";
+/// Ingress by the VM's tap (`oifname`).
+pub const INGRESS_BY_IF: &str = "ingress_by_if";
+/// Ingress by the VM's IPv6 destination, for VMs without a tap in the state.
+pub const INGRESS_BY_ADDR: &str = "ingress_by_addr";
+/// ICMPv6 types that always pass.
+pub const ICMPV6_ESSENTIAL: &str = "icmpv6_essential";
+/// Public DoH resolvers, IPv4 (for `block_bypass`).
+pub const DOH_V4: &str = "doh_v4";
+/// Public DoH resolvers, IPv6 (for `block_bypass`).
+pub const DOH_V6: &str = "doh_v6";
+
+/// A direction of a VM's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// To the VM.
+    Ingress,
+    /// From the VM.
+    Egress,
+}
+
+impl Direction {
+    fn prefix(self) -> &'static str {
+        match self {
+            Direction::Ingress => "in",
+            Direction::Egress => "out",
+        }
+    }
+}
+
+/// The chain that holds one VM's rules for one direction.
+pub fn vm_chain(vm: &VmId, direction: Direction) -> String {
+    format!("{}_{}", direction.prefix(), vm.hex())
+}
+
+/// A rule set of one block of a VM's chain: `in_<vm>_b<block>_<kind>`.
+pub fn block_set(vm: &VmId, direction: Direction, block: usize, kind: &str) -> String {
+    format!("{}_{}_b{block}_{kind}", direction.prefix(), vm.hex())
+}
+
+/// The two dynamic sets (IPv4, IPv6) the DNS gate fills for an egress fqdn pattern of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnSets {
+    /// `type ipv4_addr; flags timeout`
+    pub v4: String,
+    /// `type ipv6_addr; flags timeout`
+    pub v6: String,
+}
+
+/// The sets of (VM, fqdn pattern). Rules of the VM with the same pattern share them.
+pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
+    let tag = fnv1a64(pattern.to_string().as_bytes());
+    FqdnSets {
+        v4: format!("fq_{}_{tag:016x}_4", vm.hex()),
+        v6: format!("fq_{}_{tag:016x}_6", vm.hex()),
+    }
+}
+
+/// True for the names of per-VM objects (chains and sets), which a sync may delete.
+pub fn is_per_vm(name: &str) -> bool {
+    ["in_", "out_", "fq_"].iter().any(|p| name.starts_with(p))
+}
+
+/// FNV-1a: stable across builds and versions (the names outlive the process).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_and_per_vm() {
+        let vm = VmId::parse("6f1c2d3e-0000-4000-8000-0000000000aa").unwrap();
+        assert_eq!(
+            vm_chain(&vm, Direction::Ingress),
+            "in_6f1c2d3e0000400080000000000000aa"
+        );
+        let sets = fqdn_sets(&vm, &DomainPattern::parse("*.pypi.org").unwrap());
+        // Fixed forever: the DNS gate and running tables depend on it.
+        assert_eq!(
+            sets.v4,
+            "fq_6f1c2d3e0000400080000000000000aa_63a47daa1aeccd41_4"
+        );
+        assert_eq!(
+            fqdn_sets(&vm, &DomainPattern::parse("*.PyPI.org.").unwrap()),
+            sets,
+            "case and dot do not matter"
+        );
+        assert!(is_per_vm(&sets.v6) && is_per_vm(&vm_chain(&vm, Direction::Egress)));
+        assert!(!is_per_vm(FORWARD_CHAIN) && !is_per_vm(EGRESS_BY_IF) && !is_per_vm(DOH_V4));
+    }
+}
