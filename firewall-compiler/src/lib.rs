@@ -8,7 +8,7 @@
 //! - [`names`]: every nftables name, including the fqdn set names the DNS gate fills.
 //! - [`explain`]: which rule (or default) decides a packet, evaluated in process.
 //! - [`backend`]: the [`FirewallBackend`] seam and [`NftBackend`] (`nft -f -`).
-//! - [`errors`]: [`FirewallError`].
+//! - [`errors`]: [`FirewallError`], with nft's own message and the line it points at.
 //!
 //! A sync's path: `compile()` -> `backend.apply()` (stale per-VM objects found in the
 //! live table are deleted in the same transaction).
