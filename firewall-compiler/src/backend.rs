@@ -1,7 +1,7 @@
 //! [`FirewallBackend`]: where a compiled ruleset goes. [`NftBackend`] pipes it to
 //! `nft -f -`, which applies a file as one transaction: all of it or none of it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -18,8 +18,25 @@ pub trait FirewallBackend {
     /// table that it no longer defines. On error nothing changed.
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError>;
 
-    /// The per-VM chains and sets of the live table: (every object, the chains among them).
-    fn live_objects(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), FirewallError>;
+    /// Runs a transaction text as it is (an incremental update); all or nothing.
+    fn run(&self, text: &str) -> Result<(), FirewallError>;
+
+    /// The names of the per-VM chains and sets of the live table.
+    fn live_objects(&self) -> Result<BTreeSet<String>, FirewallError> {
+        Ok(self.live_table()?.objects)
+    }
+
+    /// What the live table holds, for drift checks; empty when there is no table.
+    fn live_table(&self) -> Result<LiveTable, FirewallError>;
+}
+
+/// The shape of the live table: enough to notice someone editing or flushing it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveTable {
+    /// Per-VM chains and sets.
+    pub objects: BTreeSet<String>,
+    /// Rules per chain (every chain of the table, the base chain too).
+    pub rules: BTreeMap<String, usize>,
 }
 
 /// Applies rulesets with the `nft` command.
@@ -138,11 +155,15 @@ fn refusal(stderr: &str, text: &str) -> FirewallError {
 
 impl FirewallBackend for NftBackend {
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
-        let (live, chains) = self.live_objects()?;
-        self.run_transaction(&ruleset.with_deletions(&live, &chains))
+        let live = self.live_objects()?;
+        self.run_transaction(&ruleset.with_deletions(&live))
     }
 
-    fn live_objects(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), FirewallError> {
+    fn run(&self, text: &str) -> Result<(), FirewallError> {
+        self.run_transaction(text)
+    }
+
+    fn live_table(&self) -> Result<LiveTable, FirewallError> {
         let out = self
             .command()
             .args(["-j", "list", "table", "inet", names::TABLE])
@@ -152,31 +173,33 @@ impl FirewallBackend for NftBackend {
             // No table yet: nothing is live.
             let err = String::from_utf8_lossy(&out.stderr);
             if err.contains("No such file or directory") {
-                return Ok(Default::default());
+                return Ok(LiveTable::default());
             }
             return Err(FirewallError::Listing(err.trim().to_string()));
         }
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| FirewallError::Listing(e.to_string()))?;
-        let mut all = BTreeSet::new();
-        let mut chains = BTreeSet::new();
-        for item in doc["nftables"]
+        let mut live = LiveTable::default();
+        let items = doc["nftables"]
             .as_array()
             .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            for (kind, is_chain) in [("chain", true), ("set", false), ("map", false)] {
+            .unwrap_or_default();
+        for item in items {
+            if let Some(name) = item["chain"]["name"].as_str() {
+                live.rules.entry(name.to_string()).or_insert(0);
+            }
+            if let Some(chain) = item["rule"]["chain"].as_str() {
+                *live.rules.entry(chain.to_string()).or_insert(0) += 1;
+            }
+            for kind in ["chain", "set", "map"] {
                 if let Some(name) = item[kind]["name"].as_str() {
                     if names::is_per_vm(name) {
-                        all.insert(name.to_string());
-                        if is_chain {
-                            chains.insert(name.to_string());
-                        }
+                        live.objects.insert(name.to_string());
                     }
                 }
             }
         }
-        Ok((all, chains))
+        Ok(live)
     }
 }
 

@@ -16,10 +16,26 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use vmedge_model::{Action, Ports, Protocol, Vm};
+use vmedge_model::{Action, Ports, Protocol, Vm, VmId};
 
 use crate::canonical::{canonicalize, Family, L4};
 use crate::names::{self, Direction};
+
+struct Out {
+    text: String,
+    objects: BTreeSet<String>,
+}
+
+impl Out {
+    fn line(&mut self, line: std::fmt::Arguments<'_>) {
+        let _ = self.text.write_fmt(line);
+        self.text.push('\n');
+    }
+}
+
+macro_rules! emit {
+    ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
+}
 
 /// What the compiler needs besides the VMs.
 #[derive(Debug, Clone)]
@@ -70,28 +86,20 @@ pub struct Ruleset {
 
 impl Ruleset {
     /// The text plus the deletion of live per-VM objects this ruleset no longer has.
-    pub fn with_deletions(
-        &self,
-        live: &BTreeSet<String>,
-        live_chains: &BTreeSet<String>,
-    ) -> String {
-        let mut text = self.text.clone();
+    pub fn with_deletions(&self, live: &BTreeSet<String>) -> String {
+        let mut out = Out {
+            text: self.text.clone(),
+            objects: BTreeSet::new(),
+        };
         let stale: Vec<&String> = live
             .iter()
             .filter(|n| names::is_per_vm(n) && !self.objects.contains(*n))
             .collect();
         if !stale.is_empty() {
-            text.push_str("# objects of VMs or rules that are gone\n");
+            emit!(out, "# objects of VMs or rules that are gone");
+            delete_objects(&mut out, stale.into_iter());
         }
-        // Chains first: their rules reference the sets.
-        for name in stale.iter().filter(|n| live_chains.contains(**n)) {
-            let _ = writeln!(text, "flush chain inet {} {name}", names::TABLE);
-            let _ = writeln!(text, "delete chain inet {} {name}", names::TABLE);
-        }
-        for name in stale.iter().filter(|n| !live_chains.contains(**n)) {
-            let _ = writeln!(text, "delete set inet {} {name}", names::TABLE);
-        }
-        text
+        out.text
     }
 }
 
@@ -108,20 +116,81 @@ const ICMPV6_ESSENTIAL: &[&str] = &[
     "nd-neighbor-advert",
 ];
 
-struct Out {
-    text: String,
-    objects: BTreeSet<String>,
+/// How packets find a VM's chains: by its tap, or (no tap in the state) by its address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dispatch {
+    /// `iifname` / `oifname` of the VM's tap.
+    Tap(String),
+    /// `ip6 saddr` / `ip6 daddr` of the VM's public address.
+    Address(std::net::Ipv6Addr),
 }
 
-impl Out {
-    fn line(&mut self, line: std::fmt::Arguments<'_>) {
-        let _ = self.text.write_fmt(line);
-        self.text.push('\n');
+impl Dispatch {
+    fn of(vm: &Vm) -> Dispatch {
+        match &vm.interface {
+            Some(tap) => Dispatch::Tap(tap.clone()),
+            None => Dispatch::Address(vm.public_ipv6),
+        }
+    }
+
+    /// The two (map, key) pairs that lead to this VM's chains: egress first.
+    fn entries(&self) -> [(&'static str, String); 2] {
+        match self {
+            Dispatch::Tap(tap) => [
+                (names::EGRESS_BY_IF, format!("\"{tap}\"")),
+                (names::INGRESS_BY_IF, format!("\"{tap}\"")),
+            ],
+            Dispatch::Address(addr) => [
+                (names::EGRESS_BY_ADDR, addr.to_string()),
+                (names::INGRESS_BY_ADDR, addr.to_string()),
+            ],
+        }
     }
 }
 
-macro_rules! emit {
-    ($out:expr, $($arg:tt)*) => { $out.line(format_args!($($arg)*)) };
+/// One VM's part of a ruleset: self-contained (it adds and flushes its own objects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSection {
+    /// The VM.
+    pub vm: VmId,
+    /// Its chains, sets and rules.
+    pub text: String,
+    /// The names of its chains and sets.
+    pub objects: BTreeSet<String>,
+    /// How packets reach its chains.
+    pub dispatch: Dispatch,
+}
+
+impl VmSection {
+    /// Rules per chain this section puts in the table.
+    pub fn rule_counts(&self) -> BTreeMap<String, usize> {
+        rule_counts(&self.text)
+    }
+
+    fn chains(&self) -> [String; 2] {
+        [
+            names::vm_chain(&self.vm, Direction::Egress),
+            names::vm_chain(&self.vm, Direction::Ingress),
+        ]
+    }
+}
+
+/// The number of rules the base chain holds after a full sync.
+pub const FORWARD_RULES: usize = 7;
+
+/// Rules per chain that a transaction text adds (`add rule inet vmedge CHAIN ...`).
+pub fn rule_counts(text: &str) -> BTreeMap<String, usize> {
+    let prefix = format!("add rule inet {} ", names::TABLE);
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(chain) = line
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split(' ').next())
+        {
+            *counts.entry(chain.to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
 }
 
 /// Compiles the VMs of one worker (any order: output is sorted by VM id).
@@ -130,95 +199,30 @@ pub fn compile<'a>(
     vms: impl IntoIterator<Item = &'a Vm>,
     options: &CompileOptions,
 ) -> Ruleset {
-    let mut vms: Vec<&Vm> = vms.into_iter().collect();
-    vms.sort_by_key(|v| v.id);
-    let t = names::TABLE;
+    let mut sections: Vec<VmSection> = vms.into_iter().map(|vm| compile_vm(vm, options)).collect();
+    sections.sort_by_key(|s| s.vm);
+    assemble(worker, &sections, options)
+}
+
+/// A full ruleset from compiled sections (sorted by VM id).
+pub fn assemble(worker: &str, sections: &[VmSection], options: &CompileOptions) -> Ruleset {
     let mut out = Out {
         text: String::new(),
         objects: BTreeSet::new(),
     };
-    emit!(
-        out,
-        "# vmedge firewall of worker {worker:?}: {} VMs. Generated; do not edit.",
-        vms.len()
-    );
-    emit!(out, "add table inet {t}");
-    emit!(
-        out,
-        "add chain inet {t} {} {{ type filter hook forward priority filter; policy accept; }}",
-        names::FORWARD_CHAIN
-    );
-    emit!(out, "flush chain inet {t} {}", names::FORWARD_CHAIN);
-    for (map, key) in [
-        (names::EGRESS_BY_IF, "ifname"),
-        (names::EGRESS_BY_ADDR, "ipv6_addr"),
-        (names::INGRESS_BY_IF, "ifname"),
-        (names::INGRESS_BY_ADDR, "ipv6_addr"),
-    ] {
-        emit!(out, "add map inet {t} {map} {{ type {key} : verdict; }}");
-        emit!(out, "flush map inet {t} {map}");
-    }
-    emit!(
-        out,
-        "add set inet {t} {} {{ type icmpv6_type; }}",
-        names::ICMPV6_ESSENTIAL
-    );
-    emit!(out, "flush set inet {t} {}", names::ICMPV6_ESSENTIAL);
-    emit!(
-        out,
-        "add element inet {t} {} {{ {} }}",
-        names::ICMPV6_ESSENTIAL,
-        ICMPV6_ESSENTIAL.join(", ")
-    );
-    for (set, family) in [(names::DOH_V4, Family::V4), (names::DOH_V6, Family::V6)] {
-        emit!(
-            out,
-            "add set inet {t} {set} {{ type {}; flags interval; }}",
-            addr_type(family)
-        );
-        emit!(out, "flush set inet {t} {set}");
-        let nets: Vec<String> = IpNet::aggregate(&options.doh)
-            .iter()
-            .filter(|n| Family::of(n) == family)
-            .map(|n| n.to_string())
-            .collect();
-        if !nets.is_empty() {
-            emit!(out, "add element inet {t} {set} {{ {} }}", nets.join(", "));
-        }
-    }
-
+    base(&mut out, worker, sections.len(), options);
     let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for vm in &vms {
-        compile_vm(&mut out, vm, options);
-        let (egress, ingress) = (
-            names::vm_chain(&vm.id, Direction::Egress),
-            names::vm_chain(&vm.id, Direction::Ingress),
-        );
-        match &vm.interface {
-            Some(tap) => {
-                map_elements
-                    .entry(names::EGRESS_BY_IF)
-                    .or_default()
-                    .push(format!("\"{tap}\" : jump {egress}"));
-                map_elements
-                    .entry(names::INGRESS_BY_IF)
-                    .or_default()
-                    .push(format!("\"{tap}\" : jump {ingress}"));
-            }
-            None => {
-                let addr = vm.public_ipv6;
-                map_elements
-                    .entry(names::EGRESS_BY_ADDR)
-                    .or_default()
-                    .push(format!("{addr} : jump {egress}"));
-                map_elements
-                    .entry(names::INGRESS_BY_ADDR)
-                    .or_default()
-                    .push(format!("{addr} : jump {ingress}"));
-            }
+    for section in sections {
+        out.text.push_str(&section.text);
+        out.objects.extend(section.objects.iter().cloned());
+        for ((map, key), chain) in section.dispatch.entries().into_iter().zip(section.chains()) {
+            map_elements
+                .entry(map)
+                .or_default()
+                .push(format!("{key} : jump {chain}"));
         }
     }
-
+    let t = names::TABLE;
     emit!(out, "# -- dispatch to the VMs' chains");
     for (map, elements) in &map_elements {
         emit!(
@@ -264,6 +268,121 @@ pub fn compile<'a>(
     }
 }
 
+/// The table, base chain, maps and shared sets, flushed: what every full sync starts with.
+fn base(out: &mut Out, worker: &str, vm_count: usize, options: &CompileOptions) {
+    let t = names::TABLE;
+    emit!(
+        out,
+        "# vmedge firewall of worker {worker:?}: {vm_count} VMs. Generated; do not edit."
+    );
+    emit!(out, "add table inet {t}");
+    emit!(
+        out,
+        "add chain inet {t} {} {{ type filter hook forward priority filter; policy accept; }}",
+        names::FORWARD_CHAIN
+    );
+    emit!(out, "flush chain inet {t} {}", names::FORWARD_CHAIN);
+    for (map, key) in [
+        (names::EGRESS_BY_IF, "ifname"),
+        (names::EGRESS_BY_ADDR, "ipv6_addr"),
+        (names::INGRESS_BY_IF, "ifname"),
+        (names::INGRESS_BY_ADDR, "ipv6_addr"),
+    ] {
+        emit!(out, "add map inet {t} {map} {{ type {key} : verdict; }}");
+        emit!(out, "flush map inet {t} {map}");
+    }
+    emit!(
+        out,
+        "add set inet {t} {} {{ type icmpv6_type; }}",
+        names::ICMPV6_ESSENTIAL
+    );
+    emit!(out, "flush set inet {t} {}", names::ICMPV6_ESSENTIAL);
+    emit!(
+        out,
+        "add element inet {t} {} {{ {} }}",
+        names::ICMPV6_ESSENTIAL,
+        ICMPV6_ESSENTIAL.join(", ")
+    );
+    for (set, family) in [(names::DOH_V4, Family::V4), (names::DOH_V6, Family::V6)] {
+        emit!(
+            out,
+            "add set inet {t} {set} {{ type {}; flags interval; }}",
+            addr_type(family)
+        );
+        emit!(out, "flush set inet {t} {set}");
+        let nets: Vec<String> = IpNet::aggregate(&options.doh)
+            .iter()
+            .filter(|n| Family::of(n) == family)
+            .map(|n| n.to_string())
+            .collect();
+        if !nets.is_empty() {
+            emit!(out, "add element inet {t} {set} {{ {} }}", nets.join(", "));
+        }
+    }
+}
+
+/// The transaction that turns a table holding `previous` into one holding `next`,
+/// touching only the VMs that differ; `None` when nothing does. Both are keyed by VM id.
+/// The base objects must already be in place (a full sync made them).
+pub fn update(
+    previous: &BTreeMap<VmId, VmSection>,
+    next: &BTreeMap<VmId, VmSection>,
+) -> Option<String> {
+    let t = names::TABLE;
+    let mut out = Out {
+        text: String::new(),
+        objects: BTreeSet::new(),
+    };
+    let mut changed = 0;
+    for (id, old) in previous {
+        if !next.contains_key(id) {
+            changed += 1;
+            emit!(out, "# -- vm {id} left");
+            for (map, key) in old.dispatch.entries() {
+                emit!(out, "delete element inet {t} {map} {{ {key} }}");
+            }
+            delete_objects(&mut out, old.objects.iter());
+        }
+    }
+    for (id, new) in next {
+        let old = previous.get(id);
+        if old == Some(new) {
+            continue;
+        }
+        changed += 1;
+        out.text.push_str(&new.text);
+        if let Some(old) = old {
+            let stale = old.objects.difference(&new.objects);
+            delete_objects(&mut out, stale);
+            if old.dispatch != new.dispatch {
+                for (map, key) in old.dispatch.entries() {
+                    emit!(out, "delete element inet {t} {map} {{ {key} }}");
+                }
+            }
+        }
+        if old.map(|o| &o.dispatch) != Some(&new.dispatch) {
+            for ((map, key), chain) in new.dispatch.entries().into_iter().zip(new.chains()) {
+                emit!(out, "add element inet {t} {map} {{ {key} : jump {chain} }}");
+            }
+        }
+    }
+    (changed > 0).then(|| format!("# vmedge: {changed} VMs changed\n{}", out.text))
+}
+
+/// Deletes chains (flushed first: their rules hold the sets) and then sets.
+fn delete_objects<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) {
+    let t = names::TABLE;
+    let (chain_names, set_names): (Vec<&String>, Vec<&String>) =
+        objects.partition(|o| names::is_vm_chain(o));
+    for chain in &chain_names {
+        emit!(out, "flush chain inet {t} {chain}");
+        emit!(out, "delete chain inet {t} {chain}");
+    }
+    for set in set_names {
+        emit!(out, "delete set inet {t} {set}");
+    }
+}
+
 fn addr_type(family: Family) -> &'static str {
     match family {
         Family::V4 => "ipv4_addr",
@@ -305,7 +424,22 @@ fn l4_match(protocol: Protocol, ports: Ports) -> String {
     }
 }
 
-fn compile_vm(out: &mut Out, vm: &Vm, options: &CompileOptions) {
+/// One VM's chains, sets and rules.
+pub fn compile_vm(vm: &Vm, options: &CompileOptions) -> VmSection {
+    let mut out = Out {
+        text: String::new(),
+        objects: BTreeSet::new(),
+    };
+    vm_rules(&mut out, vm, options);
+    VmSection {
+        vm: vm.id,
+        text: out.text,
+        objects: out.objects,
+        dispatch: Dispatch::of(vm),
+    }
+}
+
+fn vm_rules(out: &mut Out, vm: &Vm, options: &CompileOptions) {
     let t = names::TABLE;
     let policy = vm.effective_policy();
     emit!(
@@ -471,6 +605,88 @@ fn egress_guards(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vms(doc: &str) -> Vec<Vm> {
+        vmedge_model::parse_state(doc).unwrap().value.vms
+    }
+
+    fn sections(vms: &[Vm]) -> BTreeMap<VmId, VmSection> {
+        let options = CompileOptions::new(vec![]);
+        vms.iter()
+            .map(|v| (v.id, compile_vm(v, &options)))
+            .collect()
+    }
+
+    const TWO: &str = r#"{"vms": [
+        {"id": "00000000-0000-4000-8000-000000000001", "org_id": "o", "worker": "w", "public_ipv6": "fd5e:ed00::1", "status": "running", "interface": "tap1",
+         "services": [{"name": "web", "port": 8080}]},
+        {"id": "b0000000-0000-4000-8000-000000000002", "org_id": "o", "worker": "w", "public_ipv6": "fd5e:ed00::2", "status": "running",
+         "services": [{"name": "web", "port": 8080}, {"name": "udp-thing", "port": 9000}]}]}"#;
+
+    #[test]
+    fn an_update_touches_only_what_changed() {
+        let before = sections(&vms(TWO));
+        assert_eq!(
+            update(&before, &before),
+            None,
+            "nothing changed, nothing to do"
+        );
+
+        // VM 2 drops a service: its chain is rewritten, and nothing of VM 1 appears.
+        let changed = TWO.replace(r#", {"name": "udp-thing", "port": 9000}"#, "");
+        let text = update(&before, &sections(&vms(&changed))).unwrap();
+        assert!(text.contains("flush chain inet vmedge in_b0000000000040008000000000000002"));
+        assert!(!text.contains("00000000000040008000000000000001"), "{text}");
+        assert!(
+            !text.contains("add element inet vmedge ingress_by_addr"),
+            "dispatch unchanged: {text}"
+        );
+
+        // VM 1 leaves: its map entries, chains and sets go; VM 2 is not touched.
+        let mut left = vms(TWO);
+        let gone = left.remove(0);
+        let text = update(&before, &sections(&left)).unwrap();
+        assert!(
+            text.contains(r#"delete element inet vmedge egress_by_if { "tap1" }"#),
+            "{text}"
+        );
+        assert!(text.contains("delete chain inet vmedge out_00000000000040008000000000000001"));
+        assert!(text.contains("delete set inet vmedge in_00000000000040008000000000000001_b0_tcp6"));
+        assert!(!text.contains("b0000000000040008000000000000002"), "{text}");
+
+        // ...and comes back: added with its map entries.
+        let text = update(&sections(&left), &before).unwrap();
+        assert!(
+            text.contains(&format!(
+                r#"add element inet vmedge egress_by_if {{ "tap1" : jump out_{} }}"#,
+                gone.id.hex()
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_full_ruleset_deletes_what_the_live_table_has_beyond_it() {
+        let ruleset = compile("w", vms(TWO).iter().skip(1), &CompileOptions::new(vec![]));
+        let live: BTreeSet<String> = [
+            "in_00000000000040008000000000000001",
+            "in_00000000000040008000000000000001_b0_tcp6",
+            "in_b0000000000040008000000000000002",
+            "forward",
+        ]
+        .map(String::from)
+        .into();
+        let text = ruleset.with_deletions(&live);
+        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        assert_eq!(
+            tail,
+            [
+                "delete set inet vmedge in_00000000000040008000000000000001_b0_tcp6",
+                "delete chain inet vmedge in_00000000000040008000000000000001",
+                "flush chain inet vmedge in_00000000000040008000000000000001",
+            ]
+        );
+    }
 
     #[test]
     fn the_shipped_doh_list_is_clean() {

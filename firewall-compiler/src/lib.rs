@@ -20,8 +20,12 @@ pub mod errors;
 pub mod explain;
 pub mod names;
 
-pub use backend::{FirewallBackend, NftBackend};
-pub use compile::{compile, CompileOptions, Ruleset};
+pub use compile::rule_counts;
+
+pub use backend::{FirewallBackend, LiveTable, NftBackend};
+pub use compile::{
+    assemble, compile, compile_vm, update, CompileOptions, Dispatch, Ruleset, VmSection,
+};
 pub use errors::FirewallError;
 pub use explain::{explain, Explanation, Packet, Reason};
 pub use names::{fqdn_sets, Direction, FqdnSets};

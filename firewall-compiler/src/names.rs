@@ -77,6 +77,14 @@ pub fn is_per_vm(name: &str) -> bool {
     ["in_", "out_", "fq_"].iter().any(|p| name.starts_with(p))
 }
 
+/// True for a VM's chain (`in_<32 hex>` or `out_<32 hex>`), not one of its sets.
+pub fn is_vm_chain(name: &str) -> bool {
+    let hex = name
+        .strip_prefix("in_")
+        .or_else(|| name.strip_prefix("out_"));
+    hex.is_some_and(|h| h.len() == 32 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// FNV-1a: stable across builds and versions (the names outlive the process).
 fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
@@ -108,5 +116,14 @@ mod tests {
         );
         assert!(is_per_vm(&sets.v6) && is_per_vm(&vm_chain(&vm, Direction::Egress)));
         assert!(!is_per_vm(FORWARD_CHAIN) && !is_per_vm(EGRESS_BY_IF) && !is_per_vm(DOH_V4));
+        let b_vm = VmId::parse("b2c3d4e5-7777-4000-8000-000000000022").unwrap();
+        assert!(is_vm_chain(&vm_chain(&b_vm, Direction::Ingress)));
+        assert!(!is_vm_chain(&block_set(
+            &b_vm,
+            Direction::Ingress,
+            0,
+            "tcp6"
+        )));
+        assert!(!is_vm_chain(&sets.v4));
     }
 }

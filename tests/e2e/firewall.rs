@@ -518,7 +518,7 @@ fn vms_that_leave_lose_their_objects() {
     let setup = Setup::new();
     let state = parse(&state(&setup.lab, true));
     setup.apply(&state);
-    let (live, _) = setup.backend.live_objects().unwrap();
+    let live = setup.backend.live_objects().unwrap();
     assert!(
         live.iter()
             .any(|n| n.contains("c4d2e1f03333400080000000000000cc")),
@@ -534,7 +534,7 @@ fn vms_that_leave_lose_their_objects() {
             .collect(),
     };
     setup.apply(&fewer);
-    let (live, _) = setup.backend.live_objects().unwrap();
+    let live = setup.backend.live_objects().unwrap();
     assert!(
         !live
             .iter()

@@ -4,3 +4,4 @@
 
 mod firewall;
 mod harness;
+mod worker;

@@ -1,0 +1,232 @@
+//! The worker agent on a real table: incremental syncs, VMs leaving, drift repaired.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmedge_firewall::{CompileOptions, FirewallBackend, NftBackend};
+use vmedge_registry::{FileRegistry, MemoryRegistry, Registry};
+use vmedge_tests::peers::{tcp_passes, EchoServers};
+use vmedge_tests::Lab;
+use vmedge_worker::{Metrics, Reconciler, Synced};
+
+fn vm(lab: &Lab, i: usize, ports: &[u16]) -> Value {
+    let host = &lab.vms[i];
+    let services: Vec<Value> = ports
+        .iter()
+        .enumerate()
+        .map(|(n, p)| json!({"name": format!("s{n}"), "port": p}))
+        .collect();
+    json!({"id": format!("6f1c2d3e-0000-4000-8000-0000000000{i:02x}"), "org_id": "o", "worker": "w",
+           "public_ipv6": host.ipv6.to_string(), "interface": host.interface, "status": "running",
+           "services": services})
+}
+
+fn state(vms: Vec<Value>) -> vmedge_model::State {
+    vmedge_model::state_from_value(&json!({"vms": vms}))
+        .unwrap()
+        .value
+}
+
+fn reconciler(
+    lab: &Lab,
+) -> (
+    Reconciler<NftBackend>,
+    Arc<Metrics>,
+    prometheus_client::registry::Registry,
+) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let options = CompileOptions::new(vec![IpAddr::V6(lab.worker_ipv6)]);
+    (
+        Reconciler::new(
+            "w",
+            NftBackend::in_netns(lab.worker.name()),
+            options,
+            metrics.clone(),
+        ),
+        metrics,
+        registry,
+    )
+}
+
+fn metrics_text(registry: &prometheus_client::registry::Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+#[test]
+fn syncs_are_incremental_and_take_effect() {
+    let lab = Lab::new(3);
+    let (a, b, net) = (&lab.vms[0], &lab.vms[1], &lab.vms[2]);
+    let _servers = [
+        EchoServers::start(&a.ns, &[8080, 8081], &[]),
+        EchoServers::start(&b.ns, &[9000], &[]),
+    ];
+    let (mut reconciler, _, registry) = reconciler(&lab);
+    let memory = MemoryRegistry::new(
+        "test",
+        state(vec![vm(&lab, 0, &[8080]), vm(&lab, 1, &[9000])]),
+    );
+
+    assert_eq!(
+        reconciler.sync(&memory.load()).unwrap(),
+        Synced::Full { vms: 2 }
+    );
+    assert_eq!(reconciler.sync(&memory.load()).unwrap(), Synced::Unchanged);
+    let to = |host: &vmedge_tests::VmHost, port| SocketAddr::new(IpAddr::V6(host.ipv6), port);
+    assert!(tcp_passes(&net.ns, None, to(a, 8080)));
+    assert!(!tcp_passes(&net.ns, None, to(a, 8081)));
+
+    // A's services change: only A is rewritten, and the new port opens.
+    memory.publish(state(vec![
+        vm(&lab, 0, &[8080, 8081]),
+        vm(&lab, 1, &[9000]),
+    ]));
+    assert_eq!(
+        reconciler.sync(&memory.load()).unwrap(),
+        Synced::Incremental
+    );
+    assert!(tcp_passes(&net.ns, None, to(a, 8081)));
+    assert!(tcp_passes(&net.ns, None, to(b, 9000)));
+
+    // B leaves: its objects go; with no policy left, its traffic is not filtered.
+    memory.publish(state(vec![vm(&lab, 0, &[8080, 8081])]));
+    assert_eq!(
+        reconciler.sync(&memory.load()).unwrap(),
+        Synced::Incremental
+    );
+    let live = NftBackend::in_netns(lab.worker.name())
+        .live_objects()
+        .unwrap();
+    assert!(
+        !live
+            .iter()
+            .any(|n| n.contains("6f1c2d3e000040008000000000000001")),
+        "{live:?}"
+    );
+    assert!(live
+        .iter()
+        .any(|n| n.contains("6f1c2d3e000040008000000000000000")));
+
+    let text = metrics_text(&registry);
+    assert!(
+        text.contains(r#"vmedge_worker_syncs_total{kind="full"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"vmedge_worker_syncs_total{kind="incremental"} 2"#),
+        "{text}"
+    );
+    assert!(text.contains("vmedge_worker_vms 1"), "{text}");
+}
+
+#[test]
+fn a_table_changed_by_hand_is_restored() {
+    let lab = Lab::new(2);
+    let (a, net) = (&lab.vms[0], &lab.vms[1]);
+    let _servers = EchoServers::start(&a.ns, &[8080, 8081], &[]);
+    let (mut reconciler, _, registry) = reconciler(&lab);
+    let memory = MemoryRegistry::new("test", state(vec![vm(&lab, 0, &[8080])]));
+    reconciler.sync(&memory.load()).unwrap();
+    let blocked = SocketAddr::new(IpAddr::V6(a.ipv6), 8081);
+    assert!(!tcp_passes(&net.ns, None, blocked));
+    assert_eq!(
+        reconciler.check_drift(&memory.load()).unwrap(),
+        None,
+        "no drift right after a sync"
+    );
+
+    for (what, command) in [
+        (
+            "flushed table",
+            vec!["nft", "flush", "table", "inet", "vmedge"],
+        ),
+        (
+            "deleted table",
+            vec!["nft", "delete", "table", "inet", "vmedge"],
+        ),
+        (
+            "deleted chain rule",
+            vec![
+                "nft",
+                "flush",
+                "chain",
+                "inet",
+                "vmedge",
+                "in_6f1c2d3e000040008000000000000000",
+            ],
+        ),
+    ] {
+        lab.worker.sh(&command);
+        assert!(
+            tcp_passes(&net.ns, None, blocked),
+            "{what}: the hand edit opened the port"
+        );
+        let drift = reconciler.check_drift(&memory.load()).unwrap();
+        assert!(drift.is_some(), "{what}: drift not seen");
+        assert!(!tcp_passes(&net.ns, None, blocked), "{what}: not restored");
+    }
+    assert!(metrics_text(&registry).contains("vmedge_worker_drift_repairs_total 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_follows_the_state_file_and_repairs_drift_on_its_own() {
+    let lab = Lab::new(2);
+    let (a, net) = (&lab.vms[0], &lab.vms[1]);
+    let _servers = EchoServers::start(&a.ns, &[8080, 8081], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let write = |ports: &[u16]| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json!({"vms": [vm(&lab, 0, ports)]}).to_string()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    write(&[8080]);
+    let registry = Arc::new(FileRegistry::open(&path).unwrap());
+    let _watch = registry.watch().unwrap();
+    let (reconciler, _, _) = reconciler(&lab);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(vmedge_worker::run(
+        reconciler,
+        registry.clone() as Arc<dyn Registry>,
+        Duration::from_millis(200),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let port = |p| SocketAddr::new(IpAddr::V6(a.ipv6), p);
+    let eventually = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    eventually("start sync", &|| {
+        tcp_passes(&net.ns, None, port(8080)) && !tcp_passes(&net.ns, None, port(8081))
+    });
+    write(&[8080, 8081]);
+    eventually("the new service's port opens", &|| {
+        tcp_passes(&net.ns, None, port(8081))
+    });
+    write(&[8080]);
+    eventually("and closes again", &|| {
+        !tcp_passes(&net.ns, None, port(8081))
+    });
+    // Someone flushes the table: the agent restores it on its next check.
+    lab.worker.sh(&["nft", "flush", "table", "inet", "vmedge"]);
+    eventually("drift repaired", &|| {
+        let listing = lab
+            .worker
+            .sh(&["nft", "list", "chain", "inet", "vmedge", "forward"]);
+        String::from_utf8_lossy(&listing.stdout).contains("vmap")
+    });
+    assert!(!tcp_passes(&net.ns, None, port(8081)));
+    stop.send(()).unwrap();
+    agent.await.unwrap();
+    // Stopping the agent leaves the rules in the kernel.
+    assert!(!tcp_passes(&net.ns, None, port(8081)));
+}

@@ -1,0 +1,165 @@
+//! [`Reconciler`]: keeps `table inet vmedge` equal to what the snapshot says for this worker.
+//!
+//! The first sync, and any sync after a failure or drift, writes the whole table (and
+//! deletes what the live table has beyond it); every other sync sends only the VMs that
+//! changed, so its cost does not grow with the number of VMs on the worker. Between
+//! syncs, [`Reconciler::check_drift`] compares the live table with what was applied.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmedge_firewall::compile::FORWARD_RULES;
+use vmedge_firewall::{
+    assemble, compile_vm, names, update, CompileOptions, FirewallBackend, FirewallError, VmSection,
+};
+use vmedge_model::VmId;
+use vmedge_registry::Snapshot;
+
+use crate::metrics::{Metrics, SyncLabels};
+
+/// What a sync did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    /// The whole table was written.
+    Full {
+        /// VMs in the table.
+        vms: usize,
+    },
+    /// Only changed VMs were written.
+    Incremental,
+    /// Nothing had changed.
+    Unchanged,
+}
+
+/// Drives a [`FirewallBackend`] from snapshots.
+pub struct Reconciler<B> {
+    worker: String,
+    backend: B,
+    options: CompileOptions,
+    /// What the live table holds, as far as we know; `None` forces a full sync.
+    applied: Option<BTreeMap<VmId, VmSection>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<B: FirewallBackend> Reconciler<B> {
+    /// A reconciler for `worker`; nothing is applied until the first [`Reconciler::sync`].
+    pub fn new(
+        worker: impl Into<String>,
+        backend: B,
+        options: CompileOptions,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Reconciler {
+            worker: worker.into(),
+            backend,
+            options,
+            applied: None,
+            metrics,
+        }
+    }
+
+    /// Brings the table in line with `snapshot`. On error the live table keeps its last
+    /// good ruleset (nft transactions are all or nothing) and the next sync is a full one.
+    pub fn sync(&mut self, snapshot: &Snapshot) -> Result<Synced, FirewallError> {
+        let started = Instant::now();
+        let next: BTreeMap<VmId, VmSection> = snapshot
+            .worker_vms(&self.worker)
+            .map(|vm| (vm.id, compile_vm(vm, &self.options)))
+            .collect();
+        let result = match &self.applied {
+            Some(previous) => match update(previous, &next) {
+                None => return Ok(Synced::Unchanged),
+                Some(text) => self.backend.run(&text).map(|()| Synced::Incremental),
+            },
+            None => {
+                let sections: Vec<VmSection> = next.values().cloned().collect();
+                let ruleset = assemble(&self.worker, &sections, &self.options);
+                self.backend.apply(&ruleset).map(|()| Synced::Full {
+                    vms: sections.len(),
+                })
+            }
+        };
+        match result {
+            Ok(synced) => {
+                let kind = if matches!(synced, Synced::Full { .. }) {
+                    "full"
+                } else {
+                    "incremental"
+                };
+                self.metrics.syncs.get_or_create(&SyncLabels { kind }).inc();
+                self.metrics
+                    .sync_duration
+                    .get_or_create(&SyncLabels { kind })
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.vms.set(next.len() as i64);
+                self.applied = Some(next);
+                Ok(synced)
+            }
+            Err(e) => {
+                self.metrics.sync_failures.inc();
+                self.applied = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// True when the last sync failed (or none ran): the next one will be full.
+    pub fn needs_full_sync(&self) -> bool {
+        self.applied.is_none()
+    }
+
+    /// Compares the live table with what was applied; on a difference, writes the whole
+    /// table again. Returns what differed, if anything.
+    pub fn check_drift(&mut self, snapshot: &Snapshot) -> Result<Option<String>, FirewallError> {
+        let Some(applied) = &self.applied else {
+            return Ok(None);
+        };
+        let live = self.backend.live_table()?;
+        let mut expected_objects = std::collections::BTreeSet::new();
+        let mut expected_rules = BTreeMap::new();
+        for section in applied.values() {
+            expected_objects.extend(section.objects.iter().cloned());
+            expected_rules.extend(section.rule_counts());
+        }
+        expected_rules.insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
+        let drift = if live.objects != expected_objects {
+            let missing = expected_objects.difference(&live.objects).count();
+            let extra = live.objects.difference(&expected_objects).count();
+            Some(format!("{missing} objects missing, {extra} unexpected"))
+        } else {
+            expected_rules
+                .iter()
+                .find(|(chain, n)| live.rules.get(*chain) != Some(n))
+                .map(|(chain, n)| {
+                    format!(
+                        "chain {chain} has {} rules, {n} expected",
+                        live.rules.get(chain).copied().unwrap_or(0)
+                    )
+                })
+        };
+        let Some(drift) = drift else {
+            return Ok(None);
+        };
+        self.applied = None;
+        self.sync(snapshot)?;
+        self.metrics.drift_repairs.inc();
+        Ok(Some(drift))
+    }
+}
+
+/// Checks that [`FORWARD_RULES`] matches what a full ruleset holds.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmedge_firewall::rule_counts;
+
+    #[test]
+    fn forward_rule_count_matches_the_compiler() {
+        let ruleset = assemble("w", &[], &CompileOptions::new(vec![]));
+        assert_eq!(
+            rule_counts(&ruleset.text).get(names::FORWARD_CHAIN),
+            Some(&FORWARD_RULES)
+        );
+    }
+}
