@@ -211,6 +211,11 @@ pub struct WorkerConfig {
     pub name: String,
     /// The address VMs of this worker must use for DNS.
     pub dns_gate: IpAddr,
+    /// /metrics, /healthz of the worker agent.
+    pub admin: SocketAddr,
+    /// How often the live table is compared with what was applied (and a failed sync retried).
+    #[serde(deserialize_with = "duration")]
+    pub drift_interval: Duration,
 }
 
 fn addrs(list: &[&str]) -> Vec<SocketAddr> {
@@ -276,6 +281,8 @@ impl Default for WorkerConfig {
         WorkerConfig {
             name: "worker-1".into(),
             dns_gate: "fd5e:ed00::53".parse().unwrap_or(IpAddr::from([0u16; 8])),
+            admin: addr("127.0.0.1:9183"),
+            drift_interval: Duration::from_secs(30),
         }
     }
 }

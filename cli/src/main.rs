@@ -5,8 +5,10 @@
 //!   (every error printed), 2 usage error.
 //! - `config.rs`: the TOML config, every key with a default for `vmedge up`.
 //! - `logging.rs`: tracing to stderr, text or JSON.
+//! - `admin.rs`: the `/metrics` and `/healthz` endpoint of each server.
 //! - `cmd/`: one file per subcommand.
 
+mod admin;
 mod cmd;
 mod config;
 mod logging;
@@ -46,6 +48,15 @@ enum Command {
     /// Run the edge on loopback with the example config and state (examples/ when no config is given).
     Up {
         /// Config file; default: examples/vmedge.toml if present, else built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the worker agent: keep this host's nftables in step with the state.
+    Worker {
+        /// This worker's name, as VMs' `worker` field names it (overrides [worker] name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Config file; default: built-in defaults.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -110,6 +121,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format, &cli.log_level);
     let result = match cli.command {
         Command::Up { config } => cmd::up::run(config.as_deref()),
+        Command::Worker { name, config } => cmd::worker::run(config.as_deref(), name),
         Command::State(StateCommand::Check { file }) => cmd::state::check(&file),
         Command::Firewall(FirewallCommand::Check { policy, print }) => {
             cmd::firewall::check(&policy, print)

@@ -4,11 +4,52 @@ pub mod config;
 pub mod firewall;
 pub mod state;
 pub mod up;
+pub mod worker;
 
 use std::io::Read;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use vmedge_registry::{FileRegistry, RegistryError};
+
+use crate::config::{Config, RegistrySource};
+
+/// Opens the config's state source; `None` (errors printed) when the state is invalid.
+pub fn open_registry(config: &Config) -> anyhow::Result<Option<Arc<FileRegistry>>> {
+    match &config.registry {
+        RegistrySource::File(path) => match FileRegistry::open(path) {
+            Ok(r) => Ok(Some(Arc::new(r))),
+            Err(e @ (RegistryError::Invalid { .. } | RegistryError::Syntax { .. })) => {
+                eprintln!("{e}");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        },
+        RegistrySource::Etcd(_) => anyhow::bail!(
+            "registry {}: this build reads file: registries only (etcd comes with the fleet work)",
+            config.registry
+        ),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctrl_c = tokio::signal::ctrl_c();
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
 
 /// Reads a file, or standard input for "-".
 pub fn read_input(path: &Path) -> anyhow::Result<String> {

@@ -7,13 +7,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use vmedge_model::public_host;
-use vmedge_registry::{FileRegistry, Registry, RegistryError};
+use vmedge_registry::{FileRegistry, Registry};
 
-use crate::config::{Config, RegistrySource};
+use crate::config::Config;
 
 const EXAMPLE_CONFIG: &str = "examples/vmedge.toml";
 
@@ -28,19 +27,8 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         None => (Config::default(), "built-in defaults".to_string()),
     };
 
-    let registry = match &config.registry {
-        RegistrySource::File(path) => match FileRegistry::open(path) {
-            Ok(r) => Arc::new(r),
-            Err(e @ (RegistryError::Invalid { .. } | RegistryError::Syntax { .. })) => {
-                eprintln!("{e}");
-                return Ok(ExitCode::FAILURE);
-            }
-            Err(e) => return Err(e.into()),
-        },
-        RegistrySource::Etcd(_) => anyhow::bail!(
-            "registry {}: this build reads file: registries only (etcd comes with the fleet work)",
-            config.registry
-        ),
+    let Some(registry) = super::open_registry(&config)? else {
+        return Ok(ExitCode::FAILURE);
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -50,7 +38,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let _watch = registry.watch()?;
         print_plan(&config, &origin, registry.as_ref());
-        shutdown_signal().await;
+        super::shutdown_signal().await;
         tracing::info!("shutting down");
         anyhow::Ok(())
     })?;
@@ -114,25 +102,4 @@ fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
         );
     }
     println!("Ctrl-C stops.");
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

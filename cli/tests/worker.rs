@@ -1,0 +1,125 @@
+//! `vmedge worker` as an operator runs it, inside a lab's worker namespace.
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmedge_tests::peers::{tcp_passes, EchoServers};
+use vmedge_tests::{Lab, Netns};
+
+fn http_get(ns: &Netns, path: &str) -> String {
+    let mut conn = ns.enter(|| TcpStream::connect("127.0.0.1:9183")).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text
+}
+
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_worker_agent_enforces_the_state_and_reports_metrics() {
+    let lab = Lab::new(2);
+    let (a, net) = (&lab.vms[0], &lab.vms[1]);
+    let _servers = EchoServers::start(&a.ns, &[8080, 8081], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = serde_json::json!({"vms": [{
+        "id": "6f1c2d3e-0000-4000-8000-0000000000aa", "org_id": "o", "worker": "w",
+        "public_ipv6": a.ipv6.to_string(), "interface": a.interface, "status": "running",
+        "services": [{"name": "web", "port": 8080}]}]});
+    std::fs::write(dir.path().join("state.json"), state.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("vmedge.toml"),
+        format!(
+            "registry = \"file:state.json\"\n[worker]\ndns_gate = \"{}\"\nadmin = \"127.0.0.1:9183\"\ndrift_interval = \"300ms\"\n",
+            lab.worker_ipv6
+        ),
+    )
+    .unwrap();
+    let agent = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.worker.name(),
+            env!("CARGO_BIN_EXE_vmedge"),
+            "--log-format",
+            "json",
+            "worker",
+            "--name",
+            "w",
+            "--config",
+        ])
+        .arg(dir.path().join("vmedge.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let to = |port| SocketAddr::new(IpAddr::V6(a.ipv6), port);
+    eventually("the agent's first sync", || {
+        tcp_passes(&net.ns, None, to(8080)) && !tcp_passes(&net.ns, None, to(8081))
+    });
+    let metrics = http_get(&lab.worker, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains(r#"vmedge_worker_syncs_total{kind="full"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vmedge_worker_vms 1"), "{metrics}");
+    assert!(
+        metrics.contains("vmedge_registry_generation 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vmedge_worker_sync_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    let health = http_get(&lab.worker, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("ok: state generation 1"),
+        "{health}"
+    );
+
+    // A flushed table is restored within the drift interval, and counted.
+    lab.worker.sh(&["nft", "flush", "table", "inet", "vmedge"]);
+    eventually("drift repaired", || {
+        http_get(&lab.worker, "/metrics").contains("vmedge_worker_drift_repairs_total 1")
+    });
+    assert!(!tcp_passes(&net.ns, None, to(8081)));
+
+    let pid = agent.id().to_string();
+    // `ip netns exec` execs the program, so the pid is the agent's.
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = agent.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        logs.contains("firewall synced in full") && logs.contains("restored"),
+        "{logs}"
+    );
+    assert!(
+        !tcp_passes(&net.ns, None, to(8081)),
+        "the rules stay in the kernel after the agent stops"
+    );
+}
