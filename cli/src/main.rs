@@ -100,6 +100,11 @@ enum FirewallCommand {
         #[command(flatten)]
         target: cmd::firewall::Target,
     },
+    /// Show what `apply` would change in this host's table (a unified diff of nft listings).
+    Diff {
+        #[command(flatten)]
+        target: cmd::firewall::Target,
+    },
     /// Say which rule (or default) decides a packet of a VM.
     Explain(cmd::firewall::ExplainArgs),
 }
@@ -128,6 +133,7 @@ fn main() -> ExitCode {
         }
         Command::Firewall(FirewallCommand::Compile { target }) => cmd::firewall::compile(&target),
         Command::Firewall(FirewallCommand::Apply { target }) => cmd::firewall::apply(&target),
+        Command::Firewall(FirewallCommand::Diff { target }) => cmd::firewall::diff(&target),
         Command::Firewall(FirewallCommand::Explain(args)) => cmd::firewall::explain(&args),
         Command::Config(ConfigCommand::Check { file, print }) => cmd::config::check(&file, print),
     };

@@ -107,6 +107,23 @@ impl NftBackend {
         Ok(text)
     }
 
+    /// `nft list table inet vmedge` as text; empty when there is no table.
+    pub fn list_table(&self) -> Result<String, FirewallError> {
+        let out = self
+            .command()
+            .args(["list", "table", "inet", names::TABLE])
+            .output()
+            .map_err(FirewallError::NftMissing)?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No such file or directory") {
+            return Ok(String::new());
+        }
+        Err(FirewallError::Listing(err.trim().to_string()))
+    }
+
     /// Runs `nft -f -` with `text`; maps a refusal to the generated line it names.
     pub fn run_transaction(&self, text: &str) -> Result<(), FirewallError> {
         let mut child = self

@@ -6,6 +6,7 @@
 //! - [`compile`]: a worker's VMs to the text of one transaction on `table inet vmedge`
 //!   (pure: no I/O, deterministic).
 //! - [`names`]: every nftables name, including the fqdn set names the DNS gate fills.
+//! - [`diff`]: the live table against the desired one, as nft lists them.
 //! - [`explain`]: which rule (or default) decides a packet, evaluated in process.
 //! - [`backend`]: the [`FirewallBackend`] seam and [`NftBackend`] (`nft -f -`).
 //! - [`errors`]: [`FirewallError`], with nft's own message and the line it points at.
@@ -16,6 +17,7 @@
 pub mod backend;
 pub mod canonical;
 pub mod compile;
+pub mod diff;
 pub mod errors;
 pub mod explain;
 pub mod names;

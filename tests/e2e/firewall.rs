@@ -551,3 +551,31 @@ fn vms_that_leave_lose_their_objects() {
         at(setup.lab.vms[2].ipv6, 6011)
     ));
 }
+
+#[test]
+fn diff_is_empty_after_an_apply_and_shows_a_change() {
+    let setup = Setup::new();
+    let doc = state(&setup.lab, true);
+    let applied = parse(&doc);
+    setup.apply(&applied);
+    let scratch_listing = |state: &State| {
+        let scratch = Lab::new(0);
+        let nft = NftBackend::in_netns(scratch.worker.name());
+        nft.run_transaction(&compile("w", state.vms.iter(), &setup.options).text)
+            .unwrap();
+        nft.list_table().unwrap()
+    };
+    let live = setup.backend.list_table().unwrap();
+    assert_eq!(
+        vmedge_firewall::diff::diff_listings(&live, &scratch_listing(&applied)),
+        ""
+    );
+
+    let mut changed = doc.clone();
+    changed["vms"][0]["services"][0]["port"] = json!(8088);
+    let diff = vmedge_firewall::diff::diff_listings(&live, &scratch_listing(&parse(&changed)));
+    assert!(
+        diff.contains("-") && diff.contains(". 8080") && diff.contains(". 8088"),
+        "{diff}"
+    );
+}

@@ -118,6 +118,54 @@ pub fn apply(target: &Target) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints what an apply would change. The desired table is loaded into a throwaway
+/// network namespace so that nft lists both sides in its own normal form.
+pub fn diff(target: &Target) -> anyhow::Result<ExitCode> {
+    let Some(ruleset) = ruleset(target)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let host = NftBackend::new();
+    host.check_version()?;
+    let live = host.list_table()?;
+    let scratch = ScratchNetns::create()?;
+    let in_scratch = NftBackend::in_netns(&scratch.0);
+    in_scratch.run_transaction(&ruleset.text)?;
+    let desired = in_scratch.list_table()?;
+    let diff = vmedge_firewall::diff::diff_listings(&live, &desired);
+    if diff.is_empty() {
+        println!("no changes: the live table is what apply would make it");
+    } else {
+        print!("{diff}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A network namespace that exists for one command and is deleted after it.
+struct ScratchNetns(String);
+
+impl ScratchNetns {
+    fn create() -> anyhow::Result<ScratchNetns> {
+        let name = format!("vmedge-diff-{}", std::process::id());
+        let status = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .context("cannot run ip (iproute2) to make a scratch namespace")?;
+        anyhow::ensure!(
+            status.success(),
+            "ip netns add {name} failed (diff needs root)"
+        );
+        Ok(ScratchNetns(name))
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
 /// A direction on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Dir {
