@@ -57,6 +57,46 @@ pub fn synthetic_state(n: u32) -> Value {
     json!({"users": users, "vms": vms})
 }
 
+/// A state of `n` VMs on one worker, `rules` firewall rules each (half ingress, half
+/// egress: cidr rules over tcp, udp and any, and every fifth egress rule an fqdn rule),
+/// for the firewall benchmarks. VM `i` is at `fd5e:ed00:ff:i::2` behind `vmtap<i>`.
+pub fn firewall_state(n: u32, rules: u32, variant: u32) -> Value {
+    let rule = |i: u32, egress: bool| {
+        let protocol = ["tcp", "udp", "any"][(i % 3) as usize];
+        let ports = if protocol == "any" {
+            "any".to_string()
+        } else {
+            format!("{}-{}", 1000 + i * 10, 1005 + i * 10 + variant)
+        };
+        if egress && i % 5 == 4 {
+            return json!({"action": "allow", "kind": "fqdn", "value": format!("*.svc{i}.example.com"), "protocol": "tcp", "ports": "443"});
+        }
+        let action = if i % 4 == 3 { "deny" } else { "allow" };
+        let value = if i % 2 == 0 {
+            format!("2001:db8:{i:x}::/48")
+        } else {
+            format!("198.51.{i}.0/24")
+        };
+        json!({"action": action, "kind": "cidr", "value": value, "protocol": protocol, "ports": ports})
+    };
+    let vms: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({
+                "id": vm_id(i).to_string(), "org_id": "org", "worker": "w",
+                "public_ipv6": format!("fd5e:ed00:ff:{i:x}::2"),
+                "interface": format!("vmtap{i}"), "ipv4": format!("198.18.{}.{}", i >> 8, i & 0xff),
+                "status": "running",
+                "services": [{"name": "web", "port": 8080}],
+                "firewall": {
+                    "ingress": {"default": "deny", "rules": (0..rules / 2).map(|r| rule(r, false)).collect::<Vec<_>>()},
+                    "egress": {"default": "deny", "rules": (0..rules - rules / 2).map(|r| rule(r, true)).collect::<Vec<_>>()},
+                }
+            })
+        })
+        .collect();
+    json!({"vms": vms})
+}
+
 /// A distinct, well-formed ed25519 public key per `seed`.
 pub fn ed25519_key(seed: u32) -> String {
     let mut bytes = [0u8; 32];
@@ -71,6 +111,17 @@ pub fn ed25519_key(seed: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_firewall_state_is_valid() {
+        let parsed = vmedge_model::state_from_value(&firewall_state(50, 20, 1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            parsed.value.vms[7].firewall.ingress.rules.len()
+                + parsed.value.vms[7].firewall.egress.rules.len(),
+            20
+        );
+    }
 
     #[test]
     fn the_synthetic_state_is_valid() {
