@@ -24,6 +24,19 @@ use crate::names::{self, Direction};
 struct Out {
     text: String,
     objects: BTreeSet<String>,
+    sets: BTreeMap<String, String>,
+    elements: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Out {
+    fn new() -> Out {
+        Out {
+            text: String::new(),
+            objects: BTreeSet::new(),
+            sets: BTreeMap::new(),
+            elements: BTreeMap::new(),
+        }
+    }
 }
 
 impl Out {
@@ -87,10 +100,8 @@ pub struct Ruleset {
 impl Ruleset {
     /// The text plus the deletion of live per-VM objects this ruleset no longer has.
     pub fn with_deletions(&self, live: &BTreeSet<String>) -> String {
-        let mut out = Out {
-            text: self.text.clone(),
-            objects: BTreeSet::new(),
-        };
+        let mut out = Out::new();
+        out.text = self.text.clone();
         let stale: Vec<&String> = live
             .iter()
             .filter(|n| names::is_per_vm(n) && !self.objects.contains(*n))
@@ -155,8 +166,12 @@ pub struct VmSection {
     pub vm: VmId,
     /// Its chains, sets and rules.
     pub text: String,
-    /// The names of its chains and sets.
+    /// The names of its own chains and (fqdn) sets.
     pub objects: BTreeSet<String>,
+    /// The shared block sets it uses, with their declarations (`type ...; flags ...`).
+    pub sets: BTreeMap<String, String>,
+    /// Its elements in the shared block sets.
+    pub elements: BTreeMap<String, BTreeSet<String>>,
     /// How packets reach its chains.
     pub dispatch: Dispatch,
 }
@@ -206,11 +221,26 @@ pub fn compile<'a>(
 
 /// A full ruleset from compiled sections (sorted by VM id).
 pub fn assemble(worker: &str, sections: &[VmSection], options: &CompileOptions) -> Ruleset {
-    let mut out = Out {
-        text: String::new(),
-        objects: BTreeSet::new(),
-    };
+    let mut out = Out::new();
     base(&mut out, worker, sections.len(), options);
+    let t = names::TABLE;
+    let sets: BTreeMap<&String, &String> = sections.iter().flat_map(|s| s.sets.iter()).collect();
+    if !sets.is_empty() {
+        emit!(
+            out,
+            "# -- block sets shared by the VMs: elements are <vm address> . <far side> [. <ports>]"
+        );
+    }
+    for (set, declaration) in &sets {
+        emit!(out, "add set inet {t} {set} {{ {declaration} }}");
+        emit!(out, "flush set inet {t} {set}");
+        out.objects.insert((*set).clone());
+    }
+    for section in sections {
+        for (set, elements) in &section.elements {
+            emit!(out, "add element inet {t} {set} {{ {} }}", join(elements));
+        }
+    }
     let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for section in sections {
         out.text.push_str(&section.text);
@@ -222,7 +252,6 @@ pub fn assemble(worker: &str, sections: &[VmSection], options: &CompileOptions) 
                 .push(format!("{key} : jump {chain}"));
         }
     }
-    let t = names::TABLE;
     emit!(out, "# -- dispatch to the VMs' chains");
     for (map, elements) in &map_elements {
         emit!(
@@ -329,11 +358,9 @@ pub fn update(
     next: &BTreeMap<VmId, VmSection>,
 ) -> Option<String> {
     let t = names::TABLE;
-    let mut out = Out {
-        text: String::new(),
-        objects: BTreeSet::new(),
-    };
+    let mut out = Out::new();
     let mut changed = 0;
+    let no_elements = BTreeMap::new();
     for (id, old) in previous {
         if !next.contains_key(id) {
             changed += 1;
@@ -341,6 +368,7 @@ pub fn update(
             for (map, key) in old.dispatch.entries() {
                 emit!(out, "delete element inet {t} {map} {{ {key} }}");
             }
+            element_changes(&mut out, &old.elements, &no_elements);
             delete_objects(&mut out, old.objects.iter());
         }
     }
@@ -350,7 +378,16 @@ pub fn update(
             continue;
         }
         changed += 1;
+        // The shared sets may be new to the table (a VM with more blocks than any before).
+        for (set, declaration) in &new.sets {
+            emit!(out, "add set inet {t} {set} {{ {declaration} }}");
+        }
         out.text.push_str(&new.text);
+        element_changes(
+            &mut out,
+            old.map_or(&no_elements, |o| &o.elements),
+            &new.elements,
+        );
         if let Some(old) = old {
             let stale = old.objects.difference(&new.objects);
             delete_objects(&mut out, stale);
@@ -367,6 +404,42 @@ pub fn update(
         }
     }
     (changed > 0).then(|| format!("# vmedge: {changed} VMs changed\n{}", out.text))
+}
+
+/// Deletes the elements only in `old` and adds those only in `new`, set by set.
+fn element_changes(
+    out: &mut Out,
+    old: &BTreeMap<String, BTreeSet<String>>,
+    new: &BTreeMap<String, BTreeSet<String>>,
+) {
+    let t = names::TABLE;
+    let empty = BTreeSet::new();
+    let sets: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for set in sets {
+        let (was, is) = (
+            old.get(set).unwrap_or(&empty),
+            new.get(set).unwrap_or(&empty),
+        );
+        let gone: BTreeSet<&String> = was.difference(is).collect();
+        let added: BTreeSet<&String> = is.difference(was).collect();
+        if !gone.is_empty() {
+            emit!(out, "delete element inet {t} {set} {{ {} }}", join(gone));
+        }
+        if !added.is_empty() {
+            emit!(out, "add element inet {t} {set} {{ {} }}", join(added));
+        }
+    }
+}
+
+fn join<I: IntoIterator<Item = S>, S: AsRef<str>>(items: I) -> String {
+    let mut text = String::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            text.push_str(", ");
+        }
+        text.push_str(item.as_ref());
+    }
+    text
 }
 
 /// Deletes chains (flushed first: their rules hold the sets) and then sets.
@@ -426,15 +499,14 @@ fn l4_match(protocol: Protocol, ports: Ports) -> String {
 
 /// One VM's chains, sets and rules.
 pub fn compile_vm(vm: &Vm, options: &CompileOptions) -> VmSection {
-    let mut out = Out {
-        text: String::new(),
-        objects: BTreeSet::new(),
-    };
+    let mut out = Out::new();
     vm_rules(&mut out, vm, options);
     VmSection {
         vm: vm.id,
         text: out.text,
         objects: out.objects,
+        sets: out.sets,
+        elements: out.elements,
         dispatch: Dispatch::of(vm),
     }
 }
@@ -457,11 +529,6 @@ fn vm_rules(out: &mut Out, vm: &Vm, options: &CompileOptions) {
         emit!(out, "add chain inet {t} {chain}");
         emit!(out, "flush chain inet {t} {chain}");
         out.objects.insert(chain.clone());
-        // The far side of the packet: who sends to the VM, or where the VM sends.
-        let remote = match direction {
-            Direction::Ingress => "saddr",
-            Direction::Egress => "daddr",
-        };
         if direction == Direction::Egress {
             egress_guards(out, vm, &chain, options, policy.dns.block_bypass);
         }
@@ -470,60 +537,61 @@ fn vm_rules(out: &mut Out, vm: &Vm, options: &CompileOptions) {
             Direction::Egress => &policy.egress,
         };
         let canonical = canonicalize(rules);
+        // The VM's own address of each family: the key of its elements in shared sets.
+        // Without an IPv4 address in the state, IPv4 cannot be attributed to the VM.
+        let own = |family: Family| -> Option<String> {
+            match family {
+                Family::V6 => Some(vm.public_ipv6.to_string()),
+                Family::V4 => vm.ipv4.map(|a| a.to_string()),
+            }
+        };
+        // Ingress: the VM is the destination; egress: the source.
+        let (own_side, far_side) = match direction {
+            Direction::Ingress => ("daddr", "saddr"),
+            Direction::Egress => ("saddr", "daddr"),
+        };
         for (b, block) in canonical.blocks.iter().enumerate() {
             let action = verdict(block.action.unwrap_or(canonical.default));
             for ((family, l4), elements) in &block.ported {
-                let (kind, proto) = match l4 {
-                    L4::Tcp => ("tcp", "tcp"),
-                    L4::Udp => ("udp", "udp"),
+                let Some(key) = own(*family) else { continue };
+                let proto = match l4 {
+                    L4::Tcp => "tcp",
+                    L4::Udp => "udp",
                 };
-                let set =
-                    names::block_set(&vm.id, direction, b, &format!("{kind}{}", suffix(*family)));
-                emit!(
-                    out,
-                    "add set inet {t} {set} {{ type {} . inet_service; flags interval; }}",
-                    addr_type(*family)
+                let set = names::block_set(direction, b, &format!("{proto}{}", suffix(*family)));
+                let at = addr_type(*family);
+                out.sets.insert(
+                    set.clone(),
+                    format!("type {at} . {at} . inet_service; flags interval;"),
                 );
-                emit!(out, "flush set inet {t} {set}");
-                let elements: Vec<String> = elements
-                    .iter()
-                    .map(|(net, r)| {
+                out.elements
+                    .entry(set.clone())
+                    .or_default()
+                    .extend(elements.iter().map(|(net, r)| {
                         if r.first == r.last {
-                            format!("{net} . {}", r.first)
+                            format!("{key} . {net} . {}", r.first)
                         } else {
-                            format!("{net} . {}-{}", r.first, r.last)
+                            format!("{key} . {net} . {}-{}", r.first, r.last)
                         }
-                    })
-                    .collect();
-                emit!(
-                    out,
-                    "add element inet {t} {set} {{ {} }}",
-                    elements.join(", ")
-                );
-                emit!(
-                    out,
-                    "add rule inet {t} {chain} {} {remote} . {proto} dport @{set} {action}",
-                    ip(*family)
-                );
-                out.objects.insert(set);
+                    }));
+                let ip = ip(*family);
+                emit!(out, "add rule inet {t} {chain} {ip} {own_side} . {ip} {far_side} . {proto} dport @{set} {action}");
             }
             for (family, nets) in &block.any {
-                let set =
-                    names::block_set(&vm.id, direction, b, &format!("any{}", suffix(*family)));
+                let Some(key) = own(*family) else { continue };
+                let set = names::block_set(direction, b, &format!("any{}", suffix(*family)));
+                let at = addr_type(*family);
+                out.sets
+                    .insert(set.clone(), format!("type {at} . {at}; flags interval;"));
+                out.elements
+                    .entry(set.clone())
+                    .or_default()
+                    .extend(nets.iter().map(|net| format!("{key} . {net}")));
+                let ip = ip(*family);
                 emit!(
                     out,
-                    "add set inet {t} {set} {{ type {}; flags interval; }}",
-                    addr_type(*family)
+                    "add rule inet {t} {chain} {ip} {own_side} . {ip} {far_side} @{set} {action}"
                 );
-                emit!(out, "flush set inet {t} {set}");
-                let nets: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
-                emit!(out, "add element inet {t} {set} {{ {} }}", nets.join(", "));
-                emit!(
-                    out,
-                    "add rule inet {t} {chain} {} {remote} @{set} {action}",
-                    ip(*family)
-                );
-                out.objects.insert(set);
             }
             for fqdn in &block.fqdn {
                 let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
@@ -651,7 +719,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("delete chain inet vmedge out_00000000000040008000000000000001"));
-        assert!(text.contains("delete set inet vmedge in_00000000000040008000000000000001_b0_tcp6"));
+        assert!(
+            text.contains("delete element inet vmedge in_b0_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }"),
+            "its elements leave the shared set: {text}"
+        );
+        assert!(!text.contains("delete set"), "shared sets stay: {text}");
         assert!(!text.contains("b0000000000040008000000000000002"), "{text}");
 
         // ...and comes back: added with its map entries.

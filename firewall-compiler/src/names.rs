@@ -49,9 +49,12 @@ pub fn vm_chain(vm: &VmId, direction: Direction) -> String {
     format!("{}_{}", direction.prefix(), vm.hex())
 }
 
-/// A rule set of one block of a VM's chain: `in_<vm>_b<block>_<kind>`.
-pub fn block_set(vm: &VmId, direction: Direction, block: usize, kind: &str) -> String {
-    format!("{}_{}_b{block}_{kind}", direction.prefix(), vm.hex())
+/// The set shared by every VM's block `block` of a direction: `in_b<block>_<kind>`.
+/// Its elements start with the VM's own address, so VMs never see each other's rules,
+/// and the number of sets does not grow with the number of VMs (the kernel finds a set
+/// by name with a linear walk; nft's userspace cache grows with them too).
+pub fn block_set(direction: Direction, block: usize, kind: &str) -> String {
+    format!("{}_b{block}_{kind}", direction.prefix())
 }
 
 /// The two dynamic sets (IPv4, IPv6) the DNS gate fills for an egress fqdn pattern of a VM.
@@ -118,12 +121,7 @@ mod tests {
         assert!(!is_per_vm(FORWARD_CHAIN) && !is_per_vm(EGRESS_BY_IF) && !is_per_vm(DOH_V4));
         let b_vm = VmId::parse("b2c3d4e5-7777-4000-8000-000000000022").unwrap();
         assert!(is_vm_chain(&vm_chain(&b_vm, Direction::Ingress)));
-        assert!(!is_vm_chain(&block_set(
-            &b_vm,
-            Direction::Ingress,
-            0,
-            "tcp6"
-        )));
+        assert!(!is_vm_chain(&block_set(Direction::Ingress, 0, "tcp6")));
         assert!(!is_vm_chain(&sets.v4));
     }
 }

@@ -120,6 +120,7 @@ impl<B: FirewallBackend> Reconciler<B> {
         let mut expected_rules = BTreeMap::new();
         for section in applied.values() {
             expected_objects.extend(section.objects.iter().cloned());
+            expected_objects.extend(section.sets.keys().cloned());
             expected_rules.extend(section.rule_counts());
         }
         expected_rules.insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
