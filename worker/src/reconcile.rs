@@ -13,7 +13,7 @@ use vmedge_firewall::compile::FORWARD_RULES;
 use vmedge_firewall::{
     assemble, compile_vm, names, update, CompileOptions, FirewallBackend, FirewallError, VmSection,
 };
-use vmedge_model::VmId;
+use vmedge_model::{Vm, VmId};
 use vmedge_registry::Snapshot;
 
 use crate::metrics::{Metrics, SyncLabels};
@@ -39,6 +39,9 @@ pub struct Reconciler<B> {
     options: CompileOptions,
     /// What the live table holds, as far as we know; `None` forces a full sync.
     applied: Option<BTreeMap<VmId, VmSection>>,
+    /// The VM objects the applied sections were compiled from: an unchanged VM is not
+    /// compiled again, so a sync costs what changed, not what the worker holds.
+    compiled_from: BTreeMap<VmId, Vm>,
     metrics: Arc<Metrics>,
 }
 
@@ -55,6 +58,7 @@ impl<B: FirewallBackend> Reconciler<B> {
             backend,
             options,
             applied: None,
+            compiled_from: BTreeMap::new(),
             metrics,
         }
     }
@@ -63,10 +67,23 @@ impl<B: FirewallBackend> Reconciler<B> {
     /// good ruleset (nft transactions are all or nothing) and the next sync is a full one.
     pub fn sync(&mut self, snapshot: &Snapshot) -> Result<Synced, FirewallError> {
         let started = Instant::now();
-        let next: BTreeMap<VmId, VmSection> = snapshot
-            .worker_vms(&self.worker)
-            .map(|vm| (vm.id, compile_vm(vm, &self.options)))
-            .collect();
+        let mut next: BTreeMap<VmId, VmSection> = BTreeMap::new();
+        let mut recompiled: Vec<&Vm> = Vec::new();
+        for vm in snapshot.worker_vms(&self.worker) {
+            let reuse = self
+                .compiled_from
+                .get(&vm.id)
+                .filter(|old| *old == vm)
+                .and_then(|_| self.applied.as_ref().and_then(|a| a.get(&vm.id)).cloned());
+            let section = match reuse {
+                Some(section) => section,
+                None => {
+                    recompiled.push(vm);
+                    compile_vm(vm, &self.options)
+                }
+            };
+            next.insert(vm.id, section);
+        }
         let result = match &self.applied {
             Some(previous) => match update(previous, &next) {
                 None => return Ok(Synced::Unchanged),
@@ -93,6 +110,10 @@ impl<B: FirewallBackend> Reconciler<B> {
                     .get_or_create(&SyncLabels { kind })
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.vms.set(next.len() as i64);
+                self.compiled_from.retain(|id, _| next.contains_key(id));
+                for vm in recompiled {
+                    self.compiled_from.insert(vm.id, vm.clone());
+                }
                 self.applied = Some(next);
                 Ok(synced)
             }
