@@ -59,6 +59,11 @@ impl NftBackend {
         NftBackend::default()
     }
 
+    /// A given program in place of `nft` (another path, or a wrapper).
+    pub fn with_program(program: Vec<String>) -> NftBackend {
+        NftBackend { program }
+    }
+
     /// `nft` inside a network namespace (`ip netns exec NAME nft`): for tests and tools.
     pub fn in_netns(name: &str) -> NftBackend {
         NftBackend {
@@ -223,6 +228,41 @@ impl FirewallBackend for NftBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_or_old_nft_is_named_at_start() {
+        let old = NftBackend::with_program(
+            ["sh", "-c", "echo 'nftables v0.9.3 (Topsy)'", "nft"]
+                .map(String::from)
+                .to_vec(),
+        );
+        match old.check_version() {
+            Err(e @ FirewallError::NftTooOld { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("v0.9.3") && text.contains("1.0.0 or newer"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = NftBackend::with_program(vec!["/nonexistent/nft".into()]);
+        assert!(matches!(
+            missing.check_version(),
+            Err(FirewallError::NftMissing(_))
+        ));
+        let new = NftBackend::with_program(
+            [
+                "sh",
+                "-c",
+                "echo 'nftables v1.0.6 (Lester Gooch #5)'",
+                "nft",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        assert!(new.check_version().unwrap().contains("v1.0.6"));
+    }
 
     #[test]
     fn a_refusal_names_the_generated_line() {

@@ -23,6 +23,7 @@ fn state(lab: &Lab, a_egress_80: bool) -> Value {
     let (a, b, c, net) = (&lab.vms[0], &lab.vms[1], &lab.vms[2], &lab.vms[3]);
     let mut a_egress = vec![
         json!({"action": "allow", "kind": "cidr", "value": format!("{}/128", net.ipv6), "protocol": "udp", "ports": "7000"}),
+        json!({"action": "allow", "kind": "fqdn", "value": "*.example.test", "protocol": "tcp", "ports": "443"}),
     ];
     if a_egress_80 {
         a_egress.push(json!({"action": "allow", "kind": "cidr", "value": format!("{}/32", net.ipv4), "protocol": "tcp", "ports": "80"}));
@@ -578,4 +579,60 @@ fn diff_is_empty_after_an_apply_and_shows_a_change() {
         diff.contains("-") && diff.contains(". 8080") && diff.contains(". 8088"),
         "{diff}"
     );
+}
+
+#[test]
+fn a_re_apply_never_empties_the_dns_gates_fqdn_sets() {
+    let setup = Setup::new();
+    let (a, net) = (&setup.lab.vms[0], &setup.lab.vms[3]);
+    let applied = parse(&state(&setup.lab, true));
+    setup.apply(&applied);
+    let vm = &applied.vms[0];
+    let pattern = vmedge_model::DomainPattern::parse("*.example.test").unwrap();
+    let sets = vmedge_firewall::fqdn_sets(&vm.id, &pattern);
+    // What the DNS gate does: the resolved address, with a timeout.
+    setup.lab.worker.sh(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "vmedge",
+        &sets.v6,
+        &format!("{{ {} timeout 1h }}", net.ipv6),
+    ]);
+    assert!(
+        tcp_passes(&a.ns, None, at(net.ipv6, 443)),
+        "the fqdn rule lets A reach the resolved address"
+    );
+
+    let holds = || {
+        let out = setup
+            .lab
+            .worker
+            .sh(&["nft", "list", "set", "inet", "vmedge", &sets.v6]);
+        String::from_utf8_lossy(&out.stdout).contains(&net.ipv6.to_string())
+    };
+    // A full re-apply, and an incremental one that rewrites A's chain.
+    setup.apply(&applied);
+    assert!(holds(), "a full re-apply kept the element");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut reconciler = vmedge_worker::Reconciler::new(
+        "w",
+        NftBackend::in_netns(setup.lab.worker.name()),
+        setup.options.clone(),
+        vmedge_worker::Metrics::register(&mut registry),
+    );
+    let memory = vmedge_registry::MemoryRegistry::new("test", applied.clone());
+    use vmedge_registry::Registry;
+    reconciler.sync(&memory.load()).unwrap();
+    memory.publish(parse(&state(&setup.lab, false)));
+    assert_eq!(
+        reconciler.sync(&memory.load()).unwrap(),
+        vmedge_worker::Synced::Incremental
+    );
+    assert!(
+        holds(),
+        "an incremental sync of the same VM kept the element"
+    );
+    assert!(tcp_passes(&a.ns, None, at(net.ipv6, 443)));
 }

@@ -34,6 +34,14 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Option<Arc<FileRegistry>
     }
 }
 
+/// The multi-threaded runtime the servers run on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

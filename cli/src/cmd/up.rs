@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use vmedge_model::public_host;
 use vmedge_registry::{FileRegistry, Registry};
 
@@ -31,11 +30,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    super::runtime()?.block_on(async {
         let _watch = registry.watch()?;
         print_plan(&config, &origin, registry.as_ref());
         super::shutdown_signal().await;

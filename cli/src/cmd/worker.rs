@@ -26,11 +26,7 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
     let Some(registry) = super::open_registry(&config)? else {
         return Ok(ExitCode::FAILURE);
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    super::runtime()?.block_on(async {
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let worker_metrics = Metrics::register(&mut metrics);
