@@ -128,28 +128,6 @@ impl NftBackend {
         }
         Err(FirewallError::Listing(err.trim().to_string()))
     }
-
-    /// Runs `nft -f -` with `text`; maps a refusal to the generated line it names.
-    pub fn run_transaction(&self, text: &str) -> Result<(), FirewallError> {
-        let mut child = self
-            .command()
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(FirewallError::NftMissing)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(text.as_bytes())
-                .map_err(FirewallError::Io)?;
-        }
-        let out = child.wait_with_output().map_err(FirewallError::Io)?;
-        if out.status.success() {
-            return Ok(());
-        }
-        Err(refusal(&String::from_utf8_lossy(&out.stderr), text))
-    }
 }
 
 /// nft reports `/dev/stdin:LINE:COL-COL: Error: ...`; keep the first error and its line.
@@ -178,11 +156,29 @@ fn refusal(stderr: &str, text: &str) -> FirewallError {
 impl FirewallBackend for NftBackend {
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
         let live = self.live_objects()?;
-        self.run_transaction(&ruleset.with_deletions(&live))
+        self.run(&ruleset.with_deletions(&live))
     }
 
+    /// `nft -f -` with `text`; a refusal is mapped to the generated line it names.
     fn run(&self, text: &str) -> Result<(), FirewallError> {
-        self.run_transaction(text)
+        let mut child = self
+            .command()
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(FirewallError::NftMissing)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(text.as_bytes())
+                .map_err(FirewallError::Io)?;
+        }
+        let out = child.wait_with_output().map_err(FirewallError::Io)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(refusal(&String::from_utf8_lossy(&out.stderr), text))
     }
 
     fn live_table(&self) -> Result<LiveTable, FirewallError> {
@@ -215,7 +211,7 @@ impl FirewallBackend for NftBackend {
             }
             for kind in ["chain", "set", "map"] {
                 if let Some(name) = item[kind]["name"].as_str() {
-                    if names::is_per_vm(name) {
+                    if names::is_managed(name) {
                         live.objects.insert(name.to_string());
                     }
                 }

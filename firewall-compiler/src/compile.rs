@@ -104,7 +104,7 @@ impl Ruleset {
         out.text = self.text.clone();
         let stale: Vec<&String> = live
             .iter()
-            .filter(|n| names::is_per_vm(n) && !self.objects.contains(*n))
+            .filter(|n| names::is_managed(n) && !self.objects.contains(*n))
             .collect();
         if !stale.is_empty() {
             emit!(out, "# objects of VMs or rules that are gone");

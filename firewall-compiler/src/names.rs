@@ -75,8 +75,9 @@ pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
     }
 }
 
-/// True for the names of per-VM objects (chains and sets), which a sync may delete.
-pub fn is_per_vm(name: &str) -> bool {
+/// True for the objects a sync creates and may delete: VM chains, fqdn sets and the shared
+/// block sets (not the table's fixed objects: base chain, maps, ICMPv6 and DoH sets).
+pub fn is_managed(name: &str) -> bool {
     ["in_", "out_", "fq_"].iter().any(|p| name.starts_with(p))
 }
 
@@ -117,8 +118,8 @@ mod tests {
             sets,
             "case and dot do not matter"
         );
-        assert!(is_per_vm(&sets.v6) && is_per_vm(&vm_chain(&vm, Direction::Egress)));
-        assert!(!is_per_vm(FORWARD_CHAIN) && !is_per_vm(EGRESS_BY_IF) && !is_per_vm(DOH_V4));
+        assert!(is_managed(&sets.v6) && is_managed(&vm_chain(&vm, Direction::Egress)));
+        assert!(!is_managed(FORWARD_CHAIN) && !is_managed(EGRESS_BY_IF) && !is_managed(DOH_V4));
         let b_vm = VmId::parse("b2c3d4e5-7777-4000-8000-000000000022").unwrap();
         assert!(is_vm_chain(&vm_chain(&b_vm, Direction::Ingress)));
         assert!(!is_vm_chain(&block_set(Direction::Ingress, 0, "tcp6")));

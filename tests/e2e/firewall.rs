@@ -562,7 +562,7 @@ fn diff_is_empty_after_an_apply_and_shows_a_change() {
     let scratch_listing = |state: &State| {
         let scratch = Lab::new(0);
         let nft = NftBackend::in_netns(scratch.worker.name());
-        nft.run_transaction(&compile("w", state.vms.iter(), &setup.options).text)
+        nft.run(&compile("w", state.vms.iter(), &setup.options).text)
             .unwrap();
         nft.list_table().unwrap()
     };

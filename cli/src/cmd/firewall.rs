@@ -106,10 +106,11 @@ pub fn apply(target: &Target) -> anyhow::Result<ExitCode> {
     let nft = NftBackend::new();
     let version = nft.check_version()?;
     nft.apply(&ruleset)?;
+    // Each VM has exactly one ingress chain.
     let vms = ruleset
         .objects
         .iter()
-        .filter(|o| o.starts_with("in_") && !o.contains("_b"))
+        .filter(|o| o.starts_with("in_") && vmedge_firewall::names::is_vm_chain(o))
         .count();
     println!(
         "applied: table inet vmedge, {vms} VMs of worker {:?} ({version})",
@@ -129,7 +130,7 @@ pub fn diff(target: &Target) -> anyhow::Result<ExitCode> {
     let live = host.list_table()?;
     let scratch = ScratchNetns::create()?;
     let in_scratch = NftBackend::in_netns(&scratch.0);
-    in_scratch.run_transaction(&ruleset.text)?;
+    in_scratch.run(&ruleset.text)?;
     let desired = in_scratch.list_table()?;
     let diff = vmedge_firewall::diff::diff_listings(&live, &desired);
     if diff.is_empty() {
