@@ -476,7 +476,8 @@ mod tests {
             (0u8..5, 0u8..3, any::<u8>()).prop_map(|(a, b, c)| IpAddr::from([10, a, b, c])),
             (0u16..5, 0u16..3, any::<u16>())
                 .prop_map(|(a, b, c)| IpAddr::from([0x2001, 0xdb8, a, b, 0, 0, 0, c])),
-            Just(IpAddr::from([192, 0, 2, 1])),
+            // In the test prefix and in no generated rule but 0.0.0.0/0.
+            Just(IpAddr::from([198, 19, 0, 1])),
         ];
         let proto = prop_oneof![
             Just(PacketProto::Tcp),

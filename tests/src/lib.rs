@@ -9,9 +9,9 @@
 //! counting global allocator for "allocates nothing" checks.
 //!
 //! # Address plan (DESIGN.md, last section)
-//! This machine's own network is `fd00::/64` and `192.0.2.0/24`; nothing here touches
-//! those. Labs live in `fd5e:ed00::/32` and `198.18.0.0/15` only, and before the first
-//! lab the root namespace gets unreachable routes for `fd5e::/16` and `198.18.0.0/15`,
+//! This machine's own network (DESIGN.md, last section) is never used here. Labs live in
+//! `fd5e:ed00::/32` and `198.18.0.0/15` only, and before the first lab the root namespace
+//! gets unreachable routes for `fd5e::/16` and `198.18.0.0/15`,
 //! so a packet with a missing link is dropped instead of leaving the machine.
 //!
 //! | what                         | IPv6                      | IPv4                  |
