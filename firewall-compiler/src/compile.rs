@@ -216,11 +216,12 @@ pub fn compile<'a>(
 ) -> Ruleset {
     let mut sections: Vec<VmSection> = vms.into_iter().map(|vm| compile_vm(vm, options)).collect();
     sections.sort_by_key(|s| s.vm);
+    let sections: Vec<&VmSection> = sections.iter().collect();
     assemble(worker, &sections, options)
 }
 
-/// A full ruleset from compiled sections (sorted by VM id).
-pub fn assemble(worker: &str, sections: &[VmSection], options: &CompileOptions) -> Ruleset {
+/// A full ruleset from compiled sections (sorted by VM id), read, not copied.
+pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions) -> Ruleset {
     let mut out = Out::new();
     // One allocation for the whole text: growing a large string by doubling copies it
     // over and over (this was a tenth of a 10k-VM compile).

@@ -90,7 +90,7 @@ impl<B: FirewallBackend> Reconciler<B> {
                 Some(text) => self.backend.run(&text).map(|()| Synced::Incremental),
             },
             None => {
-                let sections: Vec<VmSection> = next.values().cloned().collect();
+                let sections: Vec<&VmSection> = next.values().collect();
                 let ruleset = assemble(&self.worker, &sections, &self.options);
                 self.backend.apply(&ruleset).map(|()| Synced::Full {
                     vms: sections.len(),
