@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use vmedge_firewall::canonical::PacketProto;
 use vmedge_firewall::{CompileOptions, Direction, FirewallBackend, NftBackend, Packet};
-use vmedge_model::{PolicyShape, State, VmId};
+use vmedge_model::{PolicyShape, VmId};
 
 use super::{print_model_error, print_warnings, read_input};
 
@@ -60,23 +60,8 @@ pub struct Target {
     dns_gates: Vec<IpAddr>,
 }
 
-/// Loads a state file, printing every error on failure.
-fn load_state(path: &Path) -> anyhow::Result<Option<State>> {
-    let text = read_input(path)?;
-    match vmedge_model::parse_state(&text) {
-        Ok(parsed) => {
-            print_warnings(path, &parsed.warnings);
-            Ok(Some(parsed.value))
-        }
-        Err(e) => {
-            print_model_error(path, &e);
-            Ok(None)
-        }
-    }
-}
-
 fn ruleset(target: &Target) -> anyhow::Result<Option<vmedge_firewall::Ruleset>> {
-    let Some(state) = load_state(&target.state)? else {
+    let Some(state) = super::load_state(&target.state)? else {
         return Ok(None);
     };
     let vms = state.vms.iter().filter(|v| v.worker == target.worker);
@@ -216,7 +201,7 @@ pub struct ExplainArgs {
 /// Prints the verdict and the rule that decided it. fqdn rules are taken to match
 /// nothing: which addresses they hold depends on DNS answers at run time.
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let Some(state) = load_state(&args.state)? else {
+    let Some(state) = super::load_state(&args.state)? else {
         return Ok(ExitCode::FAILURE);
     };
     let vm = state

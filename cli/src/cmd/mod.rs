@@ -42,21 +42,19 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// A future that completes on SIGINT or SIGTERM. The handlers are registered here, when
+/// this is called (inside the runtime), not when the future is first polled: a signal
+/// that comes between start-up and the first await must not kill the process outright.
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
+    })
 }
 
 /// Reads a file, or standard input for "-".
@@ -69,6 +67,21 @@ pub fn read_input(path: &Path) -> anyhow::Result<String> {
         return Ok(text);
     }
     std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
+/// Reads and validates a state file; prints its warnings, or every error and `None`.
+pub fn load_state(path: &Path) -> anyhow::Result<Option<vmedge_model::State>> {
+    let text = read_input(path)?;
+    match vmedge_model::parse_state(&text) {
+        Ok(parsed) => {
+            print_warnings(path, &parsed.warnings);
+            Ok(Some(parsed.value))
+        }
+        Err(e) => {
+            print_model_error(path, &e);
+            Ok(None)
+        }
+    }
 }
 
 /// Prints a refused document: `FILE:LINE:COL: ...` for syntax, else a count and one error per line.

@@ -31,9 +31,11 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     };
 
     super::runtime()?.block_on(async {
+        // Before anything is printed or served: see shutdown_signal.
+        let shutdown = super::shutdown_signal()?;
         let _watch = registry.watch()?;
         print_plan(&config, &origin, registry.as_ref());
-        super::shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutting down");
         anyhow::Ok(())
     })?;

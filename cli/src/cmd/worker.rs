@@ -27,6 +27,8 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
         return Ok(ExitCode::FAILURE);
     };
     super::runtime()?.block_on(async {
+        // Before anything is printed or served: see shutdown_signal.
+        let shutdown = super::shutdown_signal()?;
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let worker_metrics = Metrics::register(&mut metrics);
@@ -45,7 +47,7 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
         };
         let admin_task = tokio::spawn(admin::serve(listener, admin, wait(stopped.clone())));
         let agent = tokio::spawn(vmedge_worker::run(reconciler, registry, config.worker.drift_interval, wait(stopped)));
-        super::shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutting down");
         let _ = stop.send(true);
         let _ = agent.await;
