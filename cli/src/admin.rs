@@ -21,6 +21,7 @@ pub struct RegistryGauges {
     vms: Gauge,
     users: Gauge,
     refusals: Gauge,
+    quarantined: Gauge,
 }
 
 impl RegistryGauges {
@@ -31,6 +32,7 @@ impl RegistryGauges {
             vms: Gauge::default(),
             users: Gauge::default(),
             refusals: Gauge::default(),
+            quarantined: Gauge::default(),
         };
         let sub = metrics.sub_registry_with_prefix("vmedge_registry");
         sub.register(
@@ -45,6 +47,11 @@ impl RegistryGauges {
             "States refused since start (the last good one kept serving)",
             g.refusals.clone(),
         );
+        sub.register(
+            "quarantined_vms",
+            "VMs whose object in the state in force is invalid (served as last good, fenced or not at all)",
+            g.quarantined.clone(),
+        );
         g
     }
 
@@ -54,6 +61,7 @@ impl RegistryGauges {
         self.vms.set(status.vms as i64);
         self.users.set(status.users as i64);
         self.refusals.set(status.refusals as i64);
+        self.quarantined.set(status.quarantined.len() as i64);
     }
 }
 

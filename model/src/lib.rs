@@ -37,6 +37,9 @@ pub use policy::{
     Ports, Protocol, Rule, Target,
 };
 pub use service::{Service, ServiceName, ServiceNameError};
-pub use state::{parse_policy, parse_state, parse_user, parse_vm, state_from_value, Parsed, State};
+pub use state::{
+    parse_policy, parse_state, parse_state_isolating, parse_user, parse_vm, state_from_value,
+    Parsed, PartialState, Quarantined, RejectedVm, Resolved, StandIn, State,
+};
 pub use user::{Fingerprint, KeyAlgorithm, SshKey, SshKeyError, User};
 pub use vm::{Vm, VmId, VmStatus};

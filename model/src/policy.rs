@@ -271,6 +271,29 @@ impl Default for FirewallPolicy {
     }
 }
 
+impl FirewallPolicy {
+    /// Nothing in, nothing out, no name resolves: what a VM gets while its own policy is
+    /// invalid and there is no last good one (the service auto-rules still apply, as they
+    /// do to every policy, so this is the least any policy could allow).
+    pub fn closed() -> Self {
+        FirewallPolicy {
+            ingress: DirectionPolicy {
+                default: Action::Deny,
+                rules: Vec::new(),
+            },
+            egress: DirectionPolicy {
+                default: Action::Deny,
+                rules: Vec::new(),
+            },
+            dns: DnsPolicy {
+                mode: DnsMode::Allow,
+                domains: Vec::new(),
+                block_bypass: true,
+            },
+        }
+    }
+}
+
 /// Which shape a policy document had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyShape {

@@ -13,7 +13,7 @@ use crate::json::Node;
 use crate::policy::{decode_policy, FirewallPolicy, PolicyShape};
 use crate::user::{decode_user, Fingerprint, User};
 use crate::validate::{Path, Report};
-use crate::vm::{decode_vm, Vm, VmId};
+use crate::vm::{decode_vm, decode_vm_checked, DecodedVm, Vm, VmId};
 
 /// Users and VMs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -53,25 +53,174 @@ fn finish<T>(value: Option<T>, report: Report) -> Result<Parsed<T>, ModelError> 
 /// them, so only one object's JSON tree is in memory at a time: on a 100k-VM state,
 /// building the whole tree first cost more (in fresh pages) than the decoding itself.
 pub fn parse_state(text: &str) -> Result<Parsed<State>, ModelError> {
+    let decoded = decode_state(text, false)?;
+    let mut report = decoded.report;
+    check_users_unique(&decoded.users, &mut report);
+    check_vms_unique(decoded.vms.iter().map(|(i, vm)| (*i, vm)), &mut report);
+    let state = State {
+        users: decoded.users.into_iter().map(|(_, u)| u).collect(),
+        vms: decoded.vms.into_iter().map(|(_, v)| v).collect(),
+    };
+    finish(Some(state), report)
+}
+
+/// A state whose broken VM objects were set aside rather than refusing the document:
+/// what [`parse_state_isolating`] returns. [`PartialState::resolve`] makes it a [`State`].
+#[derive(Debug)]
+pub struct PartialState {
+    users: Vec<(usize, User)>,
+    vms: Vec<(usize, Vm)>,
+    rejected: Vec<RejectedVm>,
+    warnings: Vec<FieldError>,
+}
+
+/// One VM object that failed validation.
+#[derive(Debug, Clone)]
+pub struct RejectedVm {
+    /// Its index in `vms`.
+    pub index: usize,
+    /// Its id (a VM whose id cannot be read cannot be set aside).
+    pub id: VmId,
+    /// Every error of the object, with its JSON path.
+    pub errors: Vec<FieldError>,
+    /// The VM with [`FirewallPolicy::closed`], when only its policy is invalid.
+    pub fenced: Option<Vm>,
+}
+
+/// What stands in for a rejected VM in the resolved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandIn {
+    /// Its last good version, as the caller had it.
+    LastGood,
+    /// The VM as given, with the closed policy: only its policy was invalid, and there
+    /// was no last good version.
+    Fenced,
+    /// Nothing: a new VM that is not valid is not served at all.
+    Absent,
+}
+
+/// A rejected VM and what stands in for it.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    /// The object as rejected.
+    pub rejected: RejectedVm,
+    /// What is served in its place.
+    pub stand_in: StandIn,
+}
+
+/// A state to serve, and the VMs in it that stand in for rejected objects.
+#[derive(Debug)]
+pub struct Resolved {
+    /// What to serve.
+    pub state: State,
+    /// Rejected VM objects, in document order.
+    pub quarantined: Vec<Quarantined>,
+    /// Accepted but probably not meant: each with its path.
+    pub warnings: Vec<FieldError>,
+}
+
+/// Like [`parse_state`], but an error confined to one VM object (and its id readable)
+/// sets that VM aside instead of refusing the document, so that one customer's bad
+/// policy does not hold back every other VM's update. Any other error (syntax, the
+/// document's shape, a user, an unreadable VM id) still refuses the whole document.
+pub fn parse_state_isolating(text: &str) -> Result<PartialState, ModelError> {
+    let decoded = decode_state(text, true)?;
+    let mut report = decoded.report;
+    check_users_unique(&decoded.users, &mut report);
+    if !report.errors.is_empty() {
+        report
+            .errors
+            .extend(decoded.rejected.into_iter().flat_map(|r| r.errors));
+        return Err(ModelError::Invalid(FieldErrors(report.errors)));
+    }
+    Ok(PartialState {
+        users: decoded.users,
+        vms: decoded.vms,
+        rejected: decoded.rejected,
+        warnings: report.warnings,
+    })
+}
+
+impl PartialState {
+    /// The VM objects set aside.
+    pub fn rejected(&self) -> &[RejectedVm] {
+        &self.rejected
+    }
+
+    /// The state to serve: every valid object, and for each rejected VM its last good
+    /// version (`last_good`, from the snapshot in force), else its fenced form, else
+    /// nothing. Fails when the result breaks a uniqueness rule (say a rejected VM's last
+    /// good address is now another VM's): then nothing of the document is served.
+    pub fn resolve(
+        self,
+        mut last_good: impl FnMut(&VmId) -> Option<Vm>,
+    ) -> Result<Resolved, ModelError> {
+        let mut vms = self.vms;
+        let mut quarantined = Vec::with_capacity(self.rejected.len());
+        for rejected in self.rejected {
+            let (stand_in, vm) = match (last_good(&rejected.id), &rejected.fenced) {
+                (Some(vm), _) => (StandIn::LastGood, Some(vm)),
+                (None, Some(fenced)) => (StandIn::Fenced, Some(fenced.clone())),
+                (None, None) => (StandIn::Absent, None),
+            };
+            if let Some(vm) = vm {
+                vms.push((rejected.index, vm));
+            }
+            quarantined.push(Quarantined { rejected, stand_in });
+        }
+        if !quarantined.is_empty() {
+            vms.sort_by_key(|(i, _)| *i);
+        }
+        let mut report = Report::default();
+        check_vms_unique(vms.iter().map(|(i, vm)| (*i, vm)), &mut report);
+        if !report.errors.is_empty() {
+            let mut errors: Vec<FieldError> = quarantined
+                .into_iter()
+                .flat_map(|q| q.rejected.errors)
+                .collect();
+            errors.extend(report.errors);
+            return Err(ModelError::Invalid(FieldErrors(errors)));
+        }
+        Ok(Resolved {
+            state: State {
+                users: self.users.into_iter().map(|(_, u)| u).collect(),
+                vms: vms.into_iter().map(|(_, v)| v).collect(),
+            },
+            quarantined,
+            warnings: self.warnings,
+        })
+    }
+}
+
+/// The arrays as decoded, before the checks across objects.
+struct DecodedState {
+    report: Report,
+    users: Vec<(usize, User)>,
+    vms: Vec<(usize, Vm)>,
+    rejected: Vec<RejectedVm>,
+}
+
+fn decode_state(text: &str, isolate: bool) -> Result<DecodedState, ModelError> {
     let mut report = Report::default();
     let mut users = Vec::new();
     let mut vms = Vec::new();
+    let mut rejected = Vec::new();
     let mut de = serde_json::Deserializer::from_str(text);
     let seed = StateSeed {
         report: &mut report,
         users: &mut users,
         vms: &mut vms,
+        rejected: isolate.then_some(&mut rejected),
     };
     seed.deserialize(&mut de)
         .and_then(|()| de.end())
         .map_err(|e| ModelError::syntax(&e))?;
-    check_users_unique(&users, &mut report);
-    check_vms_unique(&vms, &mut report);
-    let state = State {
-        users: users.into_iter().map(|(_, u)| u).collect(),
-        vms: vms.into_iter().map(|(_, v)| v).collect(),
-    };
-    finish(Some(state), report)
+    Ok(DecodedState {
+        report,
+        users,
+        vms,
+        rejected,
+    })
 }
 
 /// [`parse_state`] for a document built in code (tests, tools); it is printed and parsed.
@@ -128,6 +277,8 @@ struct StateSeed<'r> {
     report: &'r mut Report,
     users: &'r mut Vec<(usize, User)>,
     vms: &'r mut Vec<(usize, Vm)>,
+    /// Where broken VM objects go when they are set aside rather than refusing the document.
+    rejected: Option<&'r mut Vec<RejectedVm>>,
 }
 
 impl StateSeed<'_> {
@@ -152,7 +303,7 @@ impl<'de> Visitor<'de> for StateSeed<'_> {
         f.write_str("a state object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         let root = Path::Root;
         let mut seen: Vec<String> = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
@@ -175,8 +326,19 @@ impl<'de> Visitor<'de> for StateSeed<'_> {
                     report: self.report,
                     decode: &mut |node: &Node<'_>, i, report: &mut Report| {
                         let p = root.field("vms");
-                        if let Some(vm) = decode_vm(node, &p.index(i), report) {
-                            self.vms.push((i, vm));
+                        let errors_before = report.errors.len();
+                        let (id, fenced) = match decode_vm_checked(node, &p.index(i), report) {
+                            DecodedVm::Valid(vm) => return self.vms.push((i, vm)),
+                            DecodedVm::Fenced(vm) => (Some(vm.id), Some(vm)),
+                            DecodedVm::Invalid(id) => (id, None),
+                        };
+                        if let (Some(rejected), Some(id)) = (self.rejected.as_deref_mut(), id) {
+                            rejected.push(RejectedVm {
+                                index: i,
+                                id,
+                                errors: report.errors.split_off(errors_before),
+                                fenced,
+                            });
                         }
                     },
                 })?,
@@ -285,7 +447,7 @@ fn check_users_unique(users: &[(usize, User)], report: &mut Report) {
     }
 }
 
-fn check_vms_unique(vms: &[(usize, Vm)], report: &mut Report) {
+fn check_vms_unique<'v>(vms: impl ExactSizeIterator<Item = (usize, &'v Vm)>, report: &mut Report) {
     let root = Path::Root;
     let p = root.field("vms");
     let mut ids: HashMap<VmId, usize> = HashMap::with_capacity(vms.len());
@@ -293,21 +455,21 @@ fn check_vms_unique(vms: &[(usize, Vm)], report: &mut Report) {
     let mut taps: HashMap<(&str, &str), usize> = HashMap::new();
     let mut v4s: HashMap<(&str, Ipv4Addr), usize> = HashMap::new();
     for (i, vm) in vms {
-        let vp = p.index(*i);
-        if let Some(first) = ids.insert(vm.id, *i) {
+        let vp = p.index(i);
+        if let Some(first) = ids.insert(vm.id, i) {
             report.error(
                 &vp.field("id"),
                 format!("{} is also the id of vms[{first}]", vm.id),
             );
         }
-        if let Some(first) = addrs.insert(vm.public_ipv6, *i) {
+        if let Some(first) = addrs.insert(vm.public_ipv6, i) {
             report.error(
                 &vp.field("public_ipv6"),
                 format!("{} is also the address of vms[{first}]", vm.public_ipv6),
             );
         }
         if let Some(tap) = &vm.interface {
-            if let Some(first) = taps.insert((&vm.worker, tap), *i) {
+            if let Some(first) = taps.insert((&vm.worker, tap), i) {
                 report.error(
                     &vp.field("interface"),
                     format!(
@@ -318,7 +480,7 @@ fn check_vms_unique(vms: &[(usize, Vm)], report: &mut Report) {
             }
         }
         if let Some(v4) = vm.ipv4 {
-            if let Some(first) = v4s.insert((&vm.worker, v4), *i) {
+            if let Some(first) = v4s.insert((&vm.worker, v4), i) {
                 report.error(
                     &vp.field("ipv4"),
                     format!(

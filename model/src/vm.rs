@@ -249,8 +249,28 @@ fn valid_ifname(s: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && c != b'/' && c != b':')
 }
 
+/// What decoding one VM object came to.
+pub(crate) enum DecodedVm {
+    /// Every field is valid.
+    Valid(Vm),
+    /// Only the firewall policy is invalid: the VM with [`FirewallPolicy::closed`].
+    Fenced(Vm),
+    /// Other fields are invalid too; the id, when it could be read.
+    Invalid(Option<VmId>),
+}
+
 pub(crate) fn decode_vm(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<Vm> {
-    let map = object(v, path, report)?;
+    match decode_vm_checked(v, path, report) {
+        DecodedVm::Valid(vm) => Some(vm),
+        DecodedVm::Fenced(_) | DecodedVm::Invalid(_) => None,
+    }
+}
+
+/// Decodes one VM, telling an invalid policy (the VM can still be fenced) from a broken VM.
+pub(crate) fn decode_vm_checked(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> DecodedVm {
+    let Some(map) = object(v, path, report) else {
+        return DecodedVm::Invalid(None);
+    };
     let errors_before = report.errors.len();
 
     let id_path = path.field("id");
@@ -309,10 +329,12 @@ pub(crate) fn decode_vm(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> O
         }
     }
 
+    let policy_errors_before = report.errors.len();
     let firewall = match optional(map, "firewall") {
         Some(v) => decode_policy(v, &path.field("firewall"), report).map(|(p, _)| p),
         None => Some(FirewallPolicy::default()),
     };
+    let policy_errors = report.errors.len() - policy_errors_before;
 
     let ssh_host_keys = optional(map, "ssh_host_keys").map(|v| {
         let p = path.field("ssh_host_keys");
@@ -366,21 +388,31 @@ pub(crate) fn decode_vm(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> O
         );
     }
 
-    if report.errors.len() != errors_before {
-        return None;
+    let errors = report.errors.len() - errors_before;
+    let (Some(id), Some(org_id), Some(worker), Some(public_ipv6), Some(status)) =
+        (id, org_id, worker, public_ipv6, status)
+    else {
+        return DecodedVm::Invalid(id);
+    };
+    if errors != policy_errors {
+        return DecodedVm::Invalid(Some(id));
     }
-    Some(Vm {
-        id: id?,
-        org_id: org_id?.to_string(),
-        worker: worker?.to_string(),
-        public_ipv6: public_ipv6?,
-        status: status?,
+    let vm = |firewall| Vm {
+        id,
+        org_id: org_id.to_string(),
+        worker: worker.to_string(),
+        public_ipv6,
+        status,
         services,
-        firewall: firewall?,
+        firewall,
         ssh_host_keys,
         interface,
         ipv4,
-    })
+    };
+    match firewall {
+        Some(firewall) if errors == 0 => DecodedVm::Valid(vm(firewall)),
+        _ => DecodedVm::Fenced(vm(FirewallPolicy::closed())),
+    }
 }
 
 fn decode_service(v: &Node<'_>, path: &Path<'_>, report: &mut Report) -> Option<Service> {

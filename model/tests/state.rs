@@ -372,3 +372,110 @@ fn syntax_errors_name_line_and_column() {
         other => panic!("{other:?}"),
     }
 }
+
+// ---- one VM's invalid object set aside, the rest served ----
+
+fn with_policy(n: u8, egress_ports: &str) -> Value {
+    let mut v = vm(n);
+    v["firewall"] = json!({"egress": {"default": "deny", "rules": [
+        {"action": "allow", "kind": "cidr", "value": "::/0", "protocol": "tcp", "ports": egress_ports}
+    ]}});
+    v
+}
+
+#[test]
+fn an_invalid_policy_sets_only_that_vm_aside_and_names_it() {
+    let doc = json!({"vms": [with_policy(1, "443"), with_policy(2, "80-"), vm(3)]});
+    let partial = vmedge_model::parse_state_isolating(&doc.to_string()).unwrap();
+    let rejected = partial.rejected();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].index, 1);
+    assert_eq!(
+        rejected[0].id.to_string(),
+        "6f1c2d3e-0000-4000-8000-000000000002"
+    );
+    let errors: Vec<String> = rejected[0].errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        errors,
+        [r#"vms[1].firewall.egress.rules[0].ports: "80-" is not a port or a range"#]
+    );
+    // Only the policy is wrong: with no last good version the VM is fenced, not dropped.
+    let fenced = rejected[0].fenced.as_ref().unwrap();
+    assert_eq!(fenced.firewall, vmedge_model::FirewallPolicy::closed());
+
+    // The strict parse still refuses the document, with the same error.
+    assert_eq!(state_errors(doc), errors);
+}
+
+#[test]
+fn a_rejected_vm_stands_in_as_its_last_good_version_else_fenced_else_absent() {
+    use vmedge_model::StandIn;
+    let old = state_from_value(&json!({"vms": [with_policy(2, "443")]}))
+        .unwrap()
+        .value;
+    let mut broken_addr = vm(4);
+    broken_addr["public_ipv6"] = json!("not-an-address");
+    let doc = json!({"vms": [with_policy(1, "22"), with_policy(2, "80-"), with_policy(3, "x"), broken_addr]});
+    let resolved = vmedge_model::parse_state_isolating(&doc.to_string())
+        .unwrap()
+        .resolve(|id| old.vms.iter().find(|v| v.id == *id).cloned())
+        .unwrap();
+    let stand_ins: Vec<(usize, StandIn)> = resolved
+        .quarantined
+        .iter()
+        .map(|q| (q.rejected.index, q.stand_in))
+        .collect();
+    assert_eq!(
+        stand_ins,
+        [
+            (1, StandIn::LastGood),
+            (2, StandIn::Fenced),
+            (3, StandIn::Absent)
+        ]
+    );
+    let vms = &resolved.state.vms;
+    assert_eq!(vms.len(), 3, "vm 4 is new and broken: not served");
+    assert_eq!(
+        vms[0].firewall.egress.rules[0].ports,
+        Ports::single(22),
+        "updated"
+    );
+    assert_eq!(vms[1], old.vms[0], "vm 2 keeps its last good object whole");
+    assert_eq!(vms[2].firewall, vmedge_model::FirewallPolicy::closed());
+}
+
+#[test]
+fn errors_outside_one_vm_object_still_refuse_the_whole_document() {
+    let isolating = |doc: Value| vmedge_model::parse_state_isolating(&doc.to_string());
+    let mut no_id = with_policy(2, "80-");
+    no_id["id"] = json!("vm-2");
+    assert!(
+        isolating(json!({"vms": [vm(1), no_id]})).is_err(),
+        "unreadable id"
+    );
+    assert!(
+        isolating(json!({"vms": [vm(1)], "extra": 1})).is_err(),
+        "document shape"
+    );
+    let bad_user = json!({"id": "u1", "org_ids": "org-1", "ssh_keys": []});
+    assert!(
+        isolating(json!({"vms": [vm(1)], "users": [bad_user]})).is_err(),
+        "a user"
+    );
+
+    // A stand-in that now collides with another VM refuses everything: VM 2's last good
+    // address was ::2, which VM 1 has just taken.
+    let old = state_from_value(&json!({"vms": [vm(2)]})).unwrap().value;
+    let mut moved = vm(1);
+    moved["public_ipv6"] = json!("fd5e:ed00:1::2");
+    let err = isolating(json!({"vms": [moved, with_policy(2, "80-")]}))
+        .unwrap()
+        .resolve(|id| old.vms.iter().find(|v| v.id == *id).cloned())
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("vms[1].firewall.egress.rules[0].ports"),
+        "{text}"
+    );
+    assert!(text.contains("is also the address of vms[0]"), "{text}");
+}

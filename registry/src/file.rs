@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::Guard;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
-use vmedge_model::{parse_state, State};
+use vmedge_model::{parse_state_isolating, StandIn, State, VmId};
 
 use crate::errors::RegistryError;
 use crate::index::Snapshot;
@@ -54,8 +54,9 @@ impl FileRegistry {
     pub fn open(path: impl Into<PathBuf>) -> Result<FileRegistry, RegistryError> {
         let path = path.into();
         let (text, seen) = read_file(&path)?;
-        let state = parse(&path, &text)?;
+        let (state, quarantined) = parse(&path, &text, None)?;
         let cell = MemoryRegistry::new(format!("file:{}", path.display()), state);
+        cell.set_quarantined(quarantined);
         Ok(FileRegistry {
             path,
             cell,
@@ -79,7 +80,8 @@ impl FileRegistry {
             if now.content == seen.content && now.len == seen.len {
                 return Ok((None, now)); // touched, not changed
             }
-            parse(&self.path, &text).map(|state| (Some(state), now))
+            let in_force = self.cell.load();
+            parse(&self.path, &text, Some(&in_force)).map(|parsed| (Some(parsed), now))
         });
         let (state, now) = match loaded {
             Ok(loaded) => loaded,
@@ -89,10 +91,10 @@ impl FileRegistry {
             }
         };
         *seen = now;
-        let Some(state) = state else {
+        let Some((state, quarantined)) = state else {
             return Ok(Reload::Unchanged);
         };
-        let snapshot = self.cell.publish(state);
+        let snapshot = self.cell.publish_partial(state, quarantined);
         Ok(Reload::Published(snapshot.generation()))
     }
 
@@ -244,10 +246,37 @@ fn looks_unchanged(path: &Path, seen: &Seen) -> bool {
     }
 }
 
-fn parse(path: &Path, text: &str) -> Result<State, RegistryError> {
-    let parsed = parse_state(text).map_err(|e| RegistryError::from_model(path.to_path_buf(), e))?;
-    for warning in &parsed.warnings {
+/// Parses the state; a VM whose own object is invalid stands in as its version in
+/// `in_force` (the last good one), fenced, or not at all, and is logged with every error.
+fn parse(
+    path: &Path,
+    text: &str,
+    in_force: Option<&Snapshot>,
+) -> Result<(State, Vec<VmId>), RegistryError> {
+    let invalid = |e| RegistryError::from_model(path.to_path_buf(), e);
+    let resolved = parse_state_isolating(text)
+        .and_then(|partial| partial.resolve(|id| in_force.and_then(|s| s.vm(id)).cloned()))
+        .map_err(invalid)?;
+    for warning in &resolved.warnings {
         tracing::warn!(file = %path.display(), "{warning}");
     }
-    Ok(parsed.value)
+    for q in &resolved.quarantined {
+        let vm = q.rejected.id;
+        let serving = match q.stand_in {
+            StandIn::LastGood => "its last good version",
+            StandIn::Fenced => "a closed firewall (no last good policy)",
+            StandIn::Absent => "nothing (no last good version)",
+        };
+        tracing::error!(
+            file = %path.display(),
+            %vm,
+            errors = q.rejected.errors.len(),
+            "VM object refused; serving {serving} in its place, every other VM updated"
+        );
+        for error in &q.rejected.errors {
+            tracing::error!(file = %path.display(), %vm, "{error}");
+        }
+    }
+    let quarantined = resolved.quarantined.iter().map(|q| q.rejected.id).collect();
+    Ok((resolved.state, quarantined))
 }

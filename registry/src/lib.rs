@@ -8,7 +8,8 @@
 //! - [`memory`]: [`MemoryRegistry`], the cell every source publishes through (arc-swap
 //!   for lock-free reads, a watch channel for subscribers); a registry of its own in tests.
 //! - [`file`]: [`FileRegistry`], a JSON state file, reloaded when it changes (notify). An
-//!   invalid document is refused as a whole and the last good snapshot keeps serving.
+//!   invalid document is refused as a whole and the last good snapshot keeps serving,
+//!   except that an error confined to one VM object quarantines that VM only.
 //! - [`errors`]: [`RegistryError`], naming the file it is about.
 //!
 //! A request's path: `Registry::load()` -> `Snapshot::route_host()` -> `Route::target()`.
@@ -63,6 +64,9 @@ pub struct Status {
     pub refusals: u64,
     /// Why the last refused state was refused.
     pub last_refusal: Option<String>,
+    /// VMs of the state in force whose own object was invalid: each is served as its
+    /// last good version, fenced, or not at all (see [`vmedge_model::StandIn`]).
+    pub quarantined: Vec<vmedge_model::VmId>,
 }
 
 impl Status {
@@ -75,6 +79,7 @@ impl Status {
             users: 0,
             refusals: 0,
             last_refusal: None,
+            quarantined: Vec::new(),
         };
         status.published(snapshot);
         status

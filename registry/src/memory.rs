@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
-use vmedge_model::State;
+use vmedge_model::{State, VmId};
 
 use crate::index::Snapshot;
 use crate::{Registry, Status};
@@ -31,12 +31,25 @@ impl MemoryRegistry {
 
     /// Indexes `state` as the next generation and puts it in force.
     pub fn publish(&self, state: State) -> Arc<Snapshot> {
+        self.publish_partial(state, Vec::new())
+    }
+
+    /// [`MemoryRegistry::publish`] for a state in which `quarantined` VMs stand in for
+    /// invalid objects.
+    pub fn publish_partial(&self, state: State, quarantined: Vec<VmId>) -> Arc<Snapshot> {
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         let snapshot = Arc::new(Snapshot::build(state, status.generation + 1));
         status.published(&snapshot);
+        status.quarantined = quarantined;
         self.current.store(snapshot.clone());
         self.changes.send_replace(snapshot.clone());
         snapshot
+    }
+
+    /// Records which VMs of the snapshot in force stand in for invalid objects.
+    pub(crate) fn set_quarantined(&self, quarantined: Vec<VmId>) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.quarantined = quarantined;
     }
 
     /// Records that a new state was refused; the snapshot in force stays.

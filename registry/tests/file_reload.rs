@@ -93,13 +93,15 @@ fn a_broken_file_is_refused_and_the_old_snapshot_keeps_serving() {
     bad["services"][0]["port"] = json!(80);
     let mut worse = vm(3, "Bad_Name");
     worse["public_ipv6"] = json!("not-an-address");
+    // An error outside the VM objects (here an unknown field) refuses the whole document.
     replace(
         &path,
-        &json!({"vms": [vm(1, "web"), bad, worse]}).to_string(),
+        &json!({"vms": [vm(1, "web"), bad, worse], "vm": []}).to_string(),
     );
     eventually("invalid state refused", || registry.status().refusals == 2);
     let why = registry.status().last_refusal.unwrap();
-    assert!(why.contains("3 errors"), "every error is kept: {why}");
+    assert!(why.contains("4 errors"), "every error is kept: {why}");
+    assert!(why.contains("vm: unknown field"), "{why}");
     assert!(
         why.contains("vms[1].services[0].port: 80 is not allowed"),
         "{why}"
@@ -162,4 +164,37 @@ fn an_invalid_file_cannot_be_opened() {
         FileRegistry::open(dir.path().join("missing.json")),
         Err(RegistryError::Read { .. })
     ));
+}
+
+#[test]
+fn one_vms_invalid_object_keeps_its_last_good_version_while_the_others_update() {
+    let (_dir, path, registry) = setup();
+    let _watch = registry.watch().unwrap();
+    let id = vmedge_model::VmId::parse("6f1c2d3e-0000-4000-8000-000000000001").unwrap();
+
+    // VM 1's service port becomes invalid while VM 2 is added.
+    let mut bad = vm(1, "web");
+    bad["services"][0]["port"] = json!(80);
+    replace(&path, &json!({"vms": [bad, vm(2, "api")]}).to_string());
+    eventually("the valid part published", || {
+        registry.load().generation() == 2
+    });
+    let status = registry.status();
+    assert_eq!(status.refusals, 0, "not a refusal of the document");
+    assert_eq!(status.quarantined, [id]);
+    let snapshot = registry.load();
+    assert!(
+        snapshot.route_host(API, "example.dev").is_ok(),
+        "VM 2 added"
+    );
+    let web = snapshot.route_host(WEB, "example.dev").unwrap();
+    assert_eq!(web.target().port(), 8080, "VM 1 as it last was");
+
+    // Fixed: nothing is quarantined any more.
+    replace(
+        &path,
+        &json!({"vms": [vm(1, "web"), vm(2, "api")]}).to_string(),
+    );
+    eventually("fixed state loaded", || registry.load().generation() == 3);
+    assert!(registry.status().quarantined.is_empty());
 }

@@ -230,3 +230,90 @@ async fn the_agent_follows_the_state_file_and_repairs_drift_on_its_own() {
     // Stopping the agent leaves the rules in the kernel.
     assert!(!tcp_passes(&net.ns, None, port(8081)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_holds_back_only_its_own_vm() {
+    let lab = Lab::new(4);
+    let (a, b, c, net) = (&lab.vms[0], &lab.vms[1], &lab.vms[2], &lab.vms[3]);
+    let _servers = [
+        EchoServers::start(&a.ns, &[8080, 8081], &[]),
+        EchoServers::start(&b.ns, &[9000, 9001], &[]),
+        EchoServers::start(&c.ns, &[7000, 7001], &[]),
+        EchoServers::start(&net.ns, &[6000], &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    let write = |vms: Vec<Value>| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json!({"vms": vms}).to_string()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let broken = |mut vm: Value| {
+        vm["firewall"] = json!({"ingress": {"rules": [
+            {"action": "allow", "kind": "cidr", "value": "::/0", "ports": "80-"}
+        ]}});
+        vm
+    };
+    write(vec![vm(&lab, 0, &[8080]), vm(&lab, 1, &[9000])]);
+    let registry = Arc::new(FileRegistry::open(&path).unwrap());
+    let _watch = registry.watch().unwrap();
+    let (reconciler, _, _) = reconciler(&lab);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(vmedge_worker::run(
+        reconciler,
+        registry.clone() as Arc<dyn Registry>,
+        Duration::from_secs(30),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let to = |host: &vmedge_tests::VmHost, p| SocketAddr::new(IpAddr::V6(host.ipv6), p);
+    let eventually = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    eventually("start sync", &|| !tcp_passes(&net.ns, None, to(b, 9001)));
+    assert!(
+        tcp_passes(&net.ns, None, to(c, 7001)),
+        "C is in no state yet: unfiltered"
+    );
+
+    // A's policy breaks while its services grow, B grows, and C arrives with a broken
+    // policy: B is updated, A keeps its last good rules, C is fenced.
+    write(vec![
+        broken(vm(&lab, 0, &[8080, 8081])),
+        vm(&lab, 1, &[9000, 9001]),
+        broken(vm(&lab, 2, &[7000])),
+    ]);
+    eventually("B updated", &|| tcp_passes(&net.ns, None, to(b, 9001)));
+    assert_eq!(registry.status().quarantined.len(), 2);
+    assert!(
+        tcp_passes(&net.ns, None, to(a, 8080)),
+        "A's last good rules"
+    );
+    assert!(
+        !tcp_passes(&net.ns, None, to(a, 8081)),
+        "A's invalid object is not applied"
+    );
+    assert!(
+        tcp_passes(&net.ns, None, to(c, 7000)),
+        "C fenced: its service port only"
+    );
+    assert!(!tcp_passes(&net.ns, None, to(c, 7001)), "C fenced: ingress");
+    assert!(!tcp_passes(&c.ns, None, to(net, 6000)), "C fenced: egress");
+
+    // A's policy fixed: its new service opens.
+    write(vec![
+        vm(&lab, 0, &[8080, 8081]),
+        vm(&lab, 1, &[9000, 9001]),
+        vm(&lab, 2, &[7000]),
+    ]);
+    eventually("A updated", &|| tcp_passes(&net.ns, None, to(a, 8081)));
+    assert!(registry.status().quarantined.is_empty());
+    assert!(tcp_passes(&c.ns, None, to(net, 6000)), "C's own policy now");
+    stop.send(()).unwrap();
+    agent.await.unwrap();
+}
