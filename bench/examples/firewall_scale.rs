@@ -45,10 +45,20 @@ fn main() {
             .iter()
             .map(|v| (v.id, vmedge_firewall::compile_vm(v, &options)))
             .collect();
-        let text = vmedge_firewall::update(&before, &after).unwrap();
+        let update = vmedge_firewall::update(&before, &after).unwrap();
         let t = Instant::now();
-        nft.run(&text).unwrap();
+        nft.apply_update(&update).unwrap();
         let one = t.elapsed();
+        // VMEDGE_SCALE_REPEAT=N: flip the VM back and forth N more times (for perf).
+        let repeat: u32 = std::env::var("VMEDGE_SCALE_REPEAT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let back = vmedge_firewall::update(&after, &before).unwrap();
+        for _ in 0..repeat {
+            nft.apply_update(&back).unwrap();
+            nft.apply_update(&update).unwrap();
+        }
         println!("{n} VMs, {sets} sets, {} lines: compile {compiled:?}, full apply {applied:?}, one VM changed {one:?}", ruleset.text.lines().count());
     }
 }

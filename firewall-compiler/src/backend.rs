@@ -5,9 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::compile::Ruleset;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::compile::{Op, Ruleset, Update};
 use crate::errors::FirewallError;
 use crate::names;
+use crate::netlink::{encode_update, NetlinkSocket, MAX_BATCH};
+use crate::section::BlockSet;
 
 /// The oldest nftables whose syntax and features the generated text needs.
 pub const NFT_MIN_VERSION: (u32, u32, u32) = (1, 0, 0);
@@ -20,6 +24,11 @@ pub trait FirewallBackend {
 
     /// Runs a transaction text as it is (an incremental update); all or nothing.
     fn run(&self, text: &str) -> Result<(), FirewallError>;
+
+    /// Applies an incremental change as one transaction.
+    fn apply_update(&self, update: &Update<'_>) -> Result<(), FirewallError> {
+        self.run(&update.text())
+    }
 
     /// The names of the per-VM chains and sets of the live table.
     fn live_objects(&self) -> Result<BTreeSet<String>, FirewallError> {
@@ -39,16 +48,33 @@ pub struct LiveTable {
     pub rules: BTreeMap<String, usize>,
 }
 
-/// Applies rulesets with the `nft` command.
+/// Applies full rulesets with the `nft` command and incremental updates over netlink
+/// (falling back to `nft -f` for what the netlink path does not cover).
 #[derive(Debug, Clone)]
 pub struct NftBackend {
     program: Vec<String>,
+    /// `None`: every change through `nft -f`.
+    netlink: Option<Arc<Mutex<Netlink>>>,
+}
+
+/// The netlink side of [`NftBackend`].
+#[derive(Debug, Default)]
+struct Netlink {
+    /// The namespace to open the socket in (`None`: this process's).
+    netns: Option<String>,
+    /// Opened on first use, dropped after an I/O error.
+    socket: Option<NetlinkSocket>,
+    /// Shared block sets the live table has (set by full applies and text updates).
+    known_sets: BTreeSet<BlockSet>,
+    /// Updates committed over netlink.
+    committed: u64,
 }
 
 impl Default for NftBackend {
     fn default() -> Self {
         NftBackend {
             program: vec!["nft".into()],
+            netlink: Some(Arc::default()),
         }
     }
 }
@@ -61,7 +87,24 @@ impl NftBackend {
 
     /// A given program in place of `nft` (another path, or a wrapper).
     pub fn with_program(program: Vec<String>) -> NftBackend {
-        NftBackend { program }
+        NftBackend {
+            program,
+            netlink: None,
+        }
+    }
+
+    /// How many updates went to the kernel as netlink batches (the rest, if any, went
+    /// through `nft -f`).
+    pub fn netlink_updates(&self) -> u64 {
+        self.netlink.as_ref().map_or(0, |n| {
+            n.lock().unwrap_or_else(PoisonError::into_inner).committed
+        })
+    }
+
+    /// Sends incremental updates through `nft -f` too (to compare the two paths).
+    pub fn without_netlink(mut self) -> NftBackend {
+        self.netlink = None;
+        self
     }
 
     /// `nft` inside a network namespace (`ip netns exec NAME nft`): for tests and tools.
@@ -70,6 +113,10 @@ impl NftBackend {
             program: ["ip", "netns", "exec", name, "nft"]
                 .map(String::from)
                 .to_vec(),
+            netlink: Some(Arc::new(Mutex::new(Netlink {
+                netns: Some(name.to_string()),
+                ..Netlink::default()
+            }))),
         }
     }
 
@@ -156,7 +203,51 @@ fn refusal(stderr: &str, text: &str) -> FirewallError {
 impl FirewallBackend for NftBackend {
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
         let live = self.live_objects()?;
-        self.run(&ruleset.with_deletions(&live))
+        self.run(&ruleset.with_deletions(&live))?;
+        if let Some(netlink) = &self.netlink {
+            let mut netlink = netlink.lock().unwrap_or_else(PoisonError::into_inner);
+            netlink.known_sets.clone_from(&ruleset.block_sets);
+        }
+        Ok(())
+    }
+
+    /// One netlink batch when it can (its cost does not grow with the table), else
+    /// `nft -f` with the update's text.
+    fn apply_update(&self, update: &Update<'_>) -> Result<(), FirewallError> {
+        let Some(netlink) = &self.netlink else {
+            return self.run(&update.text());
+        };
+        let mut netlink = netlink.lock().unwrap_or_else(PoisonError::into_inner);
+        let seq = netlink.socket.as_ref().map_or(1, NetlinkSocket::next_seq);
+        let batch = match encode_update(update, &netlink.known_sets, seq) {
+            Ok(batch) if batch.len() <= MAX_BATCH => Some(batch),
+            Ok(_) | Err(_) => None,
+        };
+        if let Some(batch) = batch {
+            if netlink.socket.is_none() {
+                netlink.socket = match &netlink.netns {
+                    Some(name) => NetlinkSocket::open_in_netns(name).ok(),
+                    None => NetlinkSocket::open().ok(),
+                };
+            }
+            if let Some(socket) = &mut netlink.socket {
+                let result = socket.commit(batch);
+                match result {
+                    Ok(()) => netlink.committed += 1,
+                    Err(FirewallError::Io(_)) => netlink.socket = None,
+                    Err(_) => {}
+                }
+                return result;
+            }
+        }
+        self.run(&update.text())?;
+        netlink
+            .known_sets
+            .extend(update.ops.iter().filter_map(|op| match op {
+                Op::AddBlockSet(set) => Some(*set),
+                _ => None,
+            }));
+        Ok(())
     }
 
     /// `nft -f -` with `text`; a refusal is mapped to the generated line it names.

@@ -16,16 +16,15 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use vmedge_model::{Action, Ports, Protocol, Vm, VmId};
+use vmedge_model::{Vm, VmId};
 
-use crate::canonical::{canonicalize, Family, L4};
-use crate::names::{self, Direction};
+use crate::canonical::Family;
+use crate::names;
+pub use crate::section::{compile_vm, BlockSet, Dispatch, Element, VmRule, VmSection};
 
 struct Out {
     text: String,
     objects: BTreeSet<String>,
-    sets: BTreeMap<String, String>,
-    elements: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Out {
@@ -33,13 +32,9 @@ impl Out {
         Out {
             text: String::new(),
             objects: BTreeSet::new(),
-            sets: BTreeMap::new(),
-            elements: BTreeMap::new(),
         }
     }
-}
 
-impl Out {
     fn line(&mut self, line: std::fmt::Arguments<'_>) {
         let _ = self.text.write_fmt(line);
         self.text.push('\n');
@@ -95,6 +90,8 @@ pub struct Ruleset {
     pub text: String,
     /// Names of the per-VM chains and sets the text defines (what a sync keeps).
     pub objects: BTreeSet<String>,
+    /// The shared block sets it defines.
+    pub block_sets: BTreeSet<BlockSet>,
 }
 
 impl Ruleset {
@@ -108,7 +105,7 @@ impl Ruleset {
             .collect();
         if !stale.is_empty() {
             emit!(out, "# objects of VMs or rules that are gone");
-            delete_objects(&mut out, stale.into_iter());
+            delete_objects_text(&mut out, stale.into_iter());
         }
         out.text
     }
@@ -126,69 +123,6 @@ const ICMPV6_ESSENTIAL: &[&str] = &[
     "nd-neighbor-solicit",
     "nd-neighbor-advert",
 ];
-
-/// How packets find a VM's chains: by its tap, or (no tap in the state) by its address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Dispatch {
-    /// `iifname` / `oifname` of the VM's tap.
-    Tap(String),
-    /// `ip6 saddr` / `ip6 daddr` of the VM's public address.
-    Address(std::net::Ipv6Addr),
-}
-
-impl Dispatch {
-    fn of(vm: &Vm) -> Dispatch {
-        match &vm.interface {
-            Some(tap) => Dispatch::Tap(tap.clone()),
-            None => Dispatch::Address(vm.public_ipv6),
-        }
-    }
-
-    /// The two (map, key) pairs that lead to this VM's chains: egress first.
-    fn entries(&self) -> [(&'static str, String); 2] {
-        match self {
-            Dispatch::Tap(tap) => [
-                (names::EGRESS_BY_IF, format!("\"{tap}\"")),
-                (names::INGRESS_BY_IF, format!("\"{tap}\"")),
-            ],
-            Dispatch::Address(addr) => [
-                (names::EGRESS_BY_ADDR, addr.to_string()),
-                (names::INGRESS_BY_ADDR, addr.to_string()),
-            ],
-        }
-    }
-}
-
-/// One VM's part of a ruleset: self-contained (it adds and flushes its own objects).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmSection {
-    /// The VM.
-    pub vm: VmId,
-    /// Its chains, sets and rules.
-    pub text: String,
-    /// The names of its own chains and (fqdn) sets.
-    pub objects: BTreeSet<String>,
-    /// The shared block sets it uses, with their declarations (`type ...; flags ...`).
-    pub sets: BTreeMap<String, String>,
-    /// Its elements in the shared block sets.
-    pub elements: BTreeMap<String, BTreeSet<String>>,
-    /// How packets reach its chains.
-    pub dispatch: Dispatch,
-}
-
-impl VmSection {
-    /// Rules per chain this section puts in the table.
-    pub fn rule_counts(&self) -> BTreeMap<String, usize> {
-        rule_counts(&self.text)
-    }
-
-    fn chains(&self) -> [String; 2] {
-        [
-            names::vm_chain(&self.vm, Direction::Egress),
-            names::vm_chain(&self.vm, Direction::Ingress),
-        ]
-    }
-}
 
 /// The number of rules the base chain holds after a full sync.
 pub const FORWARD_RULES: usize = 7;
@@ -228,39 +162,34 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
     let size: usize = sections
         .iter()
         .map(|s| {
-            s.text.len()
-                + s.elements
-                    .values()
-                    .flatten()
-                    .map(|e| e.len() + 2)
-                    .sum::<usize>()
-                + 256
+            1024 + 160 * (s.ingress.len() + s.egress.len())
+                + 64 * s.elements.values().map(BTreeSet::len).sum::<usize>()
         })
         .sum();
     out.text.reserve(size + 4096);
     base(&mut out, worker, sections.len(), options);
     let t = names::TABLE;
-    let sets: BTreeMap<&String, &String> = sections.iter().flat_map(|s| s.sets.iter()).collect();
+    let sets: BTreeSet<BlockSet> = sections.iter().flat_map(|s| s.sets().copied()).collect();
     if !sets.is_empty() {
         emit!(
             out,
             "# -- block sets shared by the VMs: elements are <vm address> . <far side> [. <ports>]"
         );
     }
-    for (set, declaration) in &sets {
-        emit!(out, "add set inet {t} {set} {{ {declaration} }}");
+    for set in &sets {
+        emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration());
         emit!(out, "flush set inet {t} {set}");
-        out.objects.insert((*set).clone());
+        out.objects.insert(set.to_string());
     }
     for section in sections {
         for (set, elements) in &section.elements {
-            emit!(out, "add element inet {t} {set} {{ {} }}", join(elements));
+            add_elements(&mut out, set, elements.iter());
         }
     }
     let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for section in sections {
-        out.text.push_str(&section.text);
-        out.objects.extend(section.objects.iter().cloned());
+        section.render(&mut out.text);
+        out.objects.extend(section.objects());
         for ((map, key), chain) in section.dispatch.entries().into_iter().zip(section.chains()) {
             map_elements
                 .entry(map)
@@ -310,7 +239,33 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
     Ruleset {
         text: out.text,
         objects: out.objects,
+        block_sets: sets,
     }
+}
+
+/// `add element inet vmedge <set> { a, b, ... }` (nothing for no elements).
+fn add_elements<'e>(out: &mut Out, set: &BlockSet, elements: impl Iterator<Item = &'e Element>) {
+    element_line(out, "add", set, elements);
+}
+
+fn element_line<'e>(
+    out: &mut Out,
+    verb: &str,
+    set: &BlockSet,
+    elements: impl Iterator<Item = &'e Element>,
+) {
+    let mut elements = elements.peekable();
+    if elements.peek().is_none() {
+        return;
+    }
+    let _ = write!(out.text, "{verb} element inet {} {set} {{ ", names::TABLE);
+    for (i, element) in elements.enumerate() {
+        if i > 0 {
+            out.text.push_str(", ");
+        }
+        let _ = write!(out.text, "{element}");
+    }
+    out.text.push_str(" }\n");
 }
 
 /// The table, base chain, maps and shared sets, flushed: what every full sync starts with.
@@ -366,26 +321,94 @@ fn base(out: &mut Out, worker: &str, vm_count: usize, options: &CompileOptions) 
     }
 }
 
-/// The transaction that turns a table holding `previous` into one holding `next`,
-/// touching only the VMs that differ; `None` when nothing does. Both are keyed by VM id.
-/// The base objects must already be in place (a full sync made them).
-pub fn update(
-    previous: &BTreeMap<VmId, VmSection>,
-    next: &BTreeMap<VmId, VmSection>,
-) -> Option<String> {
-    let t = names::TABLE;
-    let mut out = Out::new();
+/// What turns a table holding some sections into one holding others: typed, so the
+/// same change can be written as `nft -f` text ([`Update::text`]) or sent over netlink.
+#[derive(Debug)]
+pub struct Update<'a> {
+    /// VMs added, changed or gone.
+    pub changed: usize,
+    /// In order.
+    pub ops: Vec<Op<'a>>,
+}
+
+/// One step of an [`Update`].
+#[derive(Debug)]
+pub enum Op<'a> {
+    /// A shared block set a VM uses (a no-op when it exists).
+    AddBlockSet(BlockSet),
+    /// A VM's chains (added, flushed, refilled) and fqdn sets (added).
+    Section(&'a VmSection),
+    /// A VM's elements leaving a shared set.
+    DeleteElements(BlockSet, Vec<&'a Element>),
+    /// A VM's elements entering a shared set.
+    AddElements(BlockSet, Vec<&'a Element>),
+    /// A chain of a VM that is gone: flushed (its rules hold sets), then deleted.
+    DeleteChain(String),
+    /// An fqdn set of a VM that is gone, or of a rule that is gone.
+    DeleteSet(String),
+    /// The map entries that lead to a VM's chains.
+    AddDispatch(&'a VmSection),
+    /// The map entries of a VM that is gone or moved.
+    DeleteDispatch(&'a Dispatch),
+}
+
+impl Update<'_> {
+    /// The update as one `nft -f` transaction.
+    pub fn text(&self) -> String {
+        let t = names::TABLE;
+        let mut out = Out::new();
+        emit!(out, "# vmedge: {} VMs changed", self.changed);
+        for op in &self.ops {
+            match op {
+                Op::AddBlockSet(set) => {
+                    emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration())
+                }
+                Op::Section(section) => section.render(&mut out.text),
+                Op::DeleteElements(set, elements) => {
+                    element_line(&mut out, "delete", set, elements.iter().copied())
+                }
+                Op::AddElements(set, elements) => {
+                    element_line(&mut out, "add", set, elements.iter().copied())
+                }
+                Op::DeleteChain(chain) => {
+                    emit!(out, "flush chain inet {t} {chain}");
+                    emit!(out, "delete chain inet {t} {chain}");
+                }
+                Op::DeleteSet(set) => emit!(out, "delete set inet {t} {set}"),
+                Op::AddDispatch(section) => {
+                    let entries = section.dispatch.entries();
+                    for ((map, key), chain) in entries.into_iter().zip(section.chains()) {
+                        emit!(out, "add element inet {t} {map} {{ {key} : jump {chain} }}");
+                    }
+                }
+                Op::DeleteDispatch(dispatch) => {
+                    for (map, key) in dispatch.entries() {
+                        emit!(out, "delete element inet {t} {map} {{ {key} }}");
+                    }
+                }
+            }
+        }
+        out.text
+    }
+}
+
+/// The change that turns a table holding `previous` into one holding `next`, touching
+/// only the VMs that differ; `None` when nothing does. Both are keyed by VM id. The
+/// base objects must already be in place (a full sync made them).
+pub fn update<'a>(
+    previous: &'a BTreeMap<VmId, VmSection>,
+    next: &'a BTreeMap<VmId, VmSection>,
+) -> Option<Update<'a>> {
+    static NO_ELEMENTS: BTreeMap<BlockSet, BTreeSet<Element>> = BTreeMap::new();
+    let no_elements = &NO_ELEMENTS;
+    let mut ops = Vec::new();
     let mut changed = 0;
-    let no_elements = BTreeMap::new();
     for (id, old) in previous {
         if !next.contains_key(id) {
             changed += 1;
-            emit!(out, "# -- vm {id} left");
-            for (map, key) in old.dispatch.entries() {
-                emit!(out, "delete element inet {t} {map} {{ {key} }}");
-            }
-            element_changes(&mut out, &old.elements, &no_elements);
-            delete_objects(&mut out, old.objects.iter());
+            ops.push(Op::DeleteDispatch(&old.dispatch));
+            element_changes(&mut ops, &old.elements, no_elements);
+            delete_objects(&mut ops, &old.objects(), &BTreeSet::new());
         }
     }
     for (id, new) in next {
@@ -395,71 +418,59 @@ pub fn update(
         }
         changed += 1;
         // The shared sets may be new to the table (a VM with more blocks than any before).
-        for (set, declaration) in &new.sets {
-            emit!(out, "add set inet {t} {set} {{ {declaration} }}");
-        }
-        out.text.push_str(&new.text);
+        ops.extend(new.sets().map(|set| Op::AddBlockSet(*set)));
+        ops.push(Op::Section(new));
         element_changes(
-            &mut out,
-            old.map_or(&no_elements, |o| &o.elements),
+            &mut ops,
+            old.map_or(no_elements, |o| &o.elements),
             &new.elements,
         );
         if let Some(old) = old {
-            let stale = old.objects.difference(&new.objects);
-            delete_objects(&mut out, stale);
+            delete_objects(&mut ops, &old.objects(), &new.objects());
             if old.dispatch != new.dispatch {
-                for (map, key) in old.dispatch.entries() {
-                    emit!(out, "delete element inet {t} {map} {{ {key} }}");
-                }
+                ops.push(Op::DeleteDispatch(&old.dispatch));
             }
         }
         if old.map(|o| &o.dispatch) != Some(&new.dispatch) {
-            for ((map, key), chain) in new.dispatch.entries().into_iter().zip(new.chains()) {
-                emit!(out, "add element inet {t} {map} {{ {key} : jump {chain} }}");
-            }
+            ops.push(Op::AddDispatch(new));
         }
     }
-    (changed > 0).then(|| format!("# vmedge: {changed} VMs changed\n{}", out.text))
+    (changed > 0).then_some(Update { changed, ops })
 }
 
 /// Deletes the elements only in `old` and adds those only in `new`, set by set.
-fn element_changes(
-    out: &mut Out,
-    old: &BTreeMap<String, BTreeSet<String>>,
-    new: &BTreeMap<String, BTreeSet<String>>,
+fn element_changes<'a>(
+    ops: &mut Vec<Op<'a>>,
+    old: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
+    new: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
 ) {
-    let t = names::TABLE;
-    let empty = BTreeSet::new();
-    let sets: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    static EMPTY: BTreeSet<Element> = BTreeSet::new();
+    let empty = &EMPTY;
+    let sets: BTreeSet<&BlockSet> = old.keys().chain(new.keys()).collect();
     for set in sets {
-        let (was, is) = (
-            old.get(set).unwrap_or(&empty),
-            new.get(set).unwrap_or(&empty),
-        );
-        let gone: BTreeSet<&String> = was.difference(is).collect();
-        let added: BTreeSet<&String> = is.difference(was).collect();
+        let (was, is) = (old.get(set).unwrap_or(empty), new.get(set).unwrap_or(empty));
+        let gone: Vec<&Element> = was.difference(is).collect();
+        let added: Vec<&Element> = is.difference(was).collect();
         if !gone.is_empty() {
-            emit!(out, "delete element inet {t} {set} {{ {} }}", join(gone));
+            ops.push(Op::DeleteElements(*set, gone));
         }
         if !added.is_empty() {
-            emit!(out, "add element inet {t} {set} {{ {} }}", join(added));
+            ops.push(Op::AddElements(*set, added));
         }
     }
 }
 
-fn join<I: IntoIterator<Item = S>, S: AsRef<str>>(items: I) -> String {
-    let mut text = String::new();
-    for (i, item) in items.into_iter().enumerate() {
-        if i > 0 {
-            text.push_str(", ");
-        }
-        text.push_str(item.as_ref());
-    }
-    text
+/// Deletes the objects of `old` that `new` does not have: chains first (their rules
+/// hold the sets), then sets.
+fn delete_objects(ops: &mut Vec<Op<'_>>, old: &BTreeSet<String>, new: &BTreeSet<String>) {
+    let stale = old.difference(new);
+    let (chains, sets): (Vec<&String>, Vec<&String>) = stale.partition(|o| names::is_vm_chain(o));
+    ops.extend(chains.into_iter().map(|c| Op::DeleteChain(c.clone())));
+    ops.extend(sets.into_iter().map(|s| Op::DeleteSet(s.clone())));
 }
 
-/// Deletes chains (flushed first: their rules hold the sets) and then sets.
-fn delete_objects<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) {
+/// Deletes chains (flushed first: their rules hold the sets) and then sets, as text.
+fn delete_objects_text<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) {
     let t = names::TABLE;
     let (chain_names, set_names): (Vec<&String>, Vec<&String>) =
         objects.partition(|o| names::is_vm_chain(o));
@@ -473,217 +484,7 @@ fn delete_objects<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) 
 }
 
 fn addr_type(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ipv4_addr",
-        Family::V6 => "ipv6_addr",
-    }
-}
-
-fn ip(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
-}
-
-fn suffix(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "4",
-        Family::V6 => "6",
-    }
-}
-
-fn verdict(action: Action) -> &'static str {
-    match action {
-        Action::Allow => "return",
-        Action::Deny => "drop",
-    }
-}
-
-/// `tcp dport 443`, `tcp dport 8080-8090`, `meta l4proto tcp`, or nothing for any.
-fn l4_match(protocol: Protocol, ports: Ports) -> String {
-    let name = match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Any => return String::new(),
-    };
-    match ports {
-        Ports::Any => format!(" meta l4proto {name}"),
-        ports => format!(" {name} dport {ports}"),
-    }
-}
-
-/// One VM's chains, sets and rules.
-pub fn compile_vm(vm: &Vm, options: &CompileOptions) -> VmSection {
-    let mut out = Out::new();
-    vm_rules(&mut out, vm, options);
-    VmSection {
-        vm: vm.id,
-        text: out.text,
-        objects: out.objects,
-        sets: out.sets,
-        elements: out.elements,
-        dispatch: Dispatch::of(vm),
-    }
-}
-
-fn vm_rules(out: &mut Out, vm: &Vm, options: &CompileOptions) {
-    let t = names::TABLE;
-    let policy = vm.effective_policy();
-    emit!(
-        out,
-        "# -- vm {} (org {}), {}",
-        vm.id,
-        vm.org_id,
-        vm.interface.as_deref().map_or_else(
-            || format!("by address {}", vm.public_ipv6),
-            |tap| format!("tap {tap}")
-        )
-    );
-    for direction in [Direction::Ingress, Direction::Egress] {
-        let chain = names::vm_chain(&vm.id, direction);
-        emit!(out, "add chain inet {t} {chain}");
-        emit!(out, "flush chain inet {t} {chain}");
-        out.objects.insert(chain.clone());
-        if direction == Direction::Egress {
-            egress_guards(out, vm, &chain, options, policy.dns.block_bypass);
-        }
-        let rules = match direction {
-            Direction::Ingress => &policy.ingress,
-            Direction::Egress => &policy.egress,
-        };
-        let canonical = canonicalize(rules);
-        // The VM's own address of each family: the key of its elements in shared sets.
-        // Without an IPv4 address in the state, IPv4 cannot be attributed to the VM.
-        let own = |family: Family| -> Option<String> {
-            match family {
-                Family::V6 => Some(vm.public_ipv6.to_string()),
-                Family::V4 => vm.ipv4.map(|a| a.to_string()),
-            }
-        };
-        // Ingress: the VM is the destination; egress: the source.
-        let (own_side, far_side) = match direction {
-            Direction::Ingress => ("daddr", "saddr"),
-            Direction::Egress => ("saddr", "daddr"),
-        };
-        for (b, block) in canonical.blocks.iter().enumerate() {
-            let action = verdict(block.action.unwrap_or(canonical.default));
-            for ((family, l4), elements) in &block.ported {
-                let Some(key) = own(*family) else { continue };
-                let proto = match l4 {
-                    L4::Tcp => "tcp",
-                    L4::Udp => "udp",
-                };
-                let set = names::block_set(direction, b, &format!("{proto}{}", suffix(*family)));
-                let at = addr_type(*family);
-                out.sets.insert(
-                    set.clone(),
-                    format!("type {at} . {at} . inet_service; flags interval;"),
-                );
-                out.elements
-                    .entry(set.clone())
-                    .or_default()
-                    .extend(elements.iter().map(|(net, r)| {
-                        if r.first == r.last {
-                            format!("{key} . {net} . {}", r.first)
-                        } else {
-                            format!("{key} . {net} . {}-{}", r.first, r.last)
-                        }
-                    }));
-                let ip = ip(*family);
-                emit!(out, "add rule inet {t} {chain} {ip} {own_side} . {ip} {far_side} . {proto} dport @{set} {action}");
-            }
-            for (family, nets) in &block.any {
-                let Some(key) = own(*family) else { continue };
-                let set = names::block_set(direction, b, &format!("any{}", suffix(*family)));
-                let at = addr_type(*family);
-                out.sets
-                    .insert(set.clone(), format!("type {at} . {at}; flags interval;"));
-                out.elements
-                    .entry(set.clone())
-                    .or_default()
-                    .extend(nets.iter().map(|net| format!("{key} . {net}")));
-                let ip = ip(*family);
-                emit!(
-                    out,
-                    "add rule inet {t} {chain} {ip} {own_side} . {ip} {far_side} @{set} {action}"
-                );
-            }
-            for fqdn in &block.fqdn {
-                let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
-                let l4 = l4_match(fqdn.protocol, fqdn.ports);
-                for (family, set) in [(Family::V4, &sets.v4), (Family::V6, &sets.v6)] {
-                    // Added, never flushed: the DNS gate's entries survive every sync.
-                    emit!(
-                        out,
-                        "add set inet {t} {set} {{ type {}; flags timeout; }}",
-                        addr_type(family)
-                    );
-                    emit!(out, "add rule inet {t} {chain} {} daddr @{set}{l4} {action} comment \"fqdn {}\"", ip(family), fqdn.pattern);
-                    out.objects.insert(set.clone());
-                }
-            }
-        }
-        if canonical.default == Action::Deny {
-            emit!(
-                out,
-                "add rule inet {t} {chain} counter drop comment \"default deny\""
-            );
-        }
-    }
-}
-
-/// The egress rules that come before the user's: anti-spoof, DNS only to the gate,
-/// and DoT / DoH blocking under `block_bypass`.
-fn egress_guards(
-    out: &mut Out,
-    vm: &Vm,
-    chain: &str,
-    options: &CompileOptions,
-    block_bypass: bool,
-) {
-    let t = names::TABLE;
-    if vm.interface.is_some() {
-        emit!(
-            out,
-            "add rule inet {t} {chain} ip6 saddr != {} drop comment \"anti-spoof\"",
-            vm.public_ipv6
-        );
-        match vm.ipv4 {
-            Some(v4) => emit!(out, "add rule inet {t} {chain} ip saddr != {v4} drop comment \"anti-spoof\""),
-            None => emit!(out, "add rule inet {t} {chain} meta nfproto ipv4 drop comment \"anti-spoof: no IPv4 address\""),
-        }
-    }
-    for gate in &options.dns_gates {
-        let family = if gate.is_ipv4() { "ip" } else { "ip6" };
-        for proto in ["udp", "tcp"] {
-            emit!(out, "add rule inet {t} {chain} {family} daddr {gate} {proto} dport 53 return comment \"dns gate\"");
-        }
-    }
-    for proto in ["udp", "tcp"] {
-        emit!(
-            out,
-            "add rule inet {t} {chain} {proto} dport 53 drop comment \"dns: only the gate\""
-        );
-    }
-    if block_bypass {
-        for proto in ["tcp", "udp"] {
-            emit!(
-                out,
-                "add rule inet {t} {chain} {proto} dport 853 drop comment \"block_bypass: DoT\""
-            );
-        }
-        emit!(
-            out,
-            "add rule inet {t} {chain} ip daddr @{} drop comment \"block_bypass: DoH\"",
-            names::DOH_V4
-        );
-        emit!(
-            out,
-            "add rule inet {t} {chain} ip6 daddr @{} drop comment \"block_bypass: DoH\"",
-            names::DOH_V6
-        );
-    }
+    crate::section::addr_type(family)
 }
 
 #[cfg(test)]
@@ -710,15 +511,15 @@ mod tests {
     #[test]
     fn an_update_touches_only_what_changed() {
         let before = sections(&vms(TWO));
-        assert_eq!(
-            update(&before, &before),
-            None,
+        assert!(
+            update(&before, &before).is_none(),
             "nothing changed, nothing to do"
         );
 
         // VM 2 drops a service: its chain is rewritten, and nothing of VM 1 appears.
         let changed = TWO.replace(r#", {"name": "udp-thing", "port": 9000}"#, "");
-        let text = update(&before, &sections(&vms(&changed))).unwrap();
+        let after = sections(&vms(&changed));
+        let text = update(&before, &after).unwrap().text();
         assert!(text.contains("flush chain inet vmedge in_b0000000000040008000000000000002"));
         assert!(!text.contains("00000000000040008000000000000001"), "{text}");
         assert!(
@@ -729,7 +530,8 @@ mod tests {
         // VM 1 leaves: its map entries, chains and sets go; VM 2 is not touched.
         let mut left = vms(TWO);
         let gone = left.remove(0);
-        let text = update(&before, &sections(&left)).unwrap();
+        let after = sections(&left);
+        let text = update(&before, &after).unwrap().text();
         assert!(
             text.contains(r#"delete element inet vmedge egress_by_if { "tap1" }"#),
             "{text}"
@@ -743,7 +545,7 @@ mod tests {
         assert!(!text.contains("b0000000000040008000000000000002"), "{text}");
 
         // ...and comes back: added with its map entries.
-        let text = update(&sections(&left), &before).unwrap();
+        let text = update(&after, &before).unwrap().text();
         assert!(
             text.contains(&format!(
                 r#"add element inet vmedge egress_by_if {{ "tap1" : jump out_{} }}"#,

@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`canonical`]: one direction of an effective policy, merged into blocks of
 //!   same-action set elements, first-match order kept, dead rules dropped.
-//! - [`compile`]: a worker's VMs to the text of one transaction on `table inet vmedge`
-//!   (pure: no I/O, deterministic).
+//! - [`section`]: one VM's effective policy to its typed rules and set elements
+//!   ([`VmSection`]), rendered as nft text or netlink messages.
+//! - [`compile`]: a worker's sections to the text of one transaction on `table inet
+//!   vmedge` (pure: no I/O, deterministic), and [`update`]: what changed between two.
 //! - [`names`]: every nftables name, including the fqdn set names the DNS gate fills.
 //! - [`diff`]: the live table against the desired one, as nft lists them.
 //! - [`explain`]: which rule (or default) decides a packet, evaluated in process.
@@ -21,13 +23,14 @@ pub mod diff;
 pub mod errors;
 pub mod explain;
 pub mod names;
+pub mod netlink;
+pub mod section;
 
 pub use compile::rule_counts;
 
 pub use backend::{FirewallBackend, LiveTable, NftBackend};
-pub use compile::{
-    assemble, compile, compile_vm, update, CompileOptions, Dispatch, Ruleset, VmSection,
-};
+pub use compile::{assemble, compile, update, CompileOptions, Op, Ruleset, Update};
 pub use errors::FirewallError;
 pub use explain::{explain, Explanation, Packet, Reason};
 pub use names::{fqdn_sets, Direction, FqdnSets};
+pub use section::{compile_vm, BlockSet, Dispatch, Element, VmRule, VmSection};

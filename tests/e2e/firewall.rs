@@ -636,3 +636,72 @@ fn a_re_apply_never_empties_the_dns_gates_fqdn_sets() {
     );
     assert!(tcp_passes(&a.ns, None, at(net.ipv6, 443)));
 }
+
+/// An incremental update sent over netlink leaves the same table as the same update
+/// through `nft -f`: the two spellings of one change agree, rule by rule and element by
+/// element (every rule form, both families, taps and addresses, VMs coming and going).
+#[test]
+fn a_netlink_update_leaves_the_same_table_as_nft_text() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/state.json"
+    ))
+    .unwrap();
+    let mut doc: Value = serde_json::from_str(&text).unwrap();
+    for vm in doc["vms"].as_array_mut().unwrap() {
+        vm["worker"] = json!("w");
+    }
+    let before = parse(&doc);
+    let mut changed = doc.clone();
+    {
+        let vms = changed["vms"].as_array_mut().unwrap();
+        // A policy from another VM, a VM gone, a VM that loses its tap, a new VM.
+        vms[0]["firewall"] = vms[1]["firewall"].clone();
+        vms[0]["services"] = json!([{"name": "web", "port": 8001}, {"name": "api", "port": 9443}]);
+        let mut new_vm = vms[1].clone();
+        new_vm["id"] = json!("6f1c2d3e-0000-4000-8000-0000000000ff");
+        new_vm["public_ipv6"] = json!("fd5e:ed00:ff::ff");
+        new_vm["interface"] = json!("vmtap-ff");
+        new_vm["ipv4"] = json!("198.18.255.255");
+        vms[1].as_object_mut().unwrap().remove("interface");
+        vms[1].as_object_mut().unwrap().remove("ipv4");
+        vms.remove(2);
+        vms.push(new_vm);
+    }
+    let after = parse(&changed);
+    let options = CompileOptions::new(vec![IpAddr::V6("fd5e:ed00:ff::53".parse().unwrap())]);
+    let sections = |state: &State| -> std::collections::BTreeMap<_, _> {
+        state
+            .vms
+            .iter()
+            .map(|vm| (vm.id, vmedge_firewall::compile_vm(vm, &options)))
+            .collect()
+    };
+    let (s_before, s_after) = (sections(&before), sections(&after));
+
+    let by_netlink = Lab::new(0);
+    let by_text = Lab::new(0);
+    let netlink = NftBackend::in_netns(by_netlink.worker.name());
+    let text_only = NftBackend::in_netns(by_text.worker.name()).without_netlink();
+    for nft in [&netlink, &text_only] {
+        nft.apply(&compile("w", before.vms.iter(), &options))
+            .unwrap();
+    }
+    for (from, to) in [(&s_before, &s_after), (&s_after, &s_before)] {
+        let update = vmedge_firewall::update(from, to).unwrap();
+        netlink.apply_update(&update).unwrap();
+        text_only.apply_update(&update).unwrap();
+        let (a, b) = (
+            netlink.list_table().unwrap(),
+            text_only.list_table().unwrap(),
+        );
+        assert_eq!(
+            vmedge_firewall::diff::diff_listings(&a, &b),
+            "",
+            "netlink and nft -f disagree"
+        );
+        assert!(a.contains("fqdn "), "the states exercise fqdn rules: {a}");
+    }
+    assert_eq!(netlink.netlink_updates(), 2, "both went over netlink");
+    assert_eq!(text_only.netlink_updates(), 0);
+}

@@ -87,7 +87,10 @@ impl<B: FirewallBackend> Reconciler<B> {
         let result = match &self.applied {
             Some(previous) => match update(previous, &next) {
                 None => return Ok(Synced::Unchanged),
-                Some(text) => self.backend.run(&text).map(|()| Synced::Incremental),
+                Some(update) => self
+                    .backend
+                    .apply_update(&update)
+                    .map(|()| Synced::Incremental),
             },
             None => {
                 let sections: Vec<&VmSection> = next.values().collect();
@@ -140,8 +143,8 @@ impl<B: FirewallBackend> Reconciler<B> {
         let mut expected_objects = std::collections::BTreeSet::new();
         let mut expected_rules = BTreeMap::new();
         for section in applied.values() {
-            expected_objects.extend(section.objects.iter().cloned());
-            expected_objects.extend(section.sets.keys().cloned());
+            expected_objects.extend(section.objects());
+            expected_objects.extend(section.sets().map(|s| s.to_string()));
             expected_rules.extend(section.rule_counts());
         }
         expected_rules.insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
