@@ -11,6 +11,7 @@
 //! ingress chain (by tap, else by IPv6 destination). VM chains `return` on allow and
 //! `drop` on deny, so traffic between two VMs of a worker passes both policies.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -394,16 +395,18 @@ impl Update<'_> {
 
 /// The change that turns a table holding `previous` into one holding `next`, touching
 /// only the VMs that differ; `None` when nothing does. Both are keyed by VM id. The
-/// base objects must already be in place (a full sync made them).
-pub fn update<'a>(
-    previous: &'a BTreeMap<VmId, VmSection>,
-    next: &'a BTreeMap<VmId, VmSection>,
+/// base objects must already be in place (a full sync made them). Sections may be
+/// shared (`Arc`): one that is the same object on both sides is not even compared.
+pub fn update<'a, S: Borrow<VmSection>>(
+    previous: &'a BTreeMap<VmId, S>,
+    next: &'a BTreeMap<VmId, S>,
 ) -> Option<Update<'a>> {
     static NO_ELEMENTS: BTreeMap<BlockSet, BTreeSet<Element>> = BTreeMap::new();
     let no_elements = &NO_ELEMENTS;
     let mut ops = Vec::new();
     let mut changed = 0;
     for (id, old) in previous {
+        let old = old.borrow();
         if !next.contains_key(id) {
             changed += 1;
             ops.push(Op::DeleteDispatch(&old.dispatch));
@@ -412,8 +415,9 @@ pub fn update<'a>(
         }
     }
     for (id, new) in next {
-        let old = previous.get(id);
-        if old == Some(new) {
+        let new = new.borrow();
+        let old = previous.get(id).map(Borrow::borrow);
+        if old.is_some_and(|old| std::ptr::eq(old, new) || old == new) {
             continue;
         }
         changed += 1;

@@ -38,7 +38,7 @@ pub struct Reconciler<B> {
     backend: B,
     options: CompileOptions,
     /// What the live table holds, as far as we know; `None` forces a full sync.
-    applied: Option<BTreeMap<VmId, VmSection>>,
+    applied: Option<BTreeMap<VmId, Arc<VmSection>>>,
     /// The VM objects the applied sections were compiled from: an unchanged VM is not
     /// compiled again, so a sync costs what changed, not what the worker holds.
     compiled_from: BTreeMap<VmId, Vm>,
@@ -67,7 +67,7 @@ impl<B: FirewallBackend> Reconciler<B> {
     /// good ruleset (nft transactions are all or nothing) and the next sync is a full one.
     pub fn sync(&mut self, snapshot: &Snapshot) -> Result<Synced, FirewallError> {
         let started = Instant::now();
-        let mut next: BTreeMap<VmId, VmSection> = BTreeMap::new();
+        let mut next: BTreeMap<VmId, Arc<VmSection>> = BTreeMap::new();
         let mut recompiled: Vec<&Vm> = Vec::new();
         for vm in snapshot.worker_vms(&self.worker) {
             let reuse = self
@@ -79,7 +79,7 @@ impl<B: FirewallBackend> Reconciler<B> {
                 Some(section) => section,
                 None => {
                     recompiled.push(vm);
-                    compile_vm(vm, &self.options)
+                    Arc::new(compile_vm(vm, &self.options))
                 }
             };
             next.insert(vm.id, section);
@@ -93,7 +93,7 @@ impl<B: FirewallBackend> Reconciler<B> {
                     .map(|()| Synced::Incremental),
             },
             None => {
-                let sections: Vec<&VmSection> = next.values().collect();
+                let sections: Vec<&VmSection> = next.values().map(|s| &**s).collect();
                 let ruleset = assemble(&self.worker, &sections, &self.options);
                 self.backend.apply(&ruleset).map(|()| Synced::Full {
                     vms: sections.len(),
