@@ -21,6 +21,7 @@ use vmedge_model::{Vm, VmId};
 
 use crate::canonical::Family;
 use crate::names;
+use crate::section::addr_type;
 pub use crate::section::{compile_vm, BlockSet, Dispatch, Element, VmRule, VmSection};
 
 struct Out {
@@ -485,10 +486,6 @@ fn delete_objects_text<'a>(out: &mut Out, objects: impl Iterator<Item = &'a Stri
     for set in set_names {
         emit!(out, "delete set inet {t} {set}");
     }
-}
-
-fn addr_type(family: Family) -> &'static str {
-    crate::section::addr_type(family)
 }
 
 #[cfg(test)]

@@ -13,8 +13,12 @@
 //! - [`backend`]: the [`FirewallBackend`] seam and [`NftBackend`] (`nft -f -`).
 //! - [`errors`]: [`FirewallError`], with nft's own message and the line it points at.
 //!
-//! A sync's path: `compile()` -> `backend.apply()` (stale per-VM objects found in the
-//! live table are deleted in the same transaction).
+//! - [`netlink`]: an [`Update`] as one nf_tables batch, sent straight to the kernel.
+//!
+//! A full sync's path: `compile()` -> `backend.apply()` (`nft -f`; stale per-VM objects
+//! found in the live table are deleted in the same transaction). An incremental sync's:
+//! `compile_vm()` for the VMs that changed -> `update()` -> `backend.apply_update()`
+//! (netlink; `nft -f` for a shared set the table does not have yet).
 
 pub mod backend;
 pub mod canonical;

@@ -162,7 +162,7 @@ fn encode_section(b: &mut Batch, section: &VmSection, set_ids: &mut u32) {
                 fqdn_set(b, set, *family, *set_ids);
             }
             let mut text = String::new();
-            rule_text(rule, &mut text);
+            rule.write_body(&mut text); // the nft spelling, for error messages
             let at = b.message(
                 NFT_MSG_NEWRULE,
                 NLM_F_CREATE | NLM_F_APPEND,
@@ -183,11 +183,6 @@ fn encode_section(b: &mut Batch, section: &VmSection, set_ids: &mut u32) {
             b.finish(at);
         }
     }
-}
-
-/// The rule as the nft text spells it, for error messages.
-fn rule_text(rule: &VmRule, out: &mut String) {
-    rule.write_body(out);
 }
 
 /// `add set ... { type ipv4_addr; flags timeout; }`: a no-op when the set exists.
