@@ -218,27 +218,28 @@ impl FirewallBackend for NftBackend {
             return self.run(&update.text());
         };
         let mut netlink = netlink.lock().unwrap_or_else(PoisonError::into_inner);
-        let seq = netlink.socket.as_ref().map_or(1, NetlinkSocket::next_seq);
-        let batch = match encode_update(update, &netlink.known_sets, seq) {
-            Ok(batch) if batch.len() <= MAX_BATCH => Some(batch),
-            Ok(_) | Err(_) => None,
-        };
-        if let Some(batch) = batch {
-            if netlink.socket.is_none() {
-                netlink.socket = match &netlink.netns {
-                    Some(name) => NetlinkSocket::open_in_netns(name).ok(),
-                    None => NetlinkSocket::open().ok(),
-                };
+        if netlink.socket.is_none() {
+            netlink.socket = match &netlink.netns {
+                Some(name) => NetlinkSocket::open_in_netns(name).ok(),
+                None => NetlinkSocket::open().ok(),
+            };
+        }
+        let Netlink {
+            socket, known_sets, ..
+        } = &mut *netlink;
+        let batch = socket.as_ref().and_then(|s| {
+            encode_update(update, known_sets, s.next_seq())
+                .ok()
+                .filter(|batch| batch.size_bytes() <= MAX_BATCH)
+        });
+        if let (Some(batch), Some(socket)) = (batch, socket.as_mut()) {
+            let result = socket.commit(batch);
+            match result {
+                Ok(()) => netlink.committed += 1,
+                Err(FirewallError::Io(_)) => netlink.socket = None,
+                Err(_) => {}
             }
-            if let Some(socket) = &mut netlink.socket {
-                let result = socket.commit(batch);
-                match result {
-                    Ok(()) => netlink.committed += 1,
-                    Err(FirewallError::Io(_)) => netlink.socket = None,
-                    Err(_) => {}
-                }
-                return result;
-            }
+            return result;
         }
         self.run(&update.text())?;
         netlink

@@ -185,7 +185,7 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
     }
     for section in sections {
         for (set, elements) in &section.elements {
-            add_elements(&mut out, set, elements.iter());
+            element_line(&mut out, "add", set, elements.iter());
         }
     }
     let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -245,11 +245,7 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
     }
 }
 
-/// `add element inet vmedge <set> { a, b, ... }` (nothing for no elements).
-fn add_elements<'e>(out: &mut Out, set: &BlockSet, elements: impl Iterator<Item = &'e Element>) {
-    element_line(out, "add", set, elements);
-}
-
+/// `<verb> element inet vmedge <set> { a, b, ... }` (nothing for no elements).
 fn element_line<'e>(
     out: &mut Out,
     verb: &str,

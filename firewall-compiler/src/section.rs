@@ -36,18 +36,21 @@ impl Dispatch {
         }
     }
 
-    /// The two (map, key) pairs that lead to this VM's chains: egress first.
-    pub fn entries(&self) -> [(&'static str, String); 2] {
+    /// The two verdict maps that lead to this VM's chains: egress first.
+    pub fn maps(&self) -> [&'static str; 2] {
         match self {
-            Dispatch::Tap(tap) => [
-                (names::EGRESS_BY_IF, format!("\"{tap}\"")),
-                (names::INGRESS_BY_IF, format!("\"{tap}\"")),
-            ],
-            Dispatch::Address(addr) => [
-                (names::EGRESS_BY_ADDR, addr.to_string()),
-                (names::INGRESS_BY_ADDR, addr.to_string()),
-            ],
+            Dispatch::Tap(_) => [names::EGRESS_BY_IF, names::INGRESS_BY_IF],
+            Dispatch::Address(_) => [names::EGRESS_BY_ADDR, names::INGRESS_BY_ADDR],
         }
+    }
+
+    /// The two (map, key) pairs that lead to this VM's chains, keys as nft writes them.
+    pub fn entries(&self) -> [(&'static str, String); 2] {
+        let key = match self {
+            Dispatch::Tap(tap) => format!("\"{tap}\""),
+            Dispatch::Address(addr) => addr.to_string(),
+        };
+        self.maps().map(|map| (map, key.clone()))
     }
 }
 

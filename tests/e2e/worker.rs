@@ -1,6 +1,7 @@
 //! The worker agent on a real table: incremental syncs, VMs leaving, drift repaired.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,58 @@ fn reconciler(
         metrics,
         registry,
     )
+}
+
+/// Writes the state the way deploy tools do: a temporary file renamed over the old one.
+fn write_state(path: &Path, vms: Vec<Value>) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json!({"vms": vms}).to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Waits for the agent to act; the bound only keeps a broken build from hanging.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent as `vmedge worker` runs it: a watched state file, syncs, drift checks.
+struct Agent {
+    registry: Arc<FileRegistry>,
+    _watch: vmedge_registry::FileWatcher,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    fn start(lab: &Lab, path: &Path, drift_interval: Duration) -> Agent {
+        let registry = Arc::new(FileRegistry::open(path).unwrap());
+        let watch = registry.watch().unwrap();
+        let (reconciler, _, _) = reconciler(lab);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(vmedge_worker::run(
+            reconciler,
+            registry.clone() as Arc<dyn Registry>,
+            drift_interval,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Agent {
+            registry,
+            _watch: watch,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap();
+    }
 }
 
 fn metrics_text(registry: &prometheus_client::registry::Registry) -> String {
@@ -179,54 +232,31 @@ async fn the_agent_follows_the_state_file_and_repairs_drift_on_its_own() {
     let _servers = EchoServers::start(&a.ns, &[8080, 8081], &[]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
-    let write = |ports: &[u16]| {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json!({"vms": [vm(&lab, 0, ports)]}).to_string()).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    };
+    let write = |ports: &[u16]| write_state(&path, vec![vm(&lab, 0, ports)]);
     write(&[8080]);
-    let registry = Arc::new(FileRegistry::open(&path).unwrap());
-    let _watch = registry.watch().unwrap();
-    let (reconciler, _, _) = reconciler(&lab);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(vmedge_worker::run(
-        reconciler,
-        registry.clone() as Arc<dyn Registry>,
-        Duration::from_millis(200),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let agent = Agent::start(&lab, &path, Duration::from_millis(200));
     let port = |p| SocketAddr::new(IpAddr::V6(a.ipv6), p);
-    let eventually = |what: &str, check: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !check() {
-            assert!(Instant::now() < deadline, "never happened: {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    eventually("start sync", &|| {
+    eventually("start sync", || {
         tcp_passes(&net.ns, None, port(8080)) && !tcp_passes(&net.ns, None, port(8081))
     });
     write(&[8080, 8081]);
-    eventually("the new service's port opens", &|| {
+    eventually("the new service's port opens", || {
         tcp_passes(&net.ns, None, port(8081))
     });
     write(&[8080]);
-    eventually("and closes again", &|| {
+    eventually("and closes again", || {
         !tcp_passes(&net.ns, None, port(8081))
     });
     // Someone flushes the table: the agent restores it on its next check.
     lab.worker.sh(&["nft", "flush", "table", "inet", "vmedge"]);
-    eventually("drift repaired", &|| {
+    eventually("drift repaired", || {
         let listing = lab
             .worker
             .sh(&["nft", "list", "chain", "inet", "vmedge", "forward"]);
         String::from_utf8_lossy(&listing.stdout).contains("vmap")
     });
     assert!(!tcp_passes(&net.ns, None, port(8081)));
-    stop.send(()).unwrap();
-    agent.await.unwrap();
+    agent.stop().await;
     // Stopping the agent leaves the rules in the kernel.
     assert!(!tcp_passes(&net.ns, None, port(8081)));
 }
@@ -243,11 +273,7 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
-    let write = |vms: Vec<Value>| {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json!({"vms": vms}).to_string()).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    };
+    let write = |vms: Vec<Value>| write_state(&path, vms);
     let broken = |mut vm: Value| {
         vm["firewall"] = json!({"ingress": {"rules": [
             {"action": "allow", "kind": "cidr", "value": "::/0", "ports": "80-"}
@@ -255,27 +281,9 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
         vm
     };
     write(vec![vm(&lab, 0, &[8080]), vm(&lab, 1, &[9000])]);
-    let registry = Arc::new(FileRegistry::open(&path).unwrap());
-    let _watch = registry.watch().unwrap();
-    let (reconciler, _, _) = reconciler(&lab);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(vmedge_worker::run(
-        reconciler,
-        registry.clone() as Arc<dyn Registry>,
-        Duration::from_secs(30),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let agent = Agent::start(&lab, &path, Duration::from_secs(30));
     let to = |host: &vmedge_tests::VmHost, p| SocketAddr::new(IpAddr::V6(host.ipv6), p);
-    let eventually = |what: &str, check: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !check() {
-            assert!(Instant::now() < deadline, "never happened: {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    eventually("start sync", &|| !tcp_passes(&net.ns, None, to(b, 9001)));
+    eventually("start sync", || !tcp_passes(&net.ns, None, to(b, 9001)));
     assert!(
         tcp_passes(&net.ns, None, to(c, 7001)),
         "C is in no state yet: unfiltered"
@@ -288,8 +296,8 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
         vm(&lab, 1, &[9000, 9001]),
         broken(vm(&lab, 2, &[7000])),
     ]);
-    eventually("B updated", &|| tcp_passes(&net.ns, None, to(b, 9001)));
-    assert_eq!(registry.status().quarantined.len(), 2);
+    eventually("B updated", || tcp_passes(&net.ns, None, to(b, 9001)));
+    assert_eq!(agent.registry.status().quarantined.len(), 2);
     assert!(
         tcp_passes(&net.ns, None, to(a, 8080)),
         "A's last good rules"
@@ -311,9 +319,8 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
         vm(&lab, 1, &[9000, 9001]),
         vm(&lab, 2, &[7000]),
     ]);
-    eventually("A updated", &|| tcp_passes(&net.ns, None, to(a, 8081)));
-    assert!(registry.status().quarantined.is_empty());
+    eventually("A updated", || tcp_passes(&net.ns, None, to(a, 8081)));
+    assert!(agent.registry.status().quarantined.is_empty());
     assert!(tcp_passes(&c.ns, None, to(net, 6000)), "C's own policy now");
-    stop.send(()).unwrap();
-    agent.await.unwrap();
+    agent.stop().await;
 }

@@ -229,17 +229,8 @@ fn expressions(b: &mut Batch, rule: &VmRule, direction: Direction) {
             cmp(b, NFT_CMP_EQ, &53u16.to_be_bytes());
             verdict(b, NFT_RETURN, None);
         }
-        VmRule::DnsElsewhere(l4) | VmRule::DnsOverTls(l4) => {
-            let port: u16 = if matches!(rule, VmRule::DnsElsewhere(_)) {
-                53
-            } else {
-                853
-            };
-            l4proto(b, *l4);
-            dport(b);
-            cmp(b, NFT_CMP_EQ, &port.to_be_bytes());
-            verdict(b, NF_DROP, None);
-        }
+        VmRule::DnsElsewhere(l4) => drop_port(b, *l4, 53),
+        VmRule::DnsOverTls(l4) => drop_port(b, *l4, 853),
         VmRule::DnsOverHttps(family) => {
             nfproto(b, *family);
             daddr(b, *family);
@@ -311,6 +302,14 @@ fn expressions(b: &mut Batch, rule: &VmRule, direction: Direction) {
             verdict(b, NF_DROP, None);
         }
     }
+}
+
+/// `tcp dport 53 drop` and the like.
+fn drop_port(b: &mut Batch, l4: L4, port: u16) {
+    l4proto(b, l4);
+    dport(b);
+    cmp(b, NFT_CMP_EQ, &port.to_be_bytes());
+    verdict(b, NF_DROP, None);
 }
 
 fn verdict_code(action: Action) -> i32 {
@@ -493,19 +492,16 @@ fn block_elements(b: &mut Batch, kind: u16, flags: u16, set: &BlockSet, elements
 
 /// The two verdict map entries of a VM: added (with `to`, the section) or deleted.
 fn dispatch(b: &mut Batch, dispatch: &Dispatch, to: Option<&VmSection>) {
-    let (maps, key): ([&str; 2], Vec<u8>) = match dispatch {
+    let key = match dispatch {
         Dispatch::Tap(tap) => {
             let mut key = tap.as_bytes().to_vec();
             key.resize(IFNAMSIZ, 0);
-            ([names::EGRESS_BY_IF, names::INGRESS_BY_IF], key)
+            key
         }
-        Dispatch::Address(a) => (
-            [names::EGRESS_BY_ADDR, names::INGRESS_BY_ADDR],
-            a.octets().to_vec(),
-        ),
+        Dispatch::Address(a) => a.octets().to_vec(),
     };
-    let chains = to.map(|s| [s.chain(Direction::Egress), s.chain(Direction::Ingress)]);
-    for (i, map) in maps.into_iter().enumerate() {
+    let chains = to.map(VmSection::chains);
+    for (i, map) in dispatch.maps().into_iter().enumerate() {
         let (kind, flags, verb) = match to {
             Some(_) => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "add"),
             None => (NFT_MSG_DELSETELEM, 0, "delete"),

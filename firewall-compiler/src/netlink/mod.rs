@@ -53,10 +53,7 @@ impl NetlinkSocket {
         let _ = setsockopt(&fd, sockopt::SndBufForce, &(MAX_BATCH * 2));
         let _ = setsockopt(&fd, sockopt::RcvBufForce, &(4 << 20));
         setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(10, 0)).map_err(io)?;
-        let seq = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_secs() as u32);
-        Ok(NetlinkSocket { fd, seq })
+        Ok(NetlinkSocket { fd, seq: 1 })
     }
 
     /// A socket in the named network namespace (`/run/netns/NAME`): opened on a thread
@@ -93,7 +90,6 @@ impl NetlinkSocket {
         let io = |e: nix::Error| FirewallError::Io(std::io::Error::from(e));
         send(fd, sealed.bytes(), MsgFlags::empty()).map_err(io)?;
         let mut pending = sealed.batch().messages();
-        let mut first_error: Option<FirewallError> = None;
         let mut buf = vec![0u8; 64 * 1024];
         while pending > 0 {
             let n = recv(fd, &mut buf, MsgFlags::empty()).map_err(io)?;
@@ -107,31 +103,25 @@ impl NetlinkSocket {
                 if kind == wire::NLMSG_ERROR && len >= 16 + 4 + 16 {
                     pending = pending.saturating_sub(1);
                     let errno = i32::from_ne_bytes(word(&buf, at + 16));
-                    let seq = u32::from_ne_bytes(word(&buf, at + 16 + 4 + 8));
-                    if errno != 0 && first_error.is_none() {
+                    if errno != 0 {
+                        // The batch was rolled back as a whole; report its first failure
+                        // and drop the answers still queued, so the next batch starts clean.
+                        let seq = u32::from_ne_bytes(word(&buf, at + 16 + 4 + 8));
                         let what = sealed.batch().describe(seq).unwrap_or("the batch");
-                        first_error = Some(FirewallError::Refused {
+                        self.drain();
+                        return Err(FirewallError::Refused {
                             message: format!(
                                 "the kernel refused {what}: {}",
                                 std::io::Error::from_raw_os_error(-errno)
                             ),
                             line: None,
                         });
-                        // The rest of the batch was not applied: the kernel says so for
-                        // the first failure; later messages may get no answer at all.
-                        break;
                     }
                 }
                 at += (len + 3) & !3;
             }
-            if first_error.is_some() {
-                break;
-            }
         }
-        if first_error.is_some() {
-            self.drain();
-        }
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Reads whatever answers are still queued, so the next batch starts clean.

@@ -129,14 +129,9 @@ impl Batch {
         }
     }
 
-    /// Bytes so far.
-    pub fn len(&self) -> usize {
+    /// Bytes written so far.
+    pub fn size_bytes(&self) -> usize {
         self.buf.len()
-    }
-
-    /// True when nothing but the batch start is written.
-    pub fn is_empty(&self) -> bool {
-        self.described.is_empty()
     }
 
     /// Messages that expect a reply (all but BATCH_BEGIN and BATCH_END).
