@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use vmedge_model::{Action, Ports, Protocol, Vm, VmId};
+use vmedge_model::{Action, DomainPattern, Ports, Protocol, Vm, VmId};
 
 use crate::canonical::{canonicalize, Family, PortRange, L4};
 use crate::compile::CompileOptions;
@@ -351,6 +351,23 @@ impl VmSection {
             }
         }
     }
+}
+
+/// The fqdn patterns of a VM's egress rules that the compiled section keeps (a rule
+/// shadowed by an earlier one has no sets), each with its two sets: what the DNS gate
+/// fills. Patterns are distinct, in rule order.
+pub fn fqdn_targets(vm: &Vm) -> Vec<(DomainPattern, names::FqdnSets)> {
+    let policy = vm.effective_policy();
+    let mut targets: Vec<(DomainPattern, names::FqdnSets)> = Vec::new();
+    for block in canonicalize(&policy.egress).blocks {
+        for fqdn in block.fqdn {
+            if !targets.iter().any(|(p, _)| *p == fqdn.pattern) {
+                let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
+                targets.push((fqdn.pattern, sets));
+            }
+        }
+    }
+    targets
 }
 
 /// One VM's chains, sets and rules.

@@ -170,6 +170,14 @@ impl Drop for Netns {
     }
 }
 
+/// Moves the calling thread into the named namespace for good: for a thread that builds a
+/// runtime there (threads it starts are born in the namespace too).
+pub fn enter_netns(name: &str) {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+}
+
 /// A VM of a lab: its namespace and addresses.
 #[derive(Debug)]
 pub struct VmHost {

@@ -156,3 +156,93 @@ pub fn udp_passes(ns: &Netns, from: Option<IpAddr>, to: SocketAddr) -> bool {
         }
     }
 }
+
+/// NSD, a real authoritative server from Debian, serving one zone on `127.0.0.1:port`
+/// inside a namespace (the DNS gate's upstream in tests), until dropped.
+pub struct Nsd {
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+    ns: String,
+}
+
+impl Nsd {
+    /// Starts NSD in `ns` with `zone_text` as zone `origin`, and waits until it answers.
+    pub fn start(ns: &Netns, origin: &str, zone_text: &str, port: u16) -> Nsd {
+        let dir = std::env::temp_dir().join(format!("vmedge-nsd-{}-{port}", ns.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("nsd dir");
+        std::fs::write(dir.join("zone"), zone_text).expect("zone file");
+        let d = dir.display();
+        let conf = format!(
+            "server:\n  ip-address: 127.0.0.1@{port}\n  username: \"\"\n  chroot: \"\"\n  \
+             zonesdir: \"{d}\"\n  database: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  \
+             xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  \
+             logfile: \"{d}/nsd.log\"\n  server-count: 1\n  do-ip6: no\n\
+             remote-control:\n  control-enable: yes\n  control-interface: \"{d}/nsd.ctl\"\n\
+             zone:\n  name: {origin}\n  zonefile: zone\n"
+        );
+        std::fs::write(dir.join("nsd.conf"), conf).expect("nsd.conf");
+        let child = ns
+            .command("nsd")
+            .args(["-d", "-c"])
+            .arg(dir.join("nsd.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nsd (apt install nsd)");
+        let nsd = Nsd {
+            child: Some(child),
+            dir,
+            ns: ns.name().to_string(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while nsd.control("status").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nsd did not start: {}",
+                std::fs::read_to_string(nsd.dir.join("nsd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nsd
+    }
+
+    fn control(&self, command: &str) -> Option<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nsd-control", "-c"])
+            .arg(self.dir.join("nsd.conf"))
+            .arg(command)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Queries NSD has received since it started.
+    pub fn queries(&self) -> u64 {
+        let stats = self.control("stats_noreset").unwrap_or_default();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("num.queries="))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stops NSD (upstream down).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM: nsd stops its server and xfrd children too (SIGKILL would orphan them).
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nsd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,7 +1,7 @@
 //! An [`Update`] as nf_tables netlink messages: the same rules the text spells, in the
 //! expressions nft itself generates for them (`nft --debug=netlink` shows them).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -41,6 +41,8 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
@@ -139,6 +141,49 @@ pub fn encode_update(
         }
     }
     Ok(b)
+}
+
+/// One address for an fqdn set, with how long it stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FqdnElement {
+    /// The set (one of [`names::fqdn_sets`]); its family must be the address's.
+    pub set: String,
+    /// An address a DNS answer gave.
+    pub addr: IpAddr,
+    /// How long the address stays in the set from now.
+    pub timeout: std::time::Duration,
+}
+
+/// Adds `elements` to their fqdn sets, one message per set. An address already present
+/// gets the new timeout and expiry in place (the kernel updates an element's timeout
+/// when an add without `NLM_F_EXCL` carries one; Linux 6.10 and later).
+pub fn encode_fqdn_elements(b: &mut Batch, elements: &[FqdnElement]) {
+    let mut by_set: BTreeMap<&str, Vec<&FqdnElement>> = BTreeMap::new();
+    for element in elements {
+        by_set.entry(&element.set).or_default().push(element);
+    }
+    for (set, elements) in by_set {
+        let at = b.message(
+            NFT_MSG_NEWSETELEM,
+            NLM_F_CREATE,
+            format!("add {} elements to {set}", elements.len()),
+        );
+        b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
+        b.str(NFTA_SET_ELEM_LIST_SET, set);
+        let list = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for element in elements {
+            let ms = u64::try_from(element.timeout.as_millis()).unwrap_or(u64::MAX);
+            let item = b.nest(NFTA_LIST_ELEM);
+            let key = b.nest(NFTA_SET_ELEM_KEY);
+            b.bytes(NFTA_DATA_VALUE, &addr_bytes(&element.addr));
+            b.end_nest(key);
+            b.u64(NFTA_SET_ELEM_TIMEOUT, ms);
+            b.u64(NFTA_SET_ELEM_EXPIRATION, ms);
+            b.end_nest(item);
+        }
+        b.end_nest(list);
+        b.finish(at);
+    }
 }
 
 fn flush_chain(b: &mut Batch, chain: &str) {

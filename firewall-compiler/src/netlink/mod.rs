@@ -23,7 +23,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
-pub use encode::{encode_update, Unsupported};
+pub use encode::{encode_fqdn_elements, encode_update, FqdnElement, Unsupported};
 pub use wire::{Batch, SealedBatch};
 
 use crate::errors::FirewallError;
