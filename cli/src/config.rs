@@ -111,6 +111,16 @@ fn http_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error>
     Ok(Some(text))
 }
 
+fn vm_prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let nets = prefixes(d)?;
+    if nets.is_empty() {
+        return Err(serde::de::Error::custom(
+            "at least one VM prefix is needed: nothing else is ever dialled",
+        ));
+    }
+    Ok(nets)
+}
+
 fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
     let texts = Vec::<String>::deserialize(d)?;
     let mut nets = Vec::with_capacity(texts.len());
@@ -126,11 +136,6 @@ fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
         }
         nets.push(net);
     }
-    if nets.is_empty() {
-        return Err(serde::de::Error::custom(
-            "at least one VM prefix is needed: nothing else is ever dialled",
-        ));
-    }
     Ok(nets)
 }
 
@@ -145,7 +150,7 @@ pub struct Config {
     /// Generated keys and certificates, kept across restarts.
     pub state_dir: PathBuf,
     /// The only addresses ever dialled or answered for.
-    #[serde(deserialize_with = "prefixes")]
+    #[serde(deserialize_with = "vm_prefixes")]
     pub vm_prefixes: Vec<IpNet>,
     /// The control plane's wake hook: POST {"vm_id": "..."}.
     #[serde(deserialize_with = "http_url")]
@@ -201,6 +206,17 @@ pub struct DnsConfig {
     pub admin: SocketAddr,
     /// Resolvers the gate asks.
     pub upstreams: Vec<SocketAddr>,
+    /// Queries per second each VM may ask (bursts of twice that); 0 for no limit.
+    pub rate_limit: u32,
+    /// An answered address stays in an fqdn set at least this long, whatever its TTL.
+    #[serde(deserialize_with = "duration")]
+    pub fqdn_floor: Duration,
+    /// Added to every fqdn set timeout.
+    #[serde(deserialize_with = "duration")]
+    pub fqdn_grace: Duration,
+    /// Private prefixes answers may still carry (others are dropped: DNS rebinding).
+    #[serde(deserialize_with = "prefixes")]
+    pub rebind_allow: Vec<IpNet>,
 }
 
 /// `[worker]`: the worker agent.
@@ -272,6 +288,10 @@ impl Default for DnsConfig {
             listen: addrs(&["[::1]:5353"]),
             admin: addr("127.0.0.1:9182"),
             upstreams: addrs(&["127.0.0.53:53"]),
+            rate_limit: 500,
+            fqdn_floor: Duration::from_secs(60),
+            fqdn_grace: Duration::from_secs(30),
+            rebind_allow: Vec::new(),
         }
     }
 }

@@ -99,6 +99,26 @@ fn the_worker_agent_enforces_the_state_and_reports_metrics() {
     });
     assert!(!tcp_passes(&net.ns, None, to(8081)));
 
+    // The agent runs the DNS gate at dns_gate:53: its VMs are answered, anyone else refused.
+    let dig = |ns: &Netns| {
+        let out = ns
+            .command("dig")
+            .args([&format!("@{}", lab.worker_ipv6), "+tries=1", "+time=3"])
+            .args(["_dns.resolver.arpa", "SVCB"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let from_vm = dig(&a.ns);
+    assert!(from_vm.contains("status: NOERROR"), "{from_vm}");
+    let from_host = dig(&lab.worker);
+    assert!(from_host.contains("status: REFUSED"), "{from_host}");
+    let metrics = http_get(&lab.worker, "/metrics");
+    assert!(
+        metrics.contains(r#"vmedge_dns_queries_total{result="refused"} 1"#),
+        "{metrics}"
+    );
+
     let pid = agent.id().to_string();
     // `ip netns exec` execs the program, so the pid is the agent's.
     assert!(Command::new("kill")

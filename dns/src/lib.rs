@@ -37,7 +37,7 @@ pub use gate::{Gate, GateConfig, Transport};
 pub use metrics::Metrics;
 pub use policy::{RateLimit, VmView};
 pub use server::{serve, Listeners, ServerConfig};
-pub use sets::{NetlinkSets, RecordingSets, SetError, SetWriter};
+pub use sets::{NetlinkSets, NoFirewall, RecordingSets, SetError, SetWriter};
 pub use upstream::UpstreamConfig;
 use vmedge_registry::Registry;
 

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod config;
+pub mod dns;
 pub mod firewall;
 pub mod state;
 pub mod up;

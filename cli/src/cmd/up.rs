@@ -1,16 +1,22 @@
 //! `vmedge up`: everything in one process on loopback, with `examples/` by default.
 //!
-//! This build runs the registry: the state is loaded, watched and hot-reloaded, and the
-//! plan of listeners is printed. The edge, SSH gateway and DNS gate join this process
-//! as they are built; until then `up` says so rather than pretending to serve.
+//! This build runs the registry (loaded, watched, hot-reloaded) and the DNS gate on
+//! `[dns] listen`, answering the VMs of `[worker] name` by source address (the demo VM
+//! is `::1`, so `dig @::1 -p 5353` from this host is the demo VM asking). There is no
+//! firewall table on a laptop, so fqdn answers are not enforced here. The edge and SSH
+//! gateway join this process as they are built; until then `up` says so.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
 
 use vmedge_model::public_host;
 use vmedge_registry::{FileRegistry, Registry};
 
+use crate::admin::{self, Admin, RegistryGauges};
 use crate::config::Config;
 
 const EXAMPLE_CONFIG: &str = "examples/vmedge.toml";
@@ -34,9 +40,38 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         // Before anything is printed or served: see shutdown_signal.
         let shutdown = super::shutdown_signal()?;
         let _watch = registry.watch()?;
+        let mut metrics = prometheus_client::registry::Registry::default();
+        let dns_metrics = vmedge_dns::Metrics::register(&mut metrics);
+        let gauges = RegistryGauges::register(&mut metrics);
+        let shared: Arc<dyn Registry> = registry.clone();
+        let admin = Arc::new(Admin {
+            metrics,
+            gauges,
+            registry: shared.clone(),
+        });
+        let admin_listener = tokio::net::TcpListener::bind(config.dns.admin)
+            .await
+            .with_context(|| format!("[dns] admin {}: cannot listen", config.dns.admin))?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let gate = super::dns::start_gate(
+            super::dns::gate_config(&config, &config.worker.name),
+            &config.dns.listen,
+            "[dns] listen",
+            Arc::new(vmedge_dns::NoFirewall),
+            dns_metrics,
+            shared,
+            stopped.clone(),
+        )?;
+        let admin_task = tokio::spawn(admin::serve(admin_listener, admin, async move {
+            let mut rx = stopped;
+            let _ = rx.wait_for(|s| *s).await;
+        }));
         print_plan(&config, &origin, registry.as_ref());
         shutdown.await;
         tracing::info!("shutting down");
+        let _ = stop.send(true);
+        let _ = gate.await;
+        let _ = admin_task.await;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -66,7 +101,13 @@ fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
     );
     let prefixes: Vec<String> = config.vm_prefixes.iter().map(|p| p.to_string()).collect();
     println!("  dials   only {}", prefixes.join(" "));
-    println!("listeners (these servers are not in this build yet: only the registry runs):");
+    println!(
+        "  dns     {}  admin {}  (answers the VMs of {} by source address; no firewall here)",
+        list(&config.dns.listen),
+        config.dns.admin,
+        config.worker.name
+    );
+    println!("not in this build yet (planned listeners):");
     println!(
         "  edge    http {}  https {}  admin {}",
         list(&config.edge.http),
@@ -77,11 +118,6 @@ fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
         "  ssh     {}  admin {}",
         list(&config.ssh.listen),
         config.ssh.admin
-    );
-    println!(
-        "  dns     {}  admin {}",
-        list(&config.dns.listen),
-        config.dns.admin
     );
     let demo = snapshot
         .vms()

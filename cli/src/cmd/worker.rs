@@ -1,5 +1,7 @@
-//! `vmedge worker --name W`: the worker agent, keeping this host's nftables in step.
+//! `vmedge worker --name W`: the worker agent, keeping this host's nftables in step, and
+//! the DNS gate at `[worker] dns_gate` port 53 that fills its fqdn sets.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -32,6 +34,7 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let worker_metrics = Metrics::register(&mut metrics);
+        let dns_metrics = vmedge_dns::Metrics::register(&mut metrics);
         let gauges = RegistryGauges::register(&mut metrics);
         let registry: Arc<dyn Registry> = registry;
         let admin = Arc::new(Admin { metrics, gauges, registry: registry.clone() });
@@ -45,12 +48,24 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let sets = vmedge_dns::NetlinkSets::start(None)
+            .context("cannot open nf_tables netlink for the fqdn sets (root or CAP_NET_ADMIN?)")?;
+        let gate = super::dns::start_gate(
+            super::dns::gate_config(&config, &config.worker.name),
+            &[SocketAddr::new(config.worker.dns_gate, 53)],
+            "[worker] dns_gate",
+            Arc::new(sets),
+            dns_metrics,
+            registry.clone(),
+            stopped.clone(),
+        )?;
         let admin_task = tokio::spawn(admin::serve(listener, admin, wait(stopped.clone())));
         let agent = tokio::spawn(vmedge_worker::run(reconciler, registry, config.worker.drift_interval, wait(stopped)));
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop.send(true);
         let _ = agent.await;
+        let _ = gate.await;
         let _ = admin_task.await;
         anyhow::Ok(())
     })?;
