@@ -6,14 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmedge_dns::{
-    follow_registry, serve, Gate, GateConfig, Listeners, Metrics, NetlinkSets, ServerConfig,
-    UpstreamConfig,
-};
+use vmedge_dns::{GateConfig, UpstreamConfig};
 use vmedge_firewall::netlink::{encode_fqdn_elements, Batch, FqdnElement, NetlinkSocket};
 use vmedge_firewall::{CompileOptions, NftBackend};
 use vmedge_model::DomainPattern;
 use vmedge_registry::{MemoryRegistry, Registry};
+use vmedge_tests::gate::GateInNetns;
 use vmedge_tests::peers::{tcp_passes, EchoServers, Nsd};
 use vmedge_tests::{Lab, Netns};
 use vmedge_worker::{Metrics as WorkerMetrics, Reconciler};
@@ -97,9 +95,7 @@ struct DnsLab {
     lab: Lab,
     nsd: Nsd,
     registry: Arc<MemoryRegistry>,
-    metrics_text: Arc<dyn Fn() -> String + Send + Sync>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    gate: GateInNetns,
 }
 
 impl DnsLab {
@@ -135,63 +131,17 @@ impl DnsLab {
             ..GateConfig::default()
         };
         let listen = SocketAddr::new(IpAddr::V6(lab.worker_ipv6), 53);
-        let worker = lab.worker.name().to_string();
-        let (ready, ready_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shared = registry.clone();
-        let thread = std::thread::spawn(move || {
-            // The whole runtime lives in the worker's namespace, as `vmedge worker` does.
-            vmedge_tests::enter_netns(&worker);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let mut prom = prometheus_client::registry::Registry::default();
-                let metrics = Metrics::register(&mut prom);
-                let sets = NetlinkSets::start(None).unwrap();
-                let gate = Arc::new(Gate::new(config, Arc::new(sets), metrics.clone()));
-                let listeners = Listeners::bind(&[listen]).unwrap();
-                let prom = Arc::new(prom);
-                let text = move || {
-                    let mut out = String::new();
-                    prometheus_client::encoding::text::encode(&mut out, &prom).unwrap();
-                    out
-                };
-                ready
-                    .send(Arc::new(text) as Arc<dyn Fn() -> String + Send + Sync>)
-                    .unwrap();
-                let (stop_all, _) = tokio::sync::broadcast::channel::<()>(1);
-                let wait = |mut rx: tokio::sync::broadcast::Receiver<()>| async move {
-                    let _ = rx.recv().await;
-                };
-                let follow = tokio::spawn(follow_registry(
-                    gate.clone(),
-                    shared as Arc<dyn Registry>,
-                    wait(stop_all.subscribe()),
-                ));
-                let server = tokio::spawn(serve(
-                    gate,
-                    metrics,
-                    listeners,
-                    ServerConfig::default(),
-                    wait(stop_all.subscribe()),
-                ));
-                let _ = stopped.await;
-                let _ = stop_all.send(());
-                let _ = follow.await;
-                let _ = server.await;
-            });
-        });
-        let metrics_text = ready_rx.recv().unwrap();
+        let gate = GateInNetns::start(
+            lab.worker.name(),
+            listen,
+            config,
+            registry.clone() as Arc<dyn Registry>,
+        );
         DnsLab {
             lab,
             nsd,
             registry,
-            metrics_text,
-            stop: Some(stop),
-            thread: Some(thread),
+            gate,
         }
     }
 
@@ -232,17 +182,6 @@ impl DnsLab {
     }
 }
 
-impl Drop for DnsLab {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// `status: NXDOMAIN` and the like, from dig's header line.
 fn status(out: &str) -> String {
     out.split("status: ")
@@ -252,12 +191,8 @@ fn status(out: &str) -> String {
         .to_string()
 }
 
-/// The value of an unlabelled metric in Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
+    vmedge_tests::gate::metric(text, name).unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 fn name(label: &str) -> String {
@@ -321,7 +256,7 @@ fn policy_modes_wildcards_and_refused_strangers() {
     assert!(any.contains("RFC8482"), "{any}");
     assert_eq!(t.short(2, &name("private"), "A"), vec!["198.18.0.9"]);
 
-    let metrics = (t.metrics_text)();
+    let metrics = t.gate.metrics();
     assert!(
         metrics.contains("vmedge_dns_queries_total{result=\"blocked\"}"),
         "{metrics}"
@@ -418,7 +353,7 @@ fn fqdn_rules_open_only_answered_addresses_until_the_ttl_runs_out() {
     assert_eq!(t.short(0, &name("alias"), "AAAA").len(), 2);
     assert!(tcp_passes(&client.ns, None, to(api)));
 
-    let metrics = (t.metrics_text)();
+    let metrics = t.gate.metrics();
     let inserts = metric(&metrics, "vmedge_dns_set_inserts_total");
     assert!(inserts >= 2.0, "{metrics}");
     assert_eq!(
@@ -453,7 +388,7 @@ fn upstream_down_serves_stale_or_servfail_never_hangs() {
         started.elapsed() < Duration::from_secs(3),
         "answers came without a hang"
     );
-    let metrics = (t.metrics_text)();
+    let metrics = t.gate.metrics();
     assert!(
         metrics.contains("vmedge_dns_queries_total{result=\"stale\"} 1"),
         "{metrics}"

@@ -5,8 +5,9 @@
 //! Everything is removed when the lab is dropped, also while a test panics, and a lab id
 //! left behind by a killed run is swept when it is claimed again.
 //!
-//! [`peers`] has echo servers and probes that run inside namespaces; [`alloc`] has a
-//! counting global allocator for "allocates nothing" checks.
+//! [`peers`] has echo servers, NSD and probes that run inside namespaces; [`gate`] runs
+//! the DNS gate inside a worker namespace; [`alloc`] has a counting global allocator for
+//! "allocates nothing" checks.
 //!
 //! # Address plan (DESIGN.md, last section)
 //! This machine's own network (DESIGN.md, last section) is never used here. Labs live in
@@ -26,6 +27,7 @@
 //! flock on `/tmp/vmedge-lab-<n>.lock`, which the kernel releases if the process dies.
 
 pub mod alloc;
+pub mod gate;
 pub mod peers;
 
 use std::fs::File;
