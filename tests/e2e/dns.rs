@@ -26,6 +26,9 @@ fn zone(lab: &Lab) -> String {
     let big: String = (0..8)
         .map(|i| format!("big IN TXT \"{}\"\n", format!("{i}").repeat(200)))
         .collect();
+    let many: String = (1..=6)
+        .map(|i| format!("many IN A 198.18.2.{i}\n"))
+        .collect();
     format!(
         "$ORIGIN {ZONE}.\n$TTL 300\n\
          @ IN SOA ns hostmaster 1 3600 600 86400 5\n@ IN NS ns\nns IN A 198.18.0.1\n\
@@ -33,7 +36,7 @@ fn zone(lab: &Lab) -> String {
          api 2 IN AAAA {vm1}\napi IN HTTPS 1 . alpn=h2 ipv6hint={vm1}\n\
          other IN AAAA {vm2}\nalias IN CNAME api\nevil IN CNAME blocked\n\
          blocked IN AAAA {vm2}\nsub IN A 198.18.0.6\na.sub IN A 198.18.0.7\n\
-         short 1 IN A 198.18.0.8\nprivate IN A 10.1.2.3\nprivate IN A 198.18.0.9\n{big}"
+         short 1 IN A 198.18.0.8\nprivate IN A 10.1.2.3\nprivate IN A 198.18.0.9\n{many}{big}"
     )
 }
 
@@ -62,7 +65,8 @@ fn state(lab: &Lab) -> vmedge_model::State {
             &[],
             firewall(
                 json!({"default": "deny", "rules": [
-                    {"action": "allow", "kind": "fqdn", "value": format!("api.{ZONE}"), "protocol": "tcp", "ports": "7000"}]}),
+                    {"action": "allow", "kind": "fqdn", "value": format!("api.{ZONE}"), "protocol": "tcp", "ports": "7000"},
+                    {"action": "allow", "kind": "fqdn", "value": format!("many.{ZONE}"), "protocol": "tcp", "ports": "7001"}]}),
                 json!({"mode": "deny", "domains": [format!("blocked.{ZONE}"), format!("*.ads.{ZONE}")], "block_bypass": false}),
             ),
         ),
@@ -119,6 +123,7 @@ impl DnsLab {
                 ..UpstreamConfig::default()
             },
             fqdn_floor: Duration::from_secs(1),
+            max_addrs_per_name: 4,
             fqdn_grace: Duration::from_secs(1),
             rebind_allow: vec![
                 "fd5e::/16".parse().unwrap(),
@@ -298,6 +303,9 @@ fn the_cache_answers_within_the_ttl_and_tcp_carries_what_udp_cannot() {
     assert!(udp.contains(" tc"), "{udp}");
     let tcp = t.dig(2, &["+tcp", "+short", &name("big"), "TXT"]);
     assert_eq!(tcp.lines().count(), 8, "{tcp}");
+    // The gate got it whole because its own UDP query came back truncated and it asked
+    // again over TCP.
+    assert!(t.nsd.stat("num.tcp") >= 1, "upstream saw no TCP query");
 }
 
 #[test]
@@ -348,6 +356,16 @@ fn fqdn_rules_open_only_answered_addresses_until_the_ttl_runs_out() {
         !tcp_passes(&client.ns, None, to(api)),
         "closed again after the TTL"
     );
+
+    // The cap on addresses per answer: 4 of 6 reach the VM, and exactly those are in the set.
+    let many = t.short(0, &name("many"), "A");
+    assert_eq!(many.len(), 4, "{many:?}");
+    let many_sets = vmedge_firewall::fqdn_sets(&id, &DomainPattern::parse(&name("many")).unwrap());
+    let listing = t.set_listing(&many_sets.v4);
+    for addr in &many {
+        assert!(listing.contains(addr.as_str()), "{addr} not in {listing}");
+    }
+    assert_eq!(listing.matches("198.18.2.").count(), 4, "{listing}");
 
     // A CNAME chain counts for the queried name's rule: `alias` -> `api`.
     assert_eq!(t.short(0, &name("alias"), "AAAA").len(), 2);

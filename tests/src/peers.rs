@@ -221,10 +221,15 @@ impl Nsd {
 
     /// Queries NSD has received since it started.
     pub fn queries(&self) -> u64 {
+        self.stat("num.queries")
+    }
+
+    /// One of NSD's counters (`nsd-control stats_noreset`), e.g. `num.tcp`.
+    pub fn stat(&self, name: &str) -> u64 {
         let stats = self.control("stats_noreset").unwrap_or_default();
         stats
             .lines()
-            .find_map(|l| l.strip_prefix("num.queries="))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
     }
