@@ -75,6 +75,28 @@ pub struct Admin {
     pub registry: Arc<dyn Registry>,
 }
 
+impl Admin {
+    /// Registers the registry's gauges beside `metrics` and binds the admin port; an error
+    /// names the config key (`[worker] admin`) and the address.
+    pub async fn listen(
+        mut metrics: Metrics,
+        registry: Arc<dyn Registry>,
+        addr: std::net::SocketAddr,
+        key: &str,
+    ) -> anyhow::Result<(Arc<Admin>, TcpListener)> {
+        let gauges = RegistryGauges::register(&mut metrics);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{key} {addr}: cannot listen: {e}"))?;
+        let admin = Admin {
+            metrics,
+            gauges,
+            registry,
+        };
+        Ok((Arc::new(admin), listener))
+    }
+}
+
 /// Serves until `shutdown` completes; each connection on its own task.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);

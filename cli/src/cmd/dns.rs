@@ -13,7 +13,7 @@ use vmedge_dns::{
 };
 use vmedge_registry::Registry;
 
-use crate::admin::{self, Admin, RegistryGauges};
+use crate::admin::{self, Admin};
 use crate::config::Config;
 
 /// The gate's settings from the config, for `worker`'s VMs.
@@ -36,6 +36,12 @@ pub fn gate_config(config: &Config, worker: &str) -> GateConfig {
     }
 }
 
+/// The fqdn set writer over this host's nf_tables netlink.
+pub fn netlink_sets() -> anyhow::Result<NetlinkSets> {
+    NetlinkSets::start(None)
+        .context("cannot open nf_tables netlink for the fqdn sets (root or CAP_NET_ADMIN?)")
+}
+
 /// Binds the gate's listeners (an error names the config key `what`) and runs it on the
 /// registry until `shutdown` completes. Returns the task that serves.
 pub fn start_gate(
@@ -50,16 +56,14 @@ pub fn start_gate(
     let listeners = Listeners::bind(listen).with_context(|| format!("{what}: cannot listen"))?;
     let addrs = listeners.local_addrs();
     let gate = Arc::new(Gate::new(gate_config, sets, metrics.clone()));
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let follow = vmedge_dns::follow_registry(gate.clone(), registry, wait(stopped.clone()));
+    let follow =
+        vmedge_dns::follow_registry(gate.clone(), registry, super::stopped(stopped.clone()));
     let serve = vmedge_dns::serve(
         gate,
         metrics,
         listeners,
         ServerConfig::default(),
-        wait(stopped),
+        super::stopped(stopped),
     );
     tracing::info!(listen = ?addrs, "dns gate serving");
     Ok(tokio::spawn(async move {
@@ -87,18 +91,10 @@ pub fn run(config_path: Option<&Path>, worker: Option<String>) -> anyhow::Result
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let dns_metrics = Metrics::register(&mut metrics);
-        let gauges = RegistryGauges::register(&mut metrics);
         let registry: Arc<dyn Registry> = registry;
-        let admin = Arc::new(Admin {
-            metrics,
-            gauges,
-            registry: registry.clone(),
-        });
-        let listener = tokio::net::TcpListener::bind(config.dns.admin)
-            .await
-            .with_context(|| format!("[dns] admin {}: cannot listen", config.dns.admin))?;
-        let sets = NetlinkSets::start(None)
-            .context("cannot open nf_tables netlink for the fqdn sets (root or CAP_NET_ADMIN?)")?;
+        let (admin, listener) =
+            Admin::listen(metrics, registry.clone(), config.dns.admin, "[dns] admin").await?;
+        let sets = netlink_sets()?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let gate = start_gate(
             gate_config(&config, &config.worker.name),
@@ -109,10 +105,7 @@ pub fn run(config_path: Option<&Path>, worker: Option<String>) -> anyhow::Result
             registry,
             stopped.clone(),
         )?;
-        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let admin_task = tokio::spawn(admin::serve(listener, admin, wait(stopped)));
+        let admin_task = tokio::spawn(admin::serve(listener, admin, super::stopped(stopped)));
         tracing::info!(worker = %config.worker.name, admin = %config.dns.admin, "dns gate started");
         shutdown.await;
         tracing::info!("shutting down");

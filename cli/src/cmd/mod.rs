@@ -58,6 +58,11 @@ pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>
     })
 }
 
+/// Completes when `stop` turns true: the shutdown future each server task is given.
+pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// Reads a file, or standard input for "-".
 pub fn read_input(path: &Path) -> anyhow::Result<String> {
     if path == Path::new("-") {

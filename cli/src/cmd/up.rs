@@ -11,12 +11,10 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
-
 use vmedge_model::public_host;
 use vmedge_registry::{FileRegistry, Registry};
 
-use crate::admin::{self, Admin, RegistryGauges};
+use crate::admin::{self, Admin};
 use crate::config::Config;
 
 const EXAMPLE_CONFIG: &str = "examples/vmedge.toml";
@@ -42,16 +40,9 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let dns_metrics = vmedge_dns::Metrics::register(&mut metrics);
-        let gauges = RegistryGauges::register(&mut metrics);
         let shared: Arc<dyn Registry> = registry.clone();
-        let admin = Arc::new(Admin {
-            metrics,
-            gauges,
-            registry: shared.clone(),
-        });
-        let admin_listener = tokio::net::TcpListener::bind(config.dns.admin)
-            .await
-            .with_context(|| format!("[dns] admin {}: cannot listen", config.dns.admin))?;
+        let (admin, admin_listener) =
+            Admin::listen(metrics, shared.clone(), config.dns.admin, "[dns] admin").await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let gate = super::dns::start_gate(
             super::dns::gate_config(&config, &config.worker.name),
@@ -62,10 +53,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             shared,
             stopped.clone(),
         )?;
-        let admin_task = tokio::spawn(admin::serve(admin_listener, admin, async move {
-            let mut rx = stopped;
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        let admin_task = tokio::spawn(admin::serve(admin_listener, admin, super::stopped(stopped)));
         print_plan(&config, &origin, registry.as_ref());
         shutdown.await;
         tracing::info!("shutting down");
