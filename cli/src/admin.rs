@@ -1,4 +1,5 @@
-//! The admin endpoint every server gets: `/metrics` (Prometheus text) and `/healthz`.
+//! The admin endpoint every server gets: `/metrics` (Prometheus text) and `/healthz`, plus
+//! pages of a server's own (the edge's `/activity`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -65,8 +66,20 @@ impl RegistryGauges {
     }
 }
 
+/// A page of a server's own: `GET path` answers `render()` as `content_type`.
+pub struct Page {
+    /// The path, e.g. `/activity`.
+    pub path: &'static str,
+    /// Its content type.
+    pub content_type: &'static str,
+    /// Makes the body, at each request.
+    pub render: Box<dyn Fn() -> String + Send + Sync>,
+}
+
 /// What the endpoint serves.
 pub struct Admin {
+    /// Pages beyond /metrics and /healthz.
+    pub pages: Vec<Page>,
     /// Every metric of the process.
     pub metrics: Metrics,
     /// Refreshed before each scrape.
@@ -83,12 +96,14 @@ impl Admin {
         registry: Arc<dyn Registry>,
         addr: std::net::SocketAddr,
         key: &str,
+        pages: Vec<Page>,
     ) -> anyhow::Result<(Arc<Admin>, TcpListener)> {
         let gauges = RegistryGauges::register(&mut metrics);
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("{key} {addr}: cannot listen: {e}"))?;
         let admin = Admin {
+            pages,
             metrics,
             gauges,
             registry,
@@ -162,10 +177,13 @@ async fn respond(
             );
             reply(StatusCode::OK, "text/plain", body)
         }
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics or /healthz\n".into(),
-        ),
+        path => match admin.pages.iter().find(|p| p.path == path) {
+            Some(page) => reply(StatusCode::OK, page.content_type, (page.render)()),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /metrics or /healthz\n".into(),
+            ),
+        },
     }
 }

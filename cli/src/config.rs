@@ -182,6 +182,19 @@ pub struct EdgeConfig {
     /// How long a request waits for a paused VM to wake.
     #[serde(deserialize_with = "duration")]
     pub wake_timeout: Duration,
+    /// How long connecting to a VM may take (then 504).
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a VM may stay silent in the middle of an exchange (each read or write).
+    #[serde(deserialize_with = "duration")]
+    pub upstream_timeout: Duration,
+    /// Requests per second each VM may receive (bursts of twice that); 0 for no limit.
+    pub rate_limit: u32,
+    /// Worker threads; 0 for one per core.
+    pub threads: usize,
+    /// How long open requests may finish after SIGTERM.
+    #[serde(deserialize_with = "duration")]
+    pub grace_period: Duration,
 }
 
 /// `[ssh]`: the SSH gateway.
@@ -268,6 +281,11 @@ impl Default for EdgeConfig {
             tls_cert: None,
             tls_key: None,
             wake_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            rate_limit: 0,
+            threads: 0,
+            grace_period: Duration::from_secs(5),
         }
     }
 }

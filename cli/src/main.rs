@@ -60,6 +60,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run the HTTP(S) edge alone: <service>--<vmid>.proxy.<domain> to the VM.
+    Edge {
+        /// Take the listening sockets over from a running edge (then send it SIGQUIT).
+        #[arg(long)]
+        upgrade: bool,
+        /// Config file; default: built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Run the DNS gate alone: per-VM DNS policy, filling this host's fqdn sets.
     Dns {
         /// The worker whose VMs are answered (overrides [worker] name).
@@ -136,6 +145,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up { config } => cmd::up::run(config.as_deref()),
         Command::Worker { name, config } => cmd::worker::run(config.as_deref(), name),
+        Command::Edge { upgrade, config } => cmd::edge::run(config.as_deref(), upgrade),
         Command::Dns { worker, config } => cmd::dns::run(config.as_deref(), worker),
         Command::State(StateCommand::Check { file }) => cmd::state::check(&file),
         Command::Firewall(FirewallCommand::Check { policy, print }) => {

@@ -92,8 +92,14 @@ pub fn run(config_path: Option<&Path>, worker: Option<String>) -> anyhow::Result
         let mut metrics = prometheus_client::registry::Registry::default();
         let dns_metrics = Metrics::register(&mut metrics);
         let registry: Arc<dyn Registry> = registry;
-        let (admin, listener) =
-            Admin::listen(metrics, registry.clone(), config.dns.admin, "[dns] admin").await?;
+        let (admin, listener) = Admin::listen(
+            metrics,
+            registry.clone(),
+            config.dns.admin,
+            "[dns] admin",
+            Vec::new(),
+        )
+        .await?;
         let sets = netlink_sets()?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let gate = start_gate(

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dns;
+pub mod edge;
 pub mod firewall;
 pub mod state;
 pub mod up;

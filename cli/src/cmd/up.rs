@@ -1,10 +1,11 @@
 //! `vmedge up`: everything in one process on loopback, with `examples/` by default.
 //!
-//! This build runs the registry (loaded, watched, hot-reloaded) and the DNS gate on
-//! `[dns] listen`, answering the VMs of `[worker] name` by source address (the demo VM
-//! is `::1`, so `dig @::1 -p 5353` from this host is the demo VM asking). There is no
-//! firewall table on a laptop, so fqdn answers are not enforced here. The edge and SSH
-//! gateway join this process as they are built; until then `up` says so.
+//! This build runs the registry (loaded, watched, hot-reloaded), the edge on `[edge] http`
+//! and `https` (the demo VM is `::1`: a backend on `[::1]:8000` is its `web` service), and
+//! the DNS gate on `[dns] listen`, answering the VMs of `[worker] name` by source address
+//! (`dig @::1 -p 5353` from this host is the demo VM asking). There is no firewall table
+//! on a laptop, so fqdn answers are not enforced here. The SSH gateway joins this process
+//! when it is built; until then `up` says so.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -34,15 +35,37 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
 
+    let shared: Arc<dyn Registry> = registry.clone();
+    let mut edge_metrics = prometheus_client::registry::Registry::default();
+    let edge = super::edge::start_edge(
+        super::edge::edge_settings(&config, false),
+        shared.clone(),
+        vmedge_edge::Metrics::register(&mut edge_metrics),
+    )?;
+    let edge_pages = vec![super::edge::activity_page(edge.activity.clone())];
+
     super::runtime()?.block_on(async {
         // Before anything is printed or served: see shutdown_signal.
         let shutdown = super::shutdown_signal()?;
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let dns_metrics = vmedge_dns::Metrics::register(&mut metrics);
-        let shared: Arc<dyn Registry> = registry.clone();
-        let (admin, admin_listener) =
-            Admin::listen(metrics, shared.clone(), config.dns.admin, "[dns] admin").await?;
+        let (admin, admin_listener) = Admin::listen(
+            metrics,
+            shared.clone(),
+            config.dns.admin,
+            "[dns] admin",
+            Vec::new(),
+        )
+        .await?;
+        let (edge_admin, edge_admin_listener) = Admin::listen(
+            edge_metrics,
+            shared.clone(),
+            config.edge.admin,
+            "[edge] admin",
+            edge_pages,
+        )
+        .await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let gate = super::dns::start_gate(
             super::dns::gate_config(&config, &config.worker.name),
@@ -53,15 +76,26 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             shared,
             stopped.clone(),
         )?;
-        let admin_task = tokio::spawn(admin::serve(admin_listener, admin, super::stopped(stopped)));
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admin,
+            super::stopped(stopped.clone()),
+        ));
+        let edge_admin_task = tokio::spawn(admin::serve(
+            edge_admin_listener,
+            edge_admin,
+            super::stopped(stopped),
+        ));
         print_plan(&config, &origin, registry.as_ref());
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop.send(true);
         let _ = gate.await;
         let _ = admin_task.await;
+        let _ = edge_admin_task.await;
         anyhow::Ok(())
     })?;
+    edge.stop_and_join(vmedge_edge::Stop::Fast);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -95,17 +129,11 @@ fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
         config.dns.admin,
         config.worker.name
     );
-    println!("not in this build yet (planned listeners):");
     println!(
-        "  edge    http {}  https {}  admin {}",
+        "  edge    http {}  https {}  admin {} (/metrics /activity /healthz)",
         list(&config.edge.http),
         list(&config.edge.https),
         config.edge.admin
-    );
-    println!(
-        "  ssh     {}  admin {}",
-        list(&config.ssh.listen),
-        config.ssh.admin
     );
     let demo = snapshot
         .vms()
@@ -121,6 +149,12 @@ fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
             vm.public_ipv6,
             vm.services[0].port
         );
+        println!("    try: curl -H 'Host: {host}' http://{http}/");
     }
+    println!(
+        "not in this build yet: ssh {}  admin {}",
+        list(&config.ssh.listen),
+        config.ssh.admin
+    );
     println!("Ctrl-C stops.");
 }

@@ -36,7 +36,7 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
         let dns_metrics = vmedge_dns::Metrics::register(&mut metrics);
         let registry: Arc<dyn Registry> = registry;
         let (admin, listener) =
-            Admin::listen(metrics, registry.clone(), config.worker.admin, "[worker] admin").await?;
+            Admin::listen(metrics, registry.clone(), config.worker.admin, "[worker] admin", Vec::new()).await?;
         tracing::info!(worker = %config.worker.name, %version, admin = %config.worker.admin, "worker agent starting");
         let options = CompileOptions::new(vec![config.worker.dns_gate]);
         let reconciler = Reconciler::new(config.worker.name.clone(), nft, options, worker_metrics);

@@ -1,0 +1,220 @@
+//! The edge's own answers: what a client sees when its request does not reach a VM.
+//!
+//! Each is one short line that says what happened and the request id, as plain text,
+//! or, to a gRPC client (`content-type: application/grpc...`), as a trailers-only gRPC
+//! response whose `grpc-status` follows the HTTP-to-gRPC table of the gRPC spec
+//! (doc/http-grpc-status-mapping.md) and whose `grpc-message` is the same line.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use vmedge_model::VmStatus;
+
+/// Why the edge answered itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: the request itself is wrong (the reason says how).
+    BadRequest(&'static str),
+    /// 404: unknown service or VM, or a malformed service host: one answer for all.
+    Unknown,
+    /// 421: the host is not under `proxy.<domain>`.
+    NotOurs,
+    /// 429: the VM's request rate limit is spent.
+    RateLimited,
+    /// 502: nothing accepted the connection on that port of the VM.
+    NothingListening {
+        /// The service port.
+        port: u16,
+    },
+    /// 502: the VM's address is outside the prefixes this edge may dial.
+    OutsidePrefixes,
+    /// 503: the VM will not serve (stopped, deleting, error).
+    Unavailable {
+        /// Its status.
+        status: VmStatus,
+    },
+    /// 503: the VM is paused and no wake hook is configured.
+    CannotWake {
+        /// Its status.
+        status: VmStatus,
+    },
+    /// 504: the VM did not come up within `wake_timeout`.
+    WakeTimeout,
+    /// 504: the VM did not answer within the upstream timeout.
+    UpstreamTimeout,
+}
+
+impl Refusal {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) => 400,
+            Refusal::Unknown => 404,
+            Refusal::NotOurs => 421,
+            Refusal::RateLimited => 429,
+            Refusal::NothingListening { .. } | Refusal::OutsidePrefixes => 502,
+            Refusal::Unavailable { .. } | Refusal::CannotWake { .. } => 503,
+            Refusal::WakeTimeout | Refusal::UpstreamTimeout => 504,
+        }
+    }
+
+    /// The gRPC status code for a gRPC client (the spec's HTTP mapping; 400 is INTERNAL,
+    /// 404 UNIMPLEMENTED, 429/502/503/504 UNAVAILABLE, others UNKNOWN).
+    pub fn grpc_status(&self) -> u8 {
+        match self.status() {
+            400 => 13,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        }
+    }
+
+    /// The one line that says what happened.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::BadRequest(why) => format!("bad request: {why}"),
+            Refusal::Unknown => "no such service or VM".to_string(),
+            Refusal::NotOurs => "this host is not served here".to_string(),
+            Refusal::RateLimited => "too many requests for this VM; slow down".to_string(),
+            Refusal::NothingListening { port } => {
+                format!("nothing is listening on port {port} of the VM")
+            }
+            Refusal::OutsidePrefixes => {
+                "the VM's address is outside the prefixes this edge may reach".to_string()
+            }
+            Refusal::Unavailable { status } => format!("the VM is {status}"),
+            Refusal::CannotWake { status } => {
+                format!("the VM is {status} and this edge has no wake hook")
+            }
+            Refusal::WakeTimeout => "the VM did not wake up in time".to_string(),
+            Refusal::UpstreamTimeout => "the VM did not answer in time".to_string(),
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::Unknown => "unknown",
+            Refusal::NotOurs => "not_ours",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::NothingListening { .. } => "nothing_listening",
+            Refusal::OutsidePrefixes => "outside_prefixes",
+            Refusal::Unavailable { .. } => "unavailable",
+            Refusal::CannotWake { .. } => "cannot_wake",
+            Refusal::WakeTimeout => "wake_timeout",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+}
+
+/// Is this a gRPC request (its answers must be gRPC statuses)?
+pub fn is_grpc(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Writes the answer for `refusal`. The connection is not kept after a 400 (the
+/// request's framing cannot be trusted) or when the request body was not read.
+pub async fn respond(
+    session: &mut Session,
+    refusal: &Refusal,
+    request_id: &str,
+    grpc: bool,
+) -> pingora::Result<()> {
+    let line = refusal.message();
+    if grpc {
+        let mut header = ResponseHeader::build(200, Some(4))?;
+        header.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+        header.insert_header("grpc-status", refusal.grpc_status().to_string())?;
+        header.insert_header("grpc-message", percent_encode(&line))?;
+        header.insert_header("x-request-id", request_id)?;
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), true)
+            .await?;
+        session.as_downstream_mut().finish_body().await?;
+        return Ok(());
+    }
+    let status = refusal.status();
+    let body = Bytes::from(format!(
+        "{status} {}: {line}\nrequest id: {request_id}\n",
+        http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Error")
+    ));
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    header.insert_header("x-request-id", request_id)?;
+    if status == 400 || !session.is_body_empty() {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec): printable ASCII but `%` as is.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_grpc_codes() {
+        let cases = [
+            (Refusal::BadRequest("x"), 400, 13),
+            (Refusal::Unknown, 404, 12),
+            (Refusal::NotOurs, 421, 2),
+            (Refusal::RateLimited, 429, 14),
+            (Refusal::NothingListening { port: 80 }, 502, 14),
+            (
+                Refusal::Unavailable {
+                    status: VmStatus::Stopped,
+                },
+                503,
+                14,
+            ),
+            (Refusal::WakeTimeout, 504, 14),
+        ];
+        for (refusal, status, grpc) in cases {
+            assert_eq!(refusal.status(), status, "{refusal:?}");
+            assert_eq!(refusal.grpc_status(), grpc, "{refusal:?}");
+        }
+        assert_eq!(
+            Refusal::NothingListening { port: 8080 }.message(),
+            "nothing is listening on port 8080 of the VM"
+        );
+        assert_eq!(
+            Refusal::Unavailable {
+                status: VmStatus::Deleting
+            }
+            .message(),
+            "the VM is deleting"
+        );
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("a b%c\né"), "a b%25c%0A%C3%A9");
+    }
+}

@@ -1,0 +1,165 @@
+//! `vmedge_edge_*` Prometheus metrics.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    code: u16,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmLabels {
+    vm: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every edge metric.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
+    bytes: Family<VmLabels, Counter<u64, AtomicU64>>,
+    connect_seconds: Histogram,
+    response_seconds: Histogram,
+    open_requests: Gauge,
+    wake_calls: Family<ResultLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    /// Registers the metrics under `vmedge_edge`.
+    pub fn register(registry: &mut Registry) -> std::sync::Arc<Metrics> {
+        let m = Metrics {
+            requests: Family::default(),
+            refusals: Family::default(),
+            bytes: Family::default(),
+            connect_seconds: Histogram::new(latency_buckets()),
+            response_seconds: Histogram::new(latency_buckets()),
+            open_requests: Gauge::default(),
+            wake_calls: Family::default(),
+            tls_reloads: Family::default(),
+        };
+        let sub = registry.sub_registry_with_prefix("vmedge_edge");
+        sub.register(
+            "requests",
+            "Requests answered, by status code and service name (empty: no route)",
+            m.requests.clone(),
+        );
+        sub.register(
+            "refusals",
+            "Requests the edge answered itself, by reason",
+            m.refusals.clone(),
+        );
+        sub.register(
+            "bytes",
+            "Body bytes per VM: in = to the VM, out = from the VM (WebSocket frames included)",
+            m.bytes.clone(),
+        );
+        sub.register(
+            "upstream_connect_seconds",
+            "Time to open a new connection to a VM",
+            m.connect_seconds.clone(),
+        );
+        sub.register(
+            "upstream_response_seconds",
+            "Time from sending a request to a VM to its response header",
+            m.response_seconds.clone(),
+        );
+        sub.register(
+            "open_requests",
+            "Requests in progress, open WebSocket and streaming exchanges included",
+            m.open_requests.clone(),
+        );
+        sub.register(
+            "wake_calls",
+            "Wake hook calls, by result",
+            m.wake_calls.clone(),
+        );
+        sub.register(
+            "tls_reloads",
+            "Certificate reloads, by result",
+            m.tls_reloads.clone(),
+        );
+        std::sync::Arc::new(m)
+    }
+
+    pub(crate) fn request_done(&self, code: u16, service: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                code,
+                service: service.to_string(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub(crate) fn vm_bytes(&self, vm: &str, bytes_in: u64, bytes_out: u64) {
+        for (direction, n) in [("in", bytes_in), ("out", bytes_out)] {
+            if n > 0 {
+                self.bytes
+                    .get_or_create(&VmLabels {
+                        vm: vm.to_string(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    pub(crate) fn connected(&self, seconds: f64) {
+        self.connect_seconds.observe(seconds);
+    }
+
+    pub(crate) fn responded(&self, seconds: f64) {
+        self.response_seconds.observe(seconds);
+    }
+
+    pub(crate) fn open(&self) {
+        self.open_requests.inc();
+    }
+
+    pub(crate) fn closed(&self) {
+        self.open_requests.dec();
+    }
+
+    pub(crate) fn wake_call(&self, result: &'static str) {
+        self.wake_calls
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub(crate) fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
