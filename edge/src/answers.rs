@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use vmedge_model::VmStatus;
 
@@ -132,6 +133,11 @@ pub async fn respond(
         header.insert_header("grpc-status", refusal.grpc_status().to_string())?;
         header.insert_header("grpc-message", percent_encode(&line))?;
         header.insert_header("x-request-id", request_id)?;
+        // Trailers-only: one HEADERS frame with END_STREAM, as gRPC clients expect it.
+        if let ServerSession::H2(h2) = session.as_downstream_mut() {
+            h2.write_response_header(Box::new(header), true)?;
+            return Ok(());
+        }
         session.set_keepalive(None);
         session
             .write_response_header(Box::new(header), true)

@@ -80,8 +80,8 @@ impl EdgeProxy {
     /// Decides where the request goes, or why it does not.
     async fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Routed, Refusal> {
         let req = session.req_header();
-        if session.as_downstream().as_http1().is_some() {
-            framing_check(req)?;
+        if let Some(h1) = session.as_downstream().as_http1() {
+            framing_check(req, &h1.get_headers_raw_bytes())?;
         }
         let host = request_host(req).ok_or(Refusal::BadRequest("no Host header"))?;
         ctx.host = host.to_string();
@@ -182,17 +182,28 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 
 /// Request smuggling defences for HTTP/1.x: a request with both Content-Length and
 /// Transfer-Encoding, or with a Transfer-Encoding that does not end in chunked, or with
-/// several Host headers, is refused (RFC 9112 sections 6.1 and 3.2).
-fn framing_check(req: &RequestHeader) -> Result<(), Refusal> {
+/// several Host headers, is refused (RFC 9112 sections 6.1 and 3.2). pingora drops the
+/// Content-Length of such a request before we see it, so the raw header is looked at.
+fn framing_check(req: &RequestHeader, raw: &[u8]) -> Result<(), Refusal> {
     let te = req.headers.get_all(http::header::TRANSFER_ENCODING);
     let has_te = te.iter().next().is_some();
-    if has_te && req.headers.contains_key(http::header::CONTENT_LENGTH) {
+    let has_cl = || {
+        req.headers.contains_key(http::header::CONTENT_LENGTH)
+            || raw
+                .split(|&b| b == b'\n')
+                .any(|line| line.len() > 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+    };
+    if has_te && has_cl() {
         return Err(Refusal::BadRequest(
             "both Content-Length and Transfer-Encoding",
         ));
     }
     if has_te {
-        let last = te.iter().next_back().map(|v| v.as_bytes()).unwrap_or_default();
+        let last = te
+            .iter()
+            .next_back()
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         let last_coding = last.rsplit(|&b| b == b',').next().unwrap_or_default();
         if !last_coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return Err(Refusal::BadRequest(
@@ -419,6 +430,14 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    /// A client that went away (a cancelled gRPC call, a closed tab) is no error of ours,
+    /// and a VM that refused or timed out got its own answer; the access log line records
+    /// both, with the refusal's reason.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        error.esource() == &ErrorSource::Downstream
+            || refusal_for(error, ctx.routed.as_ref()).is_some()
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if ctx.open {
             self.metrics.closed();
@@ -471,17 +490,20 @@ mod tests {
 
     #[test]
     fn framing_conflicts_are_refused() {
-        assert!(framing_check(&request(&[("host", "a"), ("content-length", "3")])).is_ok());
-        assert!(framing_check(&request(&[("transfer-encoding", "gzip, chunked")])).is_ok());
+        let check = |req: &RequestHeader| framing_check(req, b"");
+        assert!(check(&request(&[("host", "a"), ("content-length", "3")])).is_ok());
+        assert!(check(&request(&[("transfer-encoding", "gzip, chunked")])).is_ok());
+        let te = request(&[("transfer-encoding", "chunked")]);
+        assert!(framing_check(&te, b"POST / HTTP/1.1\r\nContent-Length: 3\r\n").is_err());
         let both = request(&[("content-length", "3"), ("transfer-encoding", "chunked")]);
         assert_eq!(
-            framing_check(&both),
+            check(&both),
             Err(Refusal::BadRequest(
                 "both Content-Length and Transfer-Encoding"
             ))
         );
-        assert!(framing_check(&request(&[("transfer-encoding", "chunked, gzip")])).is_err());
-        assert!(framing_check(&request(&[("host", "a"), ("host", "b")])).is_err());
+        assert!(check(&request(&[("transfer-encoding", "chunked, gzip")])).is_err());
+        assert!(check(&request(&[("host", "a"), ("host", "b")])).is_err());
     }
 
     #[test]

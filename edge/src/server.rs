@@ -129,7 +129,12 @@ impl EdgeServer {
         let conf = server.configuration.clone();
 
         let activity = Arc::new(Activity::default());
-        let waker = Arc::new(Waker::new(hook, registry.clone(), metrics.clone()));
+        let waker = Arc::new(Waker::new(
+            hook,
+            registry.clone(),
+            settings.wake_timeout,
+            metrics.clone(),
+        ));
         let settings = Arc::new(settings);
         let proxy = EdgeProxy::new(
             settings.clone(),

@@ -1,11 +1,12 @@
 //! Wake on request: a paused VM is woken through the control plane's wake hook, and the
 //! request waits until the registry says `running`.
 //!
-//! However many requests wait for one VM, at most one hook call for it is in flight; each
-//! waiter watches the registry itself, so a VM resumed by someone else lets them through
-//! just the same.
+//! However many requests wait for one VM, at most one hook call for it is in flight, and
+//! after a call the hook accepted none is made for that VM for a quiet spell (the wake
+//! timeout: the control plane is resuming it). Each waiter watches the registry itself, so
+//! a VM resumed by someone else lets them through just the same.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,22 +86,27 @@ pub struct Waker {
     hook: Option<WakeHook>,
     registry: Arc<dyn Registry>,
     connector: Connector,
-    in_flight: Mutex<HashSet<VmId>>,
+    /// VMs not to call the hook for (a call in flight or just accepted), until when.
+    quiet: Mutex<HashMap<VmId, Instant>>,
+    quiet_spell: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Waker {
-    /// A waker calling `hook` (none: waiting only).
+    /// A waker calling `hook` (none: waiting only); after an accepted call, the VM is not
+    /// called for again for `quiet_spell`.
     pub fn new(
         hook: Option<WakeHook>,
         registry: Arc<dyn Registry>,
+        quiet_spell: Duration,
         metrics: Arc<Metrics>,
     ) -> Waker {
         Waker {
             hook,
             registry,
             connector: Connector::new(None),
-            in_flight: Mutex::new(HashSet::new()),
+            quiet: Mutex::new(HashMap::new()),
+            quiet_spell,
             metrics,
         }
     }
@@ -140,17 +146,26 @@ impl Waker {
         }
     }
 
-    /// Starts one hook call for `vm` unless one is in flight.
+    /// Starts one hook call for `vm` unless one is in flight or was just accepted.
     fn call_once(self: &Arc<Self>, vm: VmId) {
         let Some(hook) = self.hook.clone() else {
             return;
         };
-        let first = self
-            .in_flight
+        let now = Instant::now();
+        let call = self
+            .quiet
             .lock()
-            .map(|mut calls| calls.insert(vm))
+            .map(|mut quiet| {
+                quiet.retain(|_, until| *until > now);
+                if quiet.contains_key(&vm) {
+                    return false;
+                }
+                // In flight: quiet until the call ends.
+                quiet.insert(vm, now + HOOK_TIMEOUT + self.quiet_spell);
+                true
+            })
             .unwrap_or(false);
-        if !first {
+        if !call {
             return;
         }
         let waker = self.clone();
@@ -175,8 +190,13 @@ impl Waker {
                 }
             };
             waker.metrics.wake_call(outcome);
-            if let Ok(mut calls) = waker.in_flight.lock() {
-                calls.remove(&vm);
+            if let Ok(mut quiet) = waker.quiet.lock() {
+                if outcome == "ok" {
+                    quiet.insert(vm, Instant::now() + waker.quiet_spell);
+                } else {
+                    // Not accepted: the next request may try again.
+                    quiet.remove(&vm);
+                }
             }
         });
     }

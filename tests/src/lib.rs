@@ -6,8 +6,9 @@
 //! left behind by a killed run is swept when it is claimed again.
 //!
 //! [`peers`] has echo servers, NSD and probes that run inside namespaces; [`gate`] runs
-//! the DNS gate inside a worker namespace; [`alloc`] has a counting global allocator for
-//! "allocates nothing" checks.
+//! the DNS gate inside a worker namespace; [`edge`] has the edge's backends and clients
+//! (Python HTTP, WebSocket and gRPC peers, curl) and runs `vmedge edge` in a namespace;
+//! [`alloc`] has a counting global allocator for "allocates nothing" checks.
 //!
 //! # Address plan (DESIGN.md, last section)
 //! This machine's own network (DESIGN.md, last section) is never used here. Labs live in
@@ -27,6 +28,7 @@
 //! flock on `/tmp/vmedge-lab-<n>.lock`, which the kernel releases if the process dies.
 
 pub mod alloc;
+pub mod edge;
 pub mod gate;
 pub mod peers;
 

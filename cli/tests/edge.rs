@@ -1,0 +1,745 @@
+//! `vmedge edge` as an operator runs it, inside a lab's worker namespace, in front of real
+//! backends in VM namespaces on IPv6: curl (HTTP/1.1, HTTPS h2, h2c), a WebSocket client,
+//! gRPC (Python grpcio) and wrk.
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmedge_tests::edge::{backend, curl, edge, http_get, peers_script, raw_http, Process};
+use vmedge_tests::gate::metric;
+use vmedge_tests::{Lab, Netns};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmedge");
+const DOMAIN: &str = "edge.test";
+const HTTP: &str = "127.0.0.1:8080";
+const HTTPS: &str = "127.0.0.1:8443";
+const ADMIN: &str = "127.0.0.1:9180";
+const HOOK: &str = "127.0.0.1:9000";
+
+fn vm_id(i: usize) -> String {
+    format!("6f1c2d3e-0000-4000-8000-0000000000{i:02x}")
+}
+
+/// `<service>--<vmid hex>.proxy.edge.test`.
+fn host(service: &str, i: usize) -> String {
+    format!("{service}--{}.proxy.{DOMAIN}", vm_id(i).replace('-', ""))
+}
+
+fn vm(i: usize, ipv6: &str, status: &str) -> Value {
+    json!({"id": vm_id(i), "org_id": "o", "worker": "w", "public_ipv6": ipv6, "status": status,
+           "services": [{"name": "web", "port": 8000}, {"name": "ws", "port": 9001},
+                        {"name": "grpc", "port": 50051, "h2c": true}, {"name": "dead", "port": 8999}]})
+}
+
+/// VM 0 (running) and VM 1 (status `vm1`) are lab VMs; 10..13 have no namespace: stopped,
+/// deleting, error, provisioning; 20 has an address outside vm_prefixes.
+fn state(lab: &Lab, vm1: &str) -> Value {
+    // Addresses on VM 1's link that nothing answers: never dialled in these states.
+    let spare = |i: u16| {
+        let [a, b, c, d, ..] = lab.vms[1].ipv6.segments();
+        std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0x10 + i).to_string()
+    };
+    json!({"vms": [
+        vm(0, &lab.vms[0].ipv6.to_string(), "running"),
+        vm(1, &lab.vms[1].ipv6.to_string(), vm1),
+        vm(0x10, &spare(0), "stopped"),
+        vm(0x11, &spare(1), "deleting"),
+        vm(0x12, &spare(2), "error"),
+        vm(0x13, &spare(3), "provisioning"),
+        vm(0x20, &lab.unused_ipv6().to_string(), "running"),
+    ]})
+}
+
+/// A lab, its backends and a running edge.
+struct EdgeLab {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    edge: Process,
+    _backends: Vec<Process>,
+}
+
+impl EdgeLab {
+    fn start(vm1: &str) -> EdgeLab {
+        let lab = Lab::new(2);
+        let mut backends = Vec::new();
+        for v in &lab.vms {
+            backends.push(backend(&v.ns, "http", 8000));
+        }
+        backends.push(backend(&lab.vms[0].ns, "ws", 9001));
+        backends.push(backend(&lab.vms[0].ns, "grpc", 50051));
+        let dir = tempfile::tempdir().unwrap();
+        write_state(dir.path(), &state(&lab, vm1));
+        let n = lab.id();
+        std::fs::write(
+            dir.path().join("vmedge.toml"),
+            format!(
+                "domain = \"{DOMAIN}\"\nregistry = \"file:state.json\"\nstate_dir = \"state\"\n\
+                 vm_prefixes = [\"fd5e:ed00:{n:x}:1::/64\", \"fd5e:ed00:{n:x}:2::/64\"]\n\
+                 wake_url = \"http://{HOOK}/wake\"\n\
+                 [edge]\nhttp = [\"{HTTP}\", \"[::1]:8080\"]\nhttps = [\"{HTTPS}\"]\nadmin = \"{ADMIN}\"\n\
+                 wake_timeout = \"3s\"\nupstream_timeout = \"2s\"\ngrace_period = \"1s\"\n"
+            ),
+        )
+        .unwrap();
+        let edge = start_edge(&lab.worker, dir.path(), &[]);
+        EdgeLab {
+            lab,
+            dir,
+            edge,
+            _backends: backends,
+        }
+    }
+
+    fn ns(&self) -> &Netns {
+        &self.lab.worker
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        let out = curl(self.ns(), args);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `curl -H Host: HOST http://HTTP/PATH`, with the status code appended as ` CODE`.
+    fn get(&self, host: &str, path: &str, extra: &[&str]) -> String {
+        let url = format!("http://{HTTP}{path}");
+        let h = format!("Host: {host}");
+        let mut args = vec!["-H", &h, "-w", " %{http_code}", &url];
+        args.extend_from_slice(extra);
+        self.curl(&args)
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.ns(), ADMIN.parse().unwrap(), "admin", "/metrics")
+    }
+
+    fn grpc(&self, authority: &str) -> Value {
+        let out = self
+            .ns()
+            .command("python3")
+            .arg(peers_script())
+            .args(["grpc-client", HTTP, authority])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "grpc client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn start_edge(ns: &Netns, dir: &Path, extra: &[&str]) -> Process {
+    edge(
+        BIN,
+        ns,
+        &dir.join("vmedge.toml"),
+        ADMIN.parse().unwrap(),
+        extra,
+    )
+}
+
+/// Writes the state file atomically (the registry must never read half a file).
+fn write_state(dir: &Path, state: &Value) {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, state.to_string()).unwrap();
+    std::fs::rename(&tmp, dir.join("state.json")).unwrap();
+}
+
+fn sha256_of(ns: &Netns, path: &Path) -> String {
+    let out = ns.sh(&["sha256sum", path.to_str().unwrap()]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
+    let t = EdgeLab::start("running");
+    let web = host("web", 0);
+
+    // HTTP/1.1, and the headers the VM sees.
+    let hello = t.get(&web, "/hello", &[]);
+    assert_eq!(hello, "hello from 8000\n 200");
+    let seen: Value = serde_json::from_str(
+        t.get(
+            &web.to_uppercase(),
+            "/headers",
+            &[
+                "-H",
+                "X-Request-Id: my-id-1",
+                "-H",
+                "X-Forwarded-For: 203.0.113.9",
+                "-H",
+                "Connection: keep-alive, X-Secret",
+                "-H",
+                "X-Secret: s",
+            ],
+        )
+        .trim_end_matches(" 200"),
+    )
+    .unwrap();
+    assert_eq!(seen["host"], web.to_uppercase(), "the public Host is kept");
+    assert_eq!(seen["x-forwarded-host"], web.to_uppercase());
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen["x-forwarded-for"], "127.0.0.1",
+        "a client's XFF is not trusted"
+    );
+    assert_eq!(
+        seen["x-request-id"], "my-id-1",
+        "a client's request id is kept"
+    );
+    assert!(
+        seen.get("x-secret").is_none(),
+        "connection-nominated headers are stripped: {seen}"
+    );
+
+    // HTTPS: SNI and ALPN h2, verified against the self-signed certificate made at start.
+    let cert = t.dir.path().join("state/edge-cert.pem");
+    let resolve = format!("{web}:8443:127.0.0.1");
+    let url = format!("https://{web}:8443/hello");
+    let tls = t.curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "-w",
+        " %{http_version}",
+        &url,
+    ]);
+    assert_eq!(tls, "hello from 8000\n 2");
+    let tls11 = t.curl(&[
+        "--http1.1",
+        "--cacert",
+        cert.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "-w",
+        " %{http_version}",
+        &url,
+    ]);
+    assert_eq!(tls11, "hello from 8000\n 1.1");
+    let https_seen = t.curl(&[
+        "--cacert",
+        cert.to_str().unwrap(),
+        "--resolve",
+        &format!("{web}:8443:127.0.0.1"),
+        &format!("https://{web}:8443/headers"),
+    ]);
+    assert!(
+        https_seen.contains(r#""x-forwarded-proto": "https""#),
+        "{https_seen}"
+    );
+
+    // h2c prior knowledge on the plain port; IPv6 listener too.
+    let h2c = t.get(
+        &web,
+        "/hello",
+        &["--http2-prior-knowledge", "-w", " %{http_version}"],
+    );
+    assert_eq!(h2c, "hello from 8000\n 2");
+    let v6 = t.curl(&["-H", &format!("Host: {web}"), "http://[::1]:8080/hello"]);
+    assert_eq!(v6, "hello from 8000\n");
+
+    // A large download and upload, streamed, checked end to end.
+    let file = t.dir.path().join("down.bin");
+    let headers = t.curl(&[
+        "-D",
+        "-",
+        "-o",
+        file.to_str().unwrap(),
+        "-H",
+        &format!("Host: {web}"),
+        &format!("http://{HTTP}/download?n=50000000"),
+    ]);
+    let want = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-sha256: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 50_000_000);
+    assert_eq!(sha256_of(t.ns(), &file), want, "download intact");
+    let sent_hash = sha256_of(t.ns(), &file);
+    for (framing, flag) in [("length", "--data-binary"), ("chunked", "--data-binary")] {
+        let mut args = vec!["-H".to_string(), format!("Host: {web}")];
+        if framing == "chunked" {
+            args.extend(["-H".into(), "Transfer-Encoding: chunked".into()]);
+        }
+        args.extend([
+            flag.to_string(),
+            format!("@{}", file.display()),
+            format!("http://{HTTP}/upload"),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply: Value = serde_json::from_str(&t.curl(&args)).unwrap();
+        assert_eq!(reply["bytes"], 50_000_000, "{framing}");
+        assert_eq!(
+            reply["sha256"],
+            sent_hash.as_str(),
+            "{framing} upload intact"
+        );
+    }
+
+    // SSE: the first event arrives while the backend still holds the stream open (it sends
+    // the second only after /release), so nothing is buffered on the way.
+    let mut sse = t.ns().enter(|| std::net::TcpStream::connect(HTTP)).unwrap();
+    sse.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        sse,
+        "GET /sse HTTP/1.1\r\nHost: {web}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: one") {
+        let n = sse.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&got).contains("data: two"));
+    assert_eq!(t.get(&web, "/release", &[]), "released\n 200");
+    while !String::from_utf8_lossy(&got).contains("data: two") {
+        let n = sse.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended before the second event");
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    // WebSocket echo: text, 4 MiB binary, a message in ten frames, ping.
+    let ws = t
+        .ns()
+        .command("python3")
+        .arg(peers_script())
+        .args([
+            "ws-client",
+            &format!("ws://{}:8080/", host("ws", 0)),
+            "127.0.0.1",
+            "8080",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ws.status.success(),
+        "ws client: {}",
+        String::from_utf8_lossy(&ws.stderr)
+    );
+    let ws: Value = serde_json::from_slice(&ws.stdout).unwrap();
+    assert_eq!(
+        ws,
+        json!({"text": true, "large": true, "fragmented": true, "ping": true})
+    );
+
+    // gRPC over h2c to an h2c service: unary with trailers, the three streaming kinds,
+    // a non-OK status with its trailers, a deadline.
+    let g = t.grpc(&host("grpc", 0));
+    assert_eq!(
+        g["unary"],
+        json!({"reply": "ping", "trailers": {"x-served-by": "backend"}})
+    );
+    assert_eq!(g["server_stream"], json!(["n0", "n1", "n2", "n3", "n4"]));
+    assert_eq!(g["client_stream"], "a|b|c");
+    assert_eq!(g["bidi"], json!(["X", "Y"]));
+    assert_eq!(g["fail"]["code"], "FAILED_PRECONDITION");
+    assert_eq!(g["fail"]["details"], "not today");
+    assert_eq!(g["fail"]["trailers"]["x-detail"], "why-not");
+    assert_eq!(g["deadline"]["code"], "DEADLINE_EXCEEDED");
+
+    // Activity for the idle-suspend controller; metrics.
+    let activity = http_get(t.ns(), ADMIN.parse().unwrap(), "admin", "/activity");
+    let body = activity.split("\r\n\r\n").nth(1).unwrap();
+    let activity: Value = serde_json::from_str(body).unwrap();
+    let row = &activity["vms"][0];
+    assert_eq!(row["vm_id"], vm_id(0));
+    assert!(row["bytes_in"].as_u64().unwrap() >= 100_000_000, "{row}");
+    assert!(row["bytes_out"].as_u64().unwrap() >= 50_000_000, "{row}");
+    let m = t.metrics();
+    assert!(
+        metric(
+            &m,
+            r#"vmedge_edge_requests_total{code="200",service="web"}"#
+        )
+        .unwrap()
+            >= 10.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "vmedge_edge_upstream_connect_seconds_count").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "vmedge_edge_upstream_response_seconds_count").unwrap() >= 10.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "vmedge_edge_open_requests"), Some(0.0), "{m}");
+    let bytes_out = format!(
+        r#"vmedge_edge_bytes_total{{vm="{}",direction="out"}}"#,
+        vm_id(0)
+    );
+    assert!(metric(&m, &bytes_out).unwrap() >= 50_000_000.0, "{m}");
+}
+
+#[test]
+fn answers_its_own_errors_as_text_and_as_grpc_status() {
+    let t = EdgeLab::start("running");
+    let id_of = |page: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix("request id: "))
+            .map(str::to_string)
+    };
+
+    // 404 is one answer for an unknown VM, an unknown service and a malformed host.
+    let unknown_vm = t.get(&host("web", 0x99), "/", &[]);
+    let unknown_service = t.get(&host("nope", 0), "/", &[]);
+    let malformed = t.get(&format!("web.proxy.{DOMAIN}"), "/", &[]);
+    for page in [&unknown_vm, &unknown_service, &malformed] {
+        assert!(
+            page.starts_with("404 Not Found: no such service or VM\nrequest id: "),
+            "{page}"
+        );
+        assert!(page.ends_with(" 404"), "{page}");
+    }
+    let strip = |p: &str| p.replace(&id_of(p).unwrap(), "");
+    assert_eq!(
+        strip(&unknown_vm),
+        strip(&unknown_service),
+        "no enumeration"
+    );
+
+    let not_ours = t.get("example.com", "/", &[]);
+    assert!(
+        not_ours.starts_with("421 Misdirected Request: this host is not served here"),
+        "{not_ours}"
+    );
+    let dead = t.get(&host("dead", 0), "/", &[]);
+    assert!(
+        dead.contains("nothing is listening on port 8999 of the VM") && dead.ends_with(" 502"),
+        "{dead}"
+    );
+    for (i, status) in [(0x10, "stopped"), (0x11, "deleting"), (0x12, "error")] {
+        let page = t.get(&host("web", i), "/", &[]);
+        assert!(
+            page.starts_with(&format!("503 Service Unavailable: the VM is {status}")),
+            "{page}"
+        );
+    }
+    let outside = t.get(&host("web", 0x20), "/", &[]);
+    assert!(
+        outside.contains("outside the prefixes") && outside.ends_with(" 502"),
+        "{outside}"
+    );
+    let slow = t.get(&host("web", 0), "/slow", &[]);
+    assert!(
+        slow.starts_with("504 Gateway Timeout: the VM did not answer in time"),
+        "{slow}"
+    );
+    let provisioning = t.get(&host("web", 0x13), "/", &[]);
+    assert!(
+        provisioning.starts_with("504 Gateway Timeout: the VM did not wake up in time"),
+        "{provisioning}"
+    );
+    let sent_id = t.get(&host("nope", 0), "/", &["-H", "X-Request-Id: trace-77"]);
+    assert_eq!(id_of(&sent_id).as_deref(), Some("trace-77"));
+
+    // Request smuggling shapes are refused with 400 before anything is forwarded.
+    let web = host("web", 0);
+    let both = raw_http(
+        t.ns(),
+        HTTP.parse().unwrap(),
+        format!("POST /upload HTTP/1.1\r\nHost: {web}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").as_bytes(),
+    );
+    assert!(both.starts_with("HTTP/1.1 400"), "{both}");
+    let two_hosts = raw_http(
+        t.ns(),
+        HTTP.parse().unwrap(),
+        format!(
+            "GET /hello HTTP/1.1\r\nHost: {web}\r\nHost: {}\r\n\r\n",
+            host("web", 1)
+        )
+        .as_bytes(),
+    );
+    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+
+    // To a gRPC client the same answers are grpc-status and grpc-message.
+    let unknown = t.grpc(&host("grpc", 0x99));
+    assert_eq!(unknown["unary"]["code"], "UNIMPLEMENTED");
+    assert_eq!(unknown["unary"]["details"], "no such service or VM");
+    let stopped = t.grpc(&host("grpc", 0x10));
+    assert_eq!(stopped["unary"]["code"], "UNAVAILABLE");
+    assert_eq!(stopped["unary"]["details"], "the VM is stopped");
+    let dead = t.grpc(&host("dead", 0));
+    assert_eq!(dead["unary"]["code"], "UNAVAILABLE");
+
+    let m = t.metrics();
+    for (reason, at_least) in [
+        ("unknown", 4.0),
+        ("not_ours", 1.0),
+        ("nothing_listening", 2.0),
+        ("unavailable", 4.0),
+        ("outside_prefixes", 1.0),
+        ("upstream_timeout", 1.0),
+        ("wake_timeout", 1.0),
+        ("bad_request", 1.0),
+    ] {
+        let key = format!(r#"vmedge_edge_refusals_total{{reason="{reason}"}}"#);
+        assert!(metric(&m, &key).unwrap_or(0.0) >= at_least, "{key}\n{m}");
+    }
+    assert!(
+        metric(&m, r#"vmedge_edge_requests_total{code="404",service=""}"#).unwrap() >= 4.0,
+        "{m}"
+    );
+}
+
+/// A control plane's wake hook: counts calls, and after each flips VM 1 to running in
+/// the state file, as the real one would once the VM is resumed.
+fn wake_hook(ns: &Netns, dir: PathBuf, lab_state: Value) -> Arc<AtomicUsize> {
+    let listener = ns.enter(|| TcpListener::bind(HOOK)).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            // Header and body may come in separate segments: read up to the JSON's end.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"}") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            assert!(text.starts_with("POST /wake HTTP/1.1"), "{text}");
+            assert!(
+                text.contains(&format!(r#"{{"vm_id":"{}"}}"#, vm_id(1))),
+                "{text}"
+            );
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(500));
+            write_state(&dir, &lab_state);
+        }
+    });
+    calls
+}
+
+#[test]
+fn wakes_a_paused_vm_once_however_many_requests_wait() {
+    let t = EdgeLab::start("paused");
+    let calls = wake_hook(t.ns(), t.dir.path().to_path_buf(), state(&t.lab, "running"));
+    let web = host("web", 1);
+    let started = Instant::now();
+    let waiting: Vec<_> = (0..8)
+        .map(|_| {
+            let args = [
+                "-H".to_string(),
+                format!("Host: {web}"),
+                "-w".into(),
+                " %{http_code}".into(),
+                format!("http://{HTTP}/hello"),
+            ];
+            t.ns().command("curl").arg("-sS").args(args).spawn_output()
+        })
+        .collect();
+    for w in waiting {
+        let out = w.join().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello from 8000\n 200"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one hook call for eight waiting requests"
+    );
+    let m = t.metrics();
+    assert_eq!(
+        metric(&m, r#"vmedge_edge_wake_calls_total{result="ok"}"#),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+/// `Command::output` on a thread, so several run at once.
+trait SpawnOutput {
+    fn spawn_output(self) -> std::thread::JoinHandle<std::process::Output>;
+}
+
+impl SpawnOutput for &mut std::process::Command {
+    fn spawn_output(self) -> std::thread::JoinHandle<std::process::Output> {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::spawn(move || child.wait_with_output().unwrap())
+    }
+}
+
+#[test]
+fn reloads_state_and_certificate_under_load_without_failing_a_request() {
+    let mut t = EdgeLab::start("running");
+    let web = host("web", 0);
+    let load = t
+        .ns()
+        .command("wrk")
+        .args([
+            "-t2",
+            "-c20",
+            "-d4s",
+            "-H",
+            &format!("Host: {web}"),
+            &format!("http://{HTTP}/hello"),
+        ])
+        .spawn_output();
+    // Meanwhile: five state changes (another VM flips status), and a new certificate.
+    for i in 0..5 {
+        std::thread::sleep(Duration::from_millis(400));
+        let status = if i % 2 == 0 { "stopped" } else { "running" };
+        write_state(t.dir.path(), &state(&t.lab, status));
+    }
+    let state_dir = t.dir.path().join("state");
+    let new_cert = state_dir.join("new-cert.pem");
+    t.ns().sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        state_dir.join("new-key.pem").to_str().unwrap(),
+        "-out",
+        new_cert.to_str().unwrap(),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=reloaded",
+        "-addext",
+        &format!("subjectAltName=DNS:*.proxy.{DOMAIN}"),
+    ]);
+    std::fs::rename(
+        state_dir.join("new-key.pem"),
+        state_dir.join("edge-key.pem"),
+    )
+    .unwrap();
+    std::fs::copy(&new_cert, state_dir.join("edge-cert.pem.tmp")).unwrap();
+    std::fs::rename(
+        state_dir.join("edge-cert.pem.tmp"),
+        state_dir.join("edge-cert.pem"),
+    )
+    .unwrap();
+
+    let out = load.join().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        !report.contains("Non-2xx"),
+        "failed requests during reloads:\n{report}"
+    );
+    assert!(
+        !report.contains("Socket errors"),
+        "connection errors during reloads:\n{report}"
+    );
+    let requests: u64 = report
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .map(|(n, _)| n.trim().parse().unwrap())
+        .unwrap();
+    assert!(requests > 100, "{report}");
+    let m = t.metrics();
+    assert!(
+        metric(&m, "vmedge_registry_generation").unwrap() >= 6.0,
+        "{m}"
+    );
+
+    // The new certificate is served (the poll runs every 2 s).
+    let resolve = format!("{web}:8443:127.0.0.1");
+    let url = format!("https://{web}:8443/hello");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = curl(
+            t.ns(),
+            &[
+                "--cacert",
+                new_cert.to_str().unwrap(),
+                "--resolve",
+                &resolve,
+                &url,
+            ],
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(t
+        .metrics()
+        .contains(r#"vmedge_edge_tls_reloads_total{result="ok"} 1"#));
+    t.edge.assert_running();
+}
+
+#[test]
+fn hands_its_listening_sockets_to_an_upgraded_edge() {
+    let mut t = EdgeLab::start("running");
+    let web = host("web", 0);
+    let load = t
+        .ns()
+        .command("wrk")
+        .args([
+            "-t1",
+            "-c4",
+            "-d6s",
+            "-H",
+            &format!("Host: {web}"),
+            &format!("http://{HTTP}/hello"),
+        ])
+        .spawn_output();
+    std::thread::sleep(Duration::from_secs(1));
+    // The new binary waits for the sockets; the old one sends them on SIGQUIT and leaves.
+    let child = t
+        .ns()
+        .command(BIN)
+        .args(["--log-level", "warn", "edge", "--upgrade", "--config"])
+        .arg(t.dir.path().join("vmedge.toml"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut new = Process::new(child, "the upgraded edge");
+    std::thread::sleep(Duration::from_millis(500));
+    t.edge.signal("QUIT");
+    assert!(
+        t.edge.wait_exit(Duration::from_secs(30)),
+        "the old edge did not leave"
+    );
+    let out = load.join().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(!report.contains("Non-2xx"), "{report}");
+    assert!(
+        !report.contains("connect "),
+        "refused connections across the upgrade:\n{report}"
+    );
+    assert_eq!(t.get(&web, "/hello", &[]), "hello from 8000\n 200");
+    new.assert_running();
+    new.signal("TERM");
+    assert!(
+        new.wait_exit(Duration::from_secs(20)),
+        "SIGTERM stops the edge"
+    );
+}

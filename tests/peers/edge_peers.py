@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Backends and clients for the edge's end-to-end tests and benchmarks.
+
+Backends run inside VM namespaces; clients run where the edge's listeners are.
+
+  edge_peers.py http PORT            HTTP/1.1 backend (see Http below)
+  edge_peers.py ws PORT              WebSocket echo backend
+  edge_peers.py grpc PORT            gRPC backend, generic handlers (no protoc needed)
+  edge_peers.py ws-client URL ADDR PORT      checks echo of small, large and fragmented messages
+  edge_peers.py grpc-client ADDR AUTHORITY   runs every gRPC case, prints one JSON object
+
+Clients print what they saw as JSON on stdout and exit 0; the Rust test decides.
+"""
+
+import asyncio
+import hashlib
+import http.server
+import json
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+
+def pattern(n):
+    """n deterministic bytes."""
+    block = bytes(range(251)) * 262
+    out = bytearray()
+    while len(out) < n:
+        out += block[: n - len(out)]
+    return bytes(out)
+
+
+class Http(http.server.BaseHTTPRequestHandler):
+    """GET /hello, /headers (request headers as JSON), /download?n=N (x-sha256 header),
+    /sse (one event, then waits for GET /release, then a second), /slow (sleeps 5 s);
+    POST /upload (answers bytes and sha256 of the body, chunked or not)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    release = threading.Event()
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body, content_type="text/plain", extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path == "/hello":
+            port = self.server.server_address[1]
+            self.reply(200, f"hello from {port}\n".encode())
+        elif path == "/headers":
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            self.reply(200, json.dumps(headers).encode(), "application/json")
+        elif path == "/download":
+            n = int(query.split("=", 1)[1])
+            body = pattern(n)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.send_header("x-sha256", hashlib.sha256(body).hexdigest())
+            self.end_headers()
+            view = memoryview(body)
+            for i in range(0, n, 65536):
+                self.wfile.write(view[i : i + 65536])
+        elif path == "/sse":
+            Http.release.clear()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.chunk(b"data: one\n\n")
+            Http.release.wait(30)
+            self.chunk(b"data: two\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+        elif path == "/release":
+            Http.release.set()
+            self.reply(200, b"released\n")
+        elif path == "/slow":
+            time.sleep(5)
+            self.reply(200, b"late\n")
+        else:
+            self.reply(404, b"backend: not found\n")
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def do_POST(self):
+        digest, n = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower().endswith("chunked"):
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    data = self.rfile.read(min(left, 65536))
+                    digest.update(data)
+                    n += len(data)
+                    left -= len(data)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                data = self.rfile.read(min(left, 65536))
+                if not data:
+                    break
+                digest.update(data)
+                n += len(data)
+                left -= len(data)
+        body = json.dumps({"bytes": n, "sha256": digest.hexdigest()}).encode()
+        self.reply(200, body, "application/json")
+
+
+class Server6(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+
+def serve_http(port):
+    Server6(("::", port), Http).serve_forever()
+
+
+async def serve_ws(port):
+    from websockets.asyncio.server import serve
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "::", port, max_size=16 * 1024 * 1024):
+        await asyncio.Future()
+
+
+async def ws_client(url, addr, port):
+    from websockets.asyncio.client import connect
+
+    seen = {}
+    async with connect(url, host=addr, port=port, max_size=16 * 1024 * 1024) as ws:
+        await ws.send("hello")
+        seen["text"] = await ws.recv() == "hello"
+        big = pattern(4 * 1024 * 1024)
+        await ws.send(big)
+        seen["large"] = await ws.recv() == big
+        parts = [pattern(70000)[i : i + 7000] for i in range(0, 70000, 7000)]
+        await ws.send(parts)  # one message in ten frames
+        seen["fragmented"] = await ws.recv() == b"".join(parts)
+        pong = await ws.ping()
+        await asyncio.wait_for(pong, 5)
+        seen["ping"] = True
+    print(json.dumps(seen))
+
+
+SERVICE = "vmedge.test.Echo"
+
+
+def identity(b):
+    return b
+
+
+def serve_grpc(port):
+    import grpc
+    from concurrent import futures
+
+    def unary(req, ctx):
+        ctx.set_trailing_metadata((("x-served-by", "backend"),))
+        return req
+
+    def server_stream(req, ctx):
+        for i in range(5):
+            yield req + str(i).encode()
+
+    def client_stream(it, ctx):
+        return b"|".join(it)
+
+    def bidi(it, ctx):
+        for m in it:
+            yield m.upper()
+
+    def fail(req, ctx):
+        ctx.set_trailing_metadata((("x-detail", "why-not"),))
+        ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "not today")
+
+    def slow(req, ctx):
+        time.sleep(3)
+        return req
+
+    h = lambda f, kind: kind(f, request_deserializer=identity, response_serializer=identity)
+    handlers = {
+        "Unary": h(unary, grpc.unary_unary_rpc_method_handler),
+        "ServerStream": h(server_stream, grpc.unary_stream_rpc_method_handler),
+        "ClientStream": h(client_stream, grpc.stream_unary_rpc_method_handler),
+        "Bidi": h(bidi, grpc.stream_stream_rpc_method_handler),
+        "Fail": h(fail, grpc.unary_unary_rpc_method_handler),
+        "Slow": h(slow, grpc.unary_unary_rpc_method_handler),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_insecure_port(f"[::]:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_client(addr, authority):
+    """Every case against one authority; a case that raises records its status code."""
+    import grpc
+
+    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", authority)])
+    m = lambda kind, name: getattr(channel, kind)(
+        f"/{SERVICE}/{name}", request_serializer=identity, response_deserializer=identity
+    )
+    out = {}
+
+    def case(name, f):
+        try:
+            out[name] = f()
+        except grpc.RpcError as e:
+            out[name] = {
+                "code": e.code().name,
+                "details": e.details(),
+                "trailers": {k: v for k, v in (e.trailing_metadata() or ())},
+            }
+
+    def unary():
+        resp, call = m("unary_unary", "Unary").with_call(b"ping", timeout=10)
+        trailers = {k: v for k, v in call.trailing_metadata()}
+        return {"reply": resp.decode(), "trailers": trailers}
+
+    case("unary", unary)
+    case("server_stream", lambda: [r.decode() for r in m("unary_stream", "ServerStream")(b"n", timeout=10)])
+    case("client_stream", lambda: m("stream_unary", "ClientStream")(iter([b"a", b"b", b"c"]), timeout=10).decode())
+    case("bidi", lambda: [r.decode() for r in m("stream_stream", "Bidi")(iter([b"x", b"y"]), timeout=10)])
+    case("fail", lambda: m("unary_unary", "Fail")(b"", timeout=10).decode())
+    case("deadline", lambda: m("unary_unary", "Slow")(b"", timeout=0.5).decode())
+    print(json.dumps(out))
+
+
+def main():
+    what = sys.argv[1]
+    if what == "http":
+        serve_http(int(sys.argv[2]))
+    elif what == "ws":
+        asyncio.run(serve_ws(int(sys.argv[2])))
+    elif what == "grpc":
+        serve_grpc(int(sys.argv[2]))
+    elif what == "ws-client":
+        asyncio.run(ws_client(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    elif what == "grpc-client":
+        grpc_client(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(f"unknown: {what}")
+
+
+if __name__ == "__main__":
+    main()
