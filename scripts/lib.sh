@@ -28,3 +28,16 @@ ensure_cargo() {
 
 # What building needs: a C toolchain for -sys crates, cmake (pingora's zlib-ng), protoc (etcd-client).
 BUILD_PACKAGES=(build-essential pkg-config cmake protobuf-compiler)
+
+# Installs the Python modules given as IMPORT_NAME:PIP_NAME that do not import yet (pip,
+# into the python3 on PATH; Debian's own Python needs --break-system-packages for that).
+ensure_python_modules() {
+    local missing=()
+    for spec in "$@"; do
+        python3 -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3-pip
+    say "installing Python modules ${missing[*]}"
+    python3 -m pip install -q --break-system-packages "${missing[@]}"
+}
