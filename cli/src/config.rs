@@ -190,6 +190,8 @@ pub struct EdgeConfig {
     pub upstream_timeout: Duration,
     /// Requests per second each VM may receive (bursts of twice that); 0 for no limit.
     pub rate_limit: u32,
+    /// The largest request header accepted (then 431), in bytes.
+    pub max_header_bytes: usize,
     /// Worker threads; 0 for one per core.
     pub threads: usize,
     /// How long open requests may finish after SIGTERM.
@@ -284,6 +286,7 @@ impl Default for EdgeConfig {
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             rate_limit: 0,
+            max_header_bytes: 32 * 1024,
             threads: 0,
             grace_period: Duration::from_secs(5),
         }

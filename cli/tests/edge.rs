@@ -66,6 +66,11 @@ struct EdgeLab {
 
 impl EdgeLab {
     fn start(vm1: &str) -> EdgeLab {
+        EdgeLab::start_with(vm1, "")
+    }
+
+    /// With more `[edge]` config lines.
+    fn start_with(vm1: &str, edge_config: &str) -> EdgeLab {
         let lab = Lab::new(2);
         let mut backends = Vec::new();
         for v in &lab.vms {
@@ -83,7 +88,7 @@ impl EdgeLab {
                  vm_prefixes = [\"fd5e:ed00:{n:x}:1::/64\", \"fd5e:ed00:{n:x}:2::/64\"]\n\
                  wake_url = \"http://{HOOK}/wake\"\n\
                  [edge]\nhttp = [\"{HTTP}\", \"[::1]:8080\"]\nhttps = [\"{HTTPS}\"]\nadmin = \"{ADMIN}\"\n\
-                 wake_timeout = \"3s\"\nupstream_timeout = \"2s\"\ngrace_period = \"1s\"\n"
+                 wake_timeout = \"3s\"\nupstream_timeout = \"2s\"\ngrace_period = \"1s\"\n{edge_config}"
             ),
         )
         .unwrap();
@@ -754,5 +759,61 @@ fn hands_its_listening_sockets_to_an_upgraded_edge() {
     assert!(
         new.wait_exit(Duration::from_secs(20)),
         "SIGTERM stops the edge"
+    );
+}
+
+#[test]
+fn limits_each_vms_request_rate_and_the_header_size() {
+    let t = EdgeLab::start_with("running", "rate_limit = 5\nmax_header_bytes = 4096\n");
+    let web = host("web", 0);
+    // 30 requests on one connection, back to back: the burst (10) passes, most others not.
+    let url = format!("http://{HTTP}/hello");
+    let mut args = vec![
+        "-H".to_string(),
+        format!("Host: {web}"),
+        "-w".into(),
+        "%{http_code}\\n".into(),
+        "-o".into(),
+        "/dev/null".into(),
+    ];
+    for _ in 0..30 {
+        args.push(url.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let codes = t.curl(&args);
+    let ok = codes.lines().filter(|c| *c == "200").count();
+    let limited = codes.lines().filter(|c| *c == "429").count();
+    assert_eq!(ok + limited, 30, "{codes}");
+    assert!((10..30).contains(&ok) && limited > 0, "{codes}");
+    // Another VM's budget is its own.
+    let other = t.get(&host("web", 1), "/hello", &[]);
+    assert_eq!(other, "hello from 8000\n 200");
+
+    let big = format!("X-Big: {}", "a".repeat(5000));
+    let page = t.get(&host("web", 1), "/hello", &["-H", &big]);
+    assert!(
+        page.starts_with(
+            "431 Request Header Fields Too Large: the request header is larger than 4096 bytes"
+        ),
+        "{page}"
+    );
+    let h2 = t.get(
+        &host("web", 1),
+        "/hello",
+        &["--http2-prior-knowledge", "-H", &big],
+    );
+    assert!(h2.starts_with("431 "), "{h2}");
+    let m = t.metrics();
+    assert!(
+        metric(&m, r#"vmedge_edge_refusals_total{reason="rate_limited"}"#).unwrap() >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"vmedge_edge_refusals_total{reason="headers_too_large"}"#
+        ),
+        Some(2.0),
+        "{m}"
     );
 }

@@ -20,6 +20,11 @@ pub enum Refusal {
     Unknown,
     /// 421: the host is not under `proxy.<domain>`.
     NotOurs,
+    /// 431: the request's header is larger than the edge accepts.
+    HeadersTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// 429: the VM's request rate limit is spent.
     RateLimited,
     /// 502: nothing accepted the connection on that port of the VM.
@@ -52,6 +57,7 @@ impl Refusal {
             Refusal::BadRequest(_) => 400,
             Refusal::Unknown => 404,
             Refusal::NotOurs => 421,
+            Refusal::HeadersTooLarge { .. } => 431,
             Refusal::RateLimited => 429,
             Refusal::NothingListening { .. } | Refusal::OutsidePrefixes => 502,
             Refusal::Unavailable { .. } | Refusal::CannotWake { .. } => 503,
@@ -76,6 +82,9 @@ impl Refusal {
             Refusal::BadRequest(why) => format!("bad request: {why}"),
             Refusal::Unknown => "no such service or VM".to_string(),
             Refusal::NotOurs => "this host is not served here".to_string(),
+            Refusal::HeadersTooLarge { limit } => {
+                format!("the request header is larger than {limit} bytes")
+            }
             Refusal::RateLimited => "too many requests for this VM; slow down".to_string(),
             Refusal::NothingListening { port } => {
                 format!("nothing is listening on port {port} of the VM")
@@ -98,6 +107,7 @@ impl Refusal {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Unknown => "unknown",
             Refusal::NotOurs => "not_ours",
+            Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::RateLimited => "rate_limited",
             Refusal::NothingListening { .. } => "nothing_listening",
             Refusal::OutsidePrefixes => "outside_prefixes",

@@ -55,12 +55,18 @@ pub struct EdgeSettings {
     pub connect_timeout: Duration,
     /// How long a VM may stay silent mid-exchange (each read and write).
     pub upstream_timeout: Duration,
+    /// The largest request header accepted (then 431), in bytes.
+    pub max_header_bytes: usize,
     /// Requests per VM per second (burst twice that); none when `None`.
     pub rate_limit: Option<RateLimit>,
     /// Concurrent streams on one h2c connection to a VM.
     pub h2_streams_per_connection: usize,
     /// Worker threads; 0 for one per core.
     pub threads: usize,
+    /// Bytes of read buffer per client connection (0: reads go straight to the parser).
+    /// pingora's default, 64 KiB, made an idle keep-alive connection cost ~100 kB; 4 KiB
+    /// costs ~43 kB with the same throughput (bench/RESULTS.md).
+    pub client_read_buffer: usize,
     /// Where the edge keeps its pid file and upgrade socket.
     pub state_dir: PathBuf,
     /// Take the listening sockets over from a running edge (zero-downtime upgrade).
@@ -85,9 +91,11 @@ impl EdgeSettings {
             wake_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
             rate_limit: None,
             h2_streams_per_connection: 128,
             threads: 0,
+            client_read_buffer: 4096,
             state_dir,
             upgrade: false,
             grace_period: Duration::from_secs(5),

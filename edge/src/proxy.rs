@@ -80,8 +80,22 @@ impl EdgeProxy {
     /// Decides where the request goes, or why it does not.
     async fn route(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Routed, Refusal> {
         let req = session.req_header();
+        let limit = self.settings.max_header_bytes;
         if let Some(h1) = session.as_downstream().as_http1() {
-            framing_check(req, &h1.get_headers_raw_bytes())?;
+            let raw = h1.get_headers_raw_bytes();
+            if raw.len() > limit {
+                return Err(Refusal::HeadersTooLarge { limit });
+            }
+            framing_check(req, &raw)?;
+        } else {
+            let size: usize = req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum();
+            if size > limit {
+                return Err(Refusal::HeadersTooLarge { limit });
+            }
         }
         let host = request_host(req).ok_or(Refusal::BadRequest("no Host header"))?;
         ctx.host = host.to_string();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -150,7 +150,11 @@ impl EdgeServer {
             .server_options(options)
             .build();
         for addr in &settings.http {
-            service.add_tcp_with_settings(&addr.to_string(), socket_options(addr));
+            service.add_listener(
+                ListenerConfig::tcp(addr.to_string())
+                    .tcp_socket_options(socket_options(addr))
+                    .l4_buffer(l4_buffer(&settings)),
+            );
         }
         if let Some(certs) = &certs {
             for addr in &settings.https {
@@ -161,7 +165,12 @@ impl EdgeServer {
                     })?;
                 tls.set_cert_resolver(certs.clone());
                 tls.enable_h2();
-                service.add_tls_with_settings(&addr.to_string(), Some(socket_options(addr)), tls);
+                service.add_listener(
+                    ListenerConfig::tcp(addr.to_string())
+                        .tcp_socket_options(socket_options(addr))
+                        .tls(tls)
+                        .l4_buffer(l4_buffer(&settings)),
+                );
             }
         }
         server.add_service(service);
@@ -220,6 +229,14 @@ fn socket_options(addr: &SocketAddr) -> TcpSocketOptions {
         options.ipv6_only = Some(true);
     }
     options
+}
+
+/// Each client connection's read buffer (see [`EdgeSettings::client_read_buffer`]).
+fn l4_buffer(settings: &EdgeSettings) -> L4BufferSettings {
+    L4BufferSettings {
+        read: Some(settings.client_read_buffer),
+        write: None,
+    }
 }
 
 /// Certificate reloads and forgetting the activity of VMs that left.

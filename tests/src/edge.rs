@@ -14,7 +14,8 @@ pub fn peers_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/edge_peers.py")
 }
 
-/// A child process killed (and reaped) on drop.
+/// A child process stopped (and reaped) on drop: SIGTERM, then SIGKILL after 5 s (nginx's
+/// workers outlive a killed master).
 #[derive(Debug)]
 pub struct Process {
     child: Child,
@@ -64,7 +65,10 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        self.signal("TERM");
+        if !self.wait_exit(Duration::from_secs(5)) {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }

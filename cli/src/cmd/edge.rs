@@ -42,6 +42,7 @@ pub fn edge_settings(config: &Config, upgrade: bool) -> EdgeSettings {
         burst: 2.0 * rate,
     });
     s.threads = config.edge.threads;
+    s.max_header_bytes = config.edge.max_header_bytes;
     s.grace_period = config.edge.grace_period;
     s.upgrade = upgrade;
     s

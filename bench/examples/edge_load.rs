@@ -1,0 +1,489 @@
+//! bench/edge: the edge against nginx and haproxy in one run, all in front of the same
+//! backend (nginx answering a small body from a VM namespace) with upstream keep-alive,
+//! each proxy on one worker thread:
+//! - HTTP/1.1 small responses, keep-alive: wrk requests/s and p99 (and the backend direct);
+//! - h2c (prior knowledge, h2load) to an HTTP/1.1 upstream;
+//! - memory of N idle keep-alive client connections (resident set growth);
+//! - gRPC unary (h2load) to an h2c gRPC backend: the edge against nginx `grpc_pass`;
+//! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
+//!   `Connection: close`.
+//!
+//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick]`
+//! (root; bench/load/edge.sh does both).
+#![allow(clippy::unwrap_used)] // a benchmark may panic on what it did not expect
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use vmedge_tests::edge::{wait_listening, Process};
+use vmedge_tests::{Lab, Netns};
+
+const DOMAIN: &str = "bench.test";
+const VM: &str = "6f1c2d3e-0000-4000-8000-0000000000aa";
+const BACKEND: u16 = 8000;
+const GRPC: u16 = 50051;
+
+struct Proxy {
+    name: &'static str,
+    http: SocketAddr,
+    h2c: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+}
+
+fn host() -> String {
+    format!("web--{}.proxy.{DOMAIN}", VM.replace('-', ""))
+}
+
+fn spawn(ns: &Netns, argv: &[&str], what: &str) -> Process {
+    // One shell so the file limit holds for the server (10k connections).
+    let script = format!("ulimit -n \"$(ulimit -Hn)\"; exec {}", argv.join(" "));
+    // `ip netns exec` and `exec` keep the pid: it is the server's.
+    let child = ns
+        .command("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Process::new(child, what)
+}
+
+fn nginx_conf(dir: &Path, body: &str) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx-{n}.pid;\nerror_log {d}/nginx-{n}.log warn;\n\
+         worker_rlimit_nofile 20000;\nevents {{ worker_connections 15000; }}\n\
+         http {{\n access_log off;\n keepalive_requests 1000000;\n keepalive_timeout 120s;\n\
+         client_body_temp_path {d}/nb; proxy_temp_path {d}/np; fastcgi_temp_path {d}/nf; uwsgi_temp_path {d}/nu; scgi_temp_path {d}/ns;\n{body}\n}}\n",
+        n = body.len()
+    )
+}
+
+fn wrk(ns: &Netns, url: &str, seconds: u32) -> (f64, f64) {
+    let out = ns
+        .command("wrk")
+        .args(["-t1", "-c50", &format!("-d{seconds}s"), "--latency", "-H"])
+        .arg(format!("Host: {}", host()))
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Non-2xx"), "{url}: {text}");
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .unwrap_or_else(|| panic!("{url}: {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| millis(v.trim()))
+        .unwrap();
+    (rps, p99)
+}
+
+fn millis(v: &str) -> f64 {
+    let (n, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap());
+    let n: f64 = n.parse().unwrap();
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => panic!("unit {unit}"),
+    }
+}
+
+fn h2load(ns: &Netns, addr: SocketAddr, requests: u32) -> f64 {
+    let out = ns
+        .command("h2load")
+        .args(["-c10", "-m10", "-t1", &format!("-n{requests}"), "-H"])
+        .arg(format!(":authority: {}", host()))
+        .arg(format!("http://{addr}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{requests} succeeded")),
+        "{addr}: {text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .unwrap_or_else(|| panic!("{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// New TLS connections per second: wrk with `Connection: close`, so every request is a
+/// full handshake (no resumption) and one small response.
+fn handshakes(ns: &Netns, addr: SocketAddr, seconds: u32) -> f64 {
+    let out = ns
+        .command("wrk")
+        .args([
+            "-t1",
+            "-c20",
+            &format!("-d{seconds}s"),
+            "-H",
+            "Connection: close",
+            "-H",
+        ])
+        .arg(format!("Host: {}", host()))
+        .arg(format!("https://{addr}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Non-2xx"), "{addr}: {text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .unwrap_or_else(|| panic!("{addr}: {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Resident kB of a process and its children (nginx: master and worker).
+fn rss_kb(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut pids = vec![pid];
+    while let Some(p) = pids.pop() {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    total
+}
+
+/// Opens `n` keep-alive connections, each after one request; resident kB of the server
+/// (with its children) before and while they are open.
+fn idle_memory(ns: &Netns, addr: SocketAddr, pid: u32, n: usize) -> (u64, u64) {
+    let before = rss_kb(pid);
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", host());
+    let conns: Vec<TcpStream> = ns.enter(|| {
+        (0..n)
+            .map(|_| {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(request.as_bytes()).unwrap();
+                c
+            })
+            .collect()
+    });
+    let mut buf = [0u8; 1024];
+    for mut c in &conns {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let n = c.read(&mut buf).unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kb(pid);
+    drop(conns);
+    (before, after)
+}
+
+/// A minimal gRPC unary server (h2c): echoes each request message with status OK in
+/// trailers; fast enough not to be what a proxy comparison measures.
+fn grpc_backend(ns_name: String, port: u16) {
+    use http_body_util::{BodyExt, Full};
+    std::thread::spawn(move || {
+        vmedge_tests::enter_netns(&ns_name);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(("::", port)).await.unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let message = req.into_body().collect().await?.to_bytes();
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert(
+                                "grpc-status",
+                                hyper::header::HeaderValue::from_static("0"),
+                            );
+                            let body =
+                                Full::new(message).with_trailers(async move { Some(Ok(trailers)) });
+                            let mut response = hyper::Response::new(body);
+                            response.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/grpc"),
+                            );
+                            Ok::<_, hyper::Error>(response)
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+    });
+}
+
+/// h2load as a gRPC unary client: POSTs of one 5-byte-framed message.
+fn grpc_h2load(ns: &Netns, addr: SocketAddr, message: &Path, requests: u32) -> f64 {
+    let out = ns
+        .command("h2load")
+        .args(["-c10", "-m10", "-t1", &format!("-n{requests}"), "-d"])
+        .arg(message)
+        .args([
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+        ])
+        .arg(format!(":authority: {}", grpc_host()))
+        .arg(format!("http://{addr}/bench.Echo/Unary"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{requests} succeeded")),
+        "{addr}: {text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.strip_suffix(" req/s"))
+        .unwrap_or_else(|| panic!("{text}"))
+        .parse()
+        .unwrap()
+}
+
+fn grpc_host() -> String {
+    format!("grpc--{}.proxy.{DOMAIN}", VM.replace('-', ""))
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let bin = std::env::var("VMEDGE_BIN").expect("VMEDGE_BIN: the vmedge binary to measure");
+    let (seconds, h2_requests, idle) = if quick {
+        (2, 20_000, 500)
+    } else {
+        (10, 200_000, 10_000)
+    };
+    let lab = Lab::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w = &lab.worker;
+    let vm = &lab.vms[0];
+
+    // The backend: nginx in the VM answering a small body.
+    std::fs::write(
+        d.join("backend.conf"),
+        nginx_conf(d, &format!("server {{ listen [::]:{BACKEND} reuseport; location / {{ return 200 \"hello from the vm\\n\"; }} }}")),
+    )
+    .unwrap();
+    let _backend = spawn(
+        &vm.ns,
+        &["nginx", "-c", d.join("backend.conf").to_str().unwrap()],
+        "backend nginx",
+    );
+    let backend = SocketAddr::from((vm.ipv6, BACKEND));
+    wait_listening(w, backend, "backend");
+    grpc_backend(vm.ns.name().to_string(), GRPC);
+    wait_listening(w, SocketAddr::from((vm.ipv6, GRPC)), "gRPC backend");
+    let message = d.join("grpc-message.bin");
+    let mut framed = vec![0u8, 0, 0, 0, 16];
+    framed.extend_from_slice(b"0123456789abcdef");
+    std::fs::write(&message, framed).unwrap();
+
+    // The edge: one thread, the self-signed P-256 certificate.
+    std::fs::write(
+        d.join("state.json"),
+        serde_json::json!({"vms": [{"id": VM, "org_id": "o", "worker": "w", "public_ipv6": vm.ipv6.to_string(),
+            "status": "running", "services": [{"name": "web", "port": BACKEND}, {"name": "grpc", "port": GRPC, "h2c": true}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("vmedge.toml"),
+        format!(
+            "domain = \"{DOMAIN}\"\nregistry = \"file:state.json\"\nstate_dir = \"state\"\nvm_prefixes = [\"fd5e:ed00::/32\"]\n\
+             [edge]\nhttp = [\"127.0.0.1:8080\"]\nhttps = [\"127.0.0.1:8443\"]\nadmin = \"127.0.0.1:9180\"\nthreads = 1\ngrace_period = \"0s\"\n"
+        ),
+    )
+    .unwrap();
+    let edge = spawn(
+        w,
+        &[
+            &bin,
+            "--log-level",
+            "warn",
+            "edge",
+            "--config",
+            d.join("vmedge.toml").to_str().unwrap(),
+        ],
+        "vmedge edge",
+    );
+    wait_listening(w, "127.0.0.1:9180".parse().unwrap(), "edge admin");
+    let (cert, key) = (d.join("state/edge-cert.pem"), d.join("state/edge-key.pem"));
+
+    // nginx and haproxy in front of the same backend, upstream keep-alive.
+    let upstream = format!("[{}]:{BACKEND}", vm.ipv6);
+    std::fs::write(
+        d.join("front.conf"),
+        nginx_conf(
+            d,
+            &format!(
+                "upstream vm {{ server {upstream}; keepalive 128; keepalive_requests 1000000; }}\n\
+                 upstream grpcvm {{ server [{}]:{GRPC}; keepalive 128; keepalive_requests 1000000; }}\n\
+                 server {{ listen 127.0.0.1:8182 http2; location / {{ grpc_pass grpc://grpcvm; }} }}\n\
+                 server {{ listen 127.0.0.1:8180 reuseport; listen 127.0.0.1:8181 http2; listen 127.0.0.1:8543 ssl;\n\
+                 ssl_certificate {}; ssl_certificate_key {};\n\
+                 location / {{ proxy_pass http://vm; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+                 proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header Host $host; }} }}",
+                vm.ipv6,
+                cert.display(),
+                key.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let nginx = spawn(
+        w,
+        &["nginx", "-c", d.join("front.conf").to_str().unwrap()],
+        "front nginx",
+    );
+    std::fs::write(
+        d.join("haproxy.cfg"),
+        format!(
+            "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n  http-reuse always\n  option forwardfor\n\
+             frontend f\n  bind 127.0.0.1:8280\n  default_backend b\nbackend b\n  server vm ipv6@{}:{BACKEND}\n",
+            vm.ipv6
+        ),
+    )
+    .unwrap();
+    let _haproxy = spawn(
+        w,
+        &[
+            "haproxy",
+            "-db",
+            "-f",
+            d.join("haproxy.cfg").to_str().unwrap(),
+        ],
+        "haproxy",
+    );
+    let proxies = [
+        Proxy {
+            name: "vmedge",
+            http: "127.0.0.1:8080".parse().unwrap(),
+            h2c: Some("127.0.0.1:8080".parse().unwrap()),
+            tls: Some("127.0.0.1:8443".parse().unwrap()),
+        },
+        Proxy {
+            name: "nginx",
+            http: "127.0.0.1:8180".parse().unwrap(),
+            h2c: Some("127.0.0.1:8181".parse().unwrap()),
+            tls: Some("127.0.0.1:8543".parse().unwrap()),
+        },
+        Proxy {
+            name: "haproxy",
+            http: "127.0.0.1:8280".parse().unwrap(),
+            h2c: None,
+            tls: None,
+        },
+    ];
+    for p in &proxies {
+        wait_listening(w, p.http, p.name);
+    }
+
+    println!(
+        "bench/edge{}: one worker thread per proxy, same backend, upstream keep-alive",
+        if quick {
+            " --quick (debug build, short runs: numbers not meaningful)"
+        } else {
+            ""
+        }
+    );
+    println!("\nHTTP/1.1 keep-alive, small body (wrk -t1 -c50 -d{seconds}s):");
+    let direct = wrk(w, &format!("http://{backend}/"), seconds);
+    println!(
+        "  {:<8} {:>10.0} req/s  p99 {:>7.2} ms",
+        "direct", direct.0, direct.1
+    );
+    let mut h1 = Vec::new();
+    for p in &proxies {
+        let (rps, p99) = wrk(w, &format!("http://{}/", p.http), seconds);
+        println!("  {:<8} {:>10.0} req/s  p99 {:>7.2} ms", p.name, rps, p99);
+        h1.push((p.name, rps, p99));
+    }
+    let (_, edge_rps, edge_p99) = h1[0];
+    let (_, nginx_rps, nginx_p99) = h1[1];
+    println!(
+        "  vmedge/nginx: {:.2}x req/s, p99 {:.2}x",
+        edge_rps / nginx_rps,
+        edge_p99 / nginx_p99
+    );
+
+    println!("\nh2c prior knowledge to an HTTP/1.1 upstream (h2load -c10 -m10 -n{h2_requests}):");
+    let mut h2 = Vec::new();
+    for p in &proxies {
+        if let Some(addr) = p.h2c {
+            let rps = h2load(w, addr, h2_requests);
+            println!("  {:<8} {:>10.0} req/s", p.name, rps);
+            h2.push(rps);
+        }
+    }
+    println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
+
+    println!("\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{h2_requests}; nginx: grpc_pass):");
+    let grpc_edge = grpc_h2load(w, proxies[0].http, &message, h2_requests);
+    let grpc_nginx = grpc_h2load(w, "127.0.0.1:8182".parse().unwrap(), &message, h2_requests);
+    println!("  {:<8} {:>10.0} req/s", "vmedge", grpc_edge);
+    println!("  {:<8} {:>10.0} req/s", "nginx", grpc_nginx);
+    println!("  vmedge/nginx: {:.2}x", grpc_edge / grpc_nginx);
+
+    println!("\nTLS handshakes, ECDSA P-256, a new connection per request (wrk -c20 Connection: close, {seconds}s):");
+    let mut tls = Vec::new();
+    for p in &proxies {
+        if let Some(addr) = p.tls {
+            let rate = handshakes(w, addr, seconds);
+            println!("  {:<8} {:>10.0} handshakes/s", p.name, rate);
+            tls.push(rate);
+        }
+    }
+    println!("  vmedge/nginx: {:.2}x", tls[0] / tls[1]);
+
+    println!("\nmemory with {idle} idle keep-alive client connections open (resident, server and children):");
+    let edge_kb = idle_memory(w, proxies[0].http, edge.id(), idle);
+    let nginx_kb = idle_memory(w, proxies[1].http, nginx.id(), idle);
+    for (name, (before, after)) in [("vmedge", edge_kb), ("nginx", nginx_kb)] {
+        println!(
+            "  {name:<8} {after:>8} kB ({before} kB before: {:.1} kB per connection)",
+            after.saturating_sub(before) as f64 / idle as f64
+        );
+    }
+    println!(
+        "  vmedge/nginx: {:.2}x",
+        edge_kb.1 as f64 / nginx_kb.1.max(1) as f64
+    );
+}
