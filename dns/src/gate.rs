@@ -15,6 +15,7 @@ use vmedge_model::VmId;
 use vmedge_registry::Snapshot;
 
 use crate::cache::{Answer, Cache, CacheConfig, Lookup};
+use crate::confirmed::Confirmed;
 use crate::metrics::{Metrics, Outcome};
 use crate::names::normalize;
 use crate::policy::{set_timeout, RateLimit, Verdict, VmView};
@@ -108,6 +109,7 @@ pub struct Gate {
     cache: Cache,
     upstream: Upstream,
     sets: Arc<dyn SetWriter>,
+    confirmed: Confirmed,
     metrics: Arc<Metrics>,
 }
 
@@ -132,6 +134,7 @@ impl Gate {
             cache: Cache::new(config.cache),
             upstream: Upstream::new(config.upstream.clone()),
             sets,
+            confirmed: Confirmed::new(config.fqdn_grace),
             metrics,
             config,
         }
@@ -150,6 +153,8 @@ impl Gate {
             vms.insert(vm.id, view);
         }
         self.views.store(Arc::new(Views { snapshot, vms }));
+        // A changed state may have remade a VM's sets empty.
+        self.confirmed.clear();
     }
 
     /// Drops cache entries past their stale window.
@@ -365,10 +370,18 @@ impl Gate {
             return Ok(());
         }
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.config.insert_timeout, self.sets.insert(elements)).await;
+        if self.confirmed.covers(started, &elements) {
+            self.metrics.set_insert_skips.inc();
+            return Ok(());
+        }
+        let result = tokio::time::timeout(
+            self.config.insert_timeout,
+            self.sets.insert(elements.clone()),
+        )
+        .await;
         match result {
             Ok(Ok(())) => {
+                self.confirmed.record(started, &elements);
                 self.metrics.set_inserts.inc();
                 self.metrics
                     .set_insert_seconds

@@ -20,6 +20,7 @@
 //! or `Upstream::query()` -> `SetWriter::insert()` -> the answer.
 
 pub mod cache;
+pub mod confirmed;
 pub mod gate;
 pub mod metrics;
 pub mod names;

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub set_inserts: Counter,
     /// fqdn set inserts refused or not confirmed in time (the VM got SERVFAIL).
     pub set_insert_failures: Counter,
+    /// fqdn answers whose elements the kernel confirmed within the last second (no insert).
+    pub set_insert_skips: Counter,
     /// Time from asking for an insert to its confirmation, seconds.
     pub set_insert_seconds: Histogram,
     /// Queries being handled now.
@@ -109,6 +111,7 @@ impl Metrics {
             upstream_failures: Counter::default(),
             set_inserts: Counter::default(),
             set_insert_failures: Counter::default(),
+            set_insert_skips: Counter::default(),
             set_insert_seconds: latency(),
             in_flight: Gauge::default(),
             dropped: Counter::default(),
@@ -145,6 +148,11 @@ impl Metrics {
             "set_insert_failures",
             "fqdn set inserts refused or not confirmed in time (the VM got SERVFAIL)",
             metrics.set_insert_failures.clone(),
+        );
+        sub.register(
+            "set_insert_skips",
+            "fqdn answers whose elements were confirmed within the last second: no new insert",
+            metrics.set_insert_skips.clone(),
         );
         sub.register(
             "set_insert_seconds",
