@@ -11,14 +11,14 @@ use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, Res
 use hickory_proto::rr::rdata::{HINFO, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::IpNet;
-use vmedge_model::VmId;
+use vmedge_model::{RateLimit, VmId};
 use vmedge_registry::Snapshot;
 
 use crate::cache::{Answer, Cache, CacheConfig, Lookup};
 use crate::confirmed::Confirmed;
 use crate::metrics::{Metrics, Outcome};
 use crate::names::normalize;
-use crate::policy::{set_timeout, RateLimit, Verdict, VmView};
+use crate::policy::{set_timeout, Verdict, VmView};
 use crate::sets::{FqdnElement, SetWriter};
 use crate::upstream::{Upstream, UpstreamConfig};
 

@@ -36,10 +36,11 @@ use std::time::Duration;
 pub use cache::CacheConfig;
 pub use gate::{Gate, GateConfig, Transport};
 pub use metrics::Metrics;
-pub use policy::{RateLimit, VmView};
+pub use policy::VmView;
 pub use server::{serve, Listeners, ServerConfig};
 pub use sets::{NetlinkSets, NoFirewall, RecordingSets, SetError, SetWriter};
 pub use upstream::UpstreamConfig;
+pub use vmedge_model::RateLimit;
 use vmedge_registry::Registry;
 
 /// Keeps the gate on the registry's state in force until `shutdown` completes, and

@@ -1,11 +1,11 @@
 //! What the gate does for one VM: which names resolve, which fqdn sets an answer fills,
 //! how fast it may ask. Built from the VM's policy once per change, not per query.
 
-use std::sync::{LazyLock, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::LazyLock;
+use std::time::Duration;
 
 use vmedge_firewall::FqdnSets;
-use vmedge_model::{DnsMode, DomainPattern, Vm, VmId};
+use vmedge_model::{DnsMode, DomainPattern, RateLimit, TokenBucket, Vm, VmId};
 
 use crate::names::PatternIndex;
 
@@ -44,21 +44,6 @@ pub enum Verdict {
     NoData,
 }
 
-/// A VM's query budget: a token bucket.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    /// Queries per second, sustained.
-    pub per_second: f64,
-    /// Queries allowed at once after a quiet spell.
-    pub burst: f64,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// One VM as the gate sees it.
 #[derive(Debug)]
 pub struct VmView {
@@ -70,8 +55,7 @@ pub struct VmView {
     /// The VM's fqdn sets, by the index `fqdn_index` gives.
     pub fqdn_sets: Vec<FqdnSets>,
     fqdn_index: PatternIndex<u16>,
-    limit: Option<RateLimit>,
-    bucket: Mutex<Bucket>,
+    budget: Option<TokenBucket>,
 }
 
 impl VmView {
@@ -92,11 +76,7 @@ impl VmView {
             block_bypass: policy.block_bypass,
             fqdn_sets: targets.into_iter().map(|(_, sets)| sets).collect(),
             fqdn_index,
-            limit,
-            bucket: Mutex::new(Bucket {
-                tokens: limit.map_or(0.0, |l| l.burst),
-                at: Instant::now(),
-            }),
+            budget: limit.map(TokenBucket::new),
         }
     }
 
@@ -137,20 +117,7 @@ impl VmView {
 
     /// Takes one query from the VM's budget; false when it is spent.
     pub fn allow_query(&self) -> bool {
-        let Some(limit) = self.limit else { return true };
-        let Ok(mut bucket) = self.bucket.lock() else {
-            return true;
-        };
-        let now = Instant::now();
-        let refill = now.duration_since(bucket.at).as_secs_f64() * limit.per_second;
-        bucket.tokens = (bucket.tokens + refill).min(limit.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.as_ref().is_none_or(TokenBucket::take)
     }
 }
 
@@ -256,14 +223,10 @@ mod tests {
     #[test]
     fn the_rate_limit_spends_a_burst_then_refuses() {
         let mut v = dns("deny", &[], false);
-        v.limit = Some(RateLimit {
+        v.budget = Some(TokenBucket::new(RateLimit {
             per_second: 0.001,
             burst: 3.0,
-        });
-        v.bucket = Mutex::new(Bucket {
-            tokens: 3.0,
-            at: Instant::now(),
-        });
+        }));
         assert!((0..3).all(|_| v.allow_query()));
         assert!(!v.allow_query());
     }

@@ -5,11 +5,11 @@
 //! atomics for every body chunk or WebSocket frame that crosses, both ways.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use vmedge_model::VmId;
+use vmedge_model::{RateLimit, TokenBucket, VmId};
 
 /// The activity of every VM that has had traffic through this edge.
 #[derive(Debug, Default)]
@@ -24,22 +24,7 @@ pub struct VmActivity {
     requests: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-    bucket: Mutex<Bucket>,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-/// A request rate: `per_second` sustained, `burst` at once after a quiet spell.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    /// Requests per second, sustained.
-    pub per_second: f64,
-    /// Requests allowed at once.
-    pub burst: f64,
+    budget: Option<TokenBucket>,
 }
 
 fn now_ms() -> u64 {
@@ -49,16 +34,13 @@ fn now_ms() -> u64 {
 }
 
 impl VmActivity {
-    fn new(burst: f64) -> VmActivity {
+    fn new(limit: Option<RateLimit>) -> VmActivity {
         VmActivity {
             last_ms: AtomicU64::new(now_ms()),
             requests: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            bucket: Mutex::new(Bucket {
-                tokens: burst,
-                at: Instant::now(),
-            }),
+            budget: limit.map(TokenBucket::new),
         }
     }
 
@@ -80,21 +62,9 @@ impl VmActivity {
         self.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Takes one token from the VM's bucket; false when it is spent.
-    pub fn admit(&self, limit: RateLimit) -> bool {
-        let Ok(mut bucket) = self.bucket.lock() else {
-            return true;
-        };
-        let now = Instant::now();
-        let refill = now.duration_since(bucket.at).as_secs_f64() * limit.per_second;
-        bucket.tokens = (bucket.tokens + refill).min(limit.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Takes one request from the VM's budget; false when it is spent.
+    pub fn admit(&self) -> bool {
+        self.budget.as_ref().is_none_or(TokenBucket::take)
     }
 }
 
@@ -106,7 +76,7 @@ impl Activity {
         }
         self.vms
             .entry(vm)
-            .or_insert_with(|| Arc::new(VmActivity::new(limit.map_or(0.0, |l| l.burst))))
+            .or_insert_with(|| Arc::new(VmActivity::new(limit)))
             .clone()
     }
 
@@ -175,16 +145,5 @@ mod tests {
         assert_eq!(row["idle_seconds"], 0);
         activity.retain(|v| *v != id(1));
         assert_eq!(activity.to_json(), "{\"vms\":[]}\n");
-    }
-
-    #[test]
-    fn bucket_admits_burst_then_refuses() {
-        let limit = RateLimit {
-            per_second: 0.001,
-            burst: 3.0,
-        };
-        let a = Activity::default().vm(id(2), Some(limit));
-        assert!((0..3).all(|_| a.admit(limit)));
-        assert!(!a.admit(limit));
     }
 }

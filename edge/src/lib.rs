@@ -26,12 +26,13 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-pub use activity::{Activity, RateLimit};
+pub use activity::Activity;
 pub use answers::Refusal;
 pub use metrics::Metrics;
 pub use proxy::EdgeProxy;
 pub use server::{EdgeError, EdgeServer, Stop, StopSender};
 pub use tls::{CertSource, CertStore, TlsError};
+pub use vmedge_model::RateLimit;
 pub use wake::{WakeHook, Waker};
 
 /// Everything the edge is told.

@@ -160,10 +160,8 @@ impl EdgeProxy {
     ) -> Result<Routed, Refusal> {
         let activity = self.activity.vm(vm, self.settings.rate_limit);
         activity.request();
-        if let Some(limit) = self.settings.rate_limit {
-            if !activity.admit(limit) {
-                return Err(Refusal::RateLimited);
-            }
+        if !activity.admit() {
+            return Err(Refusal::RateLimited);
         }
         if !self
             .settings

@@ -11,6 +11,7 @@
 //! - [`policy`]: [`FirewallPolicy`] in the seed 001 shape and the older seed 002 shape,
 //!   and [`effective_policy`].
 //! - [`domain`]: [`DomainPattern`], `example.com` or `*.example.com`.
+//! - [`rate`]: [`RateLimit`], [`TokenBucket`]: a per-VM budget (edge requests, DNS queries).
 //! - `json`: a borrowed JSON tree (strings borrow from the input): what is walked.
 //! - `validate`: the decoder that walks it with the JSON path and collects every error.
 //! - [`errors`]: [`ModelError`], [`FieldError`]: each error names its JSON path.
@@ -23,6 +24,7 @@ pub mod errors;
 pub mod host;
 mod json;
 pub mod policy;
+pub mod rate;
 pub mod service;
 pub mod state;
 pub mod user;
@@ -36,6 +38,7 @@ pub use policy::{
     effective_policy, Action, DirectionPolicy, DnsMode, DnsPolicy, FirewallPolicy, PolicyShape,
     Ports, Protocol, Rule, Target,
 };
+pub use rate::{RateLimit, TokenBucket};
 pub use service::{Service, ServiceName, ServiceNameError};
 pub use state::{
     parse_policy, parse_state, parse_state_isolating, parse_user, parse_vm, state_from_value,

@@ -18,7 +18,6 @@ use crate::config::Config;
 
 /// The gate's settings from the config, for `worker`'s VMs.
 pub fn gate_config(config: &Config, worker: &str) -> GateConfig {
-    let rate = f64::from(config.dns.rate_limit);
     GateConfig {
         worker: worker.to_string(),
         upstream: UpstreamConfig {
@@ -27,10 +26,7 @@ pub fn gate_config(config: &Config, worker: &str) -> GateConfig {
         },
         fqdn_floor: config.dns.fqdn_floor,
         fqdn_grace: config.dns.fqdn_grace,
-        rate_limit: (rate > 0.0).then_some(RateLimit {
-            per_second: rate,
-            burst: 2.0 * rate,
-        }),
+        rate_limit: RateLimit::per_second_burst_twice(config.dns.rate_limit),
         rebind_allow: config.dns.rebind_allow.clone(),
         ..GateConfig::default()
     }

@@ -36,11 +36,7 @@ pub fn edge_settings(config: &Config, upgrade: bool) -> EdgeSettings {
     s.wake_timeout = config.edge.wake_timeout;
     s.connect_timeout = config.edge.connect_timeout;
     s.upstream_timeout = config.edge.upstream_timeout;
-    let rate = f64::from(config.edge.rate_limit);
-    s.rate_limit = (rate > 0.0).then_some(RateLimit {
-        per_second: rate,
-        burst: 2.0 * rate,
-    });
+    s.rate_limit = RateLimit::per_second_burst_twice(config.edge.rate_limit);
     s.threads = config.edge.threads;
     s.max_header_bytes = config.edge.max_header_bytes;
     s.grace_period = config.edge.grace_period;
