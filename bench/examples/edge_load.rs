@@ -62,29 +62,43 @@ fn nginx_conf(dir: &Path, body: &str) -> String {
     )
 }
 
-fn wrk(ns: &Netns, url: &str, seconds: u32) -> (f64, f64) {
+/// Runs wrk (one thread) with the service's Host header; its report, once no response
+/// was non-2xx.
+fn run_wrk(ns: &Netns, args: &[&str], url: &str) -> String {
     let out = ns
         .command("wrk")
-        .args(["-t1", "-c50", &format!("-d{seconds}s"), "--latency", "-H"])
+        .arg("-t1")
+        .args(args)
+        .arg("-H")
         .arg(format!("Host: {}", host()))
         .arg(url)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!text.contains("Non-2xx"), "{url}: {text}");
-    let rps = text
+    text
+}
+
+/// The `Requests/sec:` line of a wrk report.
+fn requests_per_second(report: &str) -> f64 {
+    report
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .unwrap_or_else(|| panic!("{url}: {text}"))
+        .unwrap_or_else(|| panic!("{report}"))
         .trim()
         .parse()
-        .unwrap();
-    let p99 = text
+        .unwrap()
+}
+
+/// Keep-alive requests per second and p99 (ms).
+fn wrk(ns: &Netns, url: &str, seconds: u32) -> (f64, f64) {
+    let report = run_wrk(ns, &["-c50", &format!("-d{seconds}s"), "--latency"], url);
+    let p99 = report
         .lines()
         .find_map(|l| l.trim().strip_prefix("99%"))
         .map(|v| millis(v.trim()))
         .unwrap();
-    (rps, p99)
+    (requests_per_second(&report), p99)
 }
 
 fn millis(v: &str) -> f64 {
@@ -98,18 +112,22 @@ fn millis(v: &str) -> f64 {
     }
 }
 
-fn h2load(ns: &Netns, addr: SocketAddr, requests: u32) -> f64 {
+/// Runs h2load (one thread, 10 clients, 10 streams each) for `requests` to `url` with
+/// `authority`; requests per second, once every request succeeded.
+fn run_h2load(ns: &Netns, args: &[&str], authority: &str, url: &str, requests: u32) -> f64 {
     let out = ns
         .command("h2load")
-        .args(["-c10", "-m10", "-t1", &format!("-n{requests}"), "-H"])
-        .arg(format!(":authority: {}", host()))
-        .arg(format!("http://{addr}/"))
+        .args(["-c10", "-m10", "-t1", &format!("-n{requests}")])
+        .args(args)
+        .arg("-H")
+        .arg(format!(":authority: {authority}"))
+        .arg(url)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("{requests} succeeded")),
-        "{addr}: {text}"
+        "{url}: {text}"
     );
     text.lines()
         .find_map(|l| l.strip_prefix("finished in "))
@@ -120,31 +138,19 @@ fn h2load(ns: &Netns, addr: SocketAddr, requests: u32) -> f64 {
         .unwrap()
 }
 
+fn h2load(ns: &Netns, addr: SocketAddr, requests: u32) -> f64 {
+    run_h2load(ns, &[], &host(), &format!("http://{addr}/"), requests)
+}
+
 /// New TLS connections per second: wrk with `Connection: close`, so every request is a
 /// full handshake (no resumption) and one small response.
 fn handshakes(ns: &Netns, addr: SocketAddr, seconds: u32) -> f64 {
-    let out = ns
-        .command("wrk")
-        .args([
-            "-t1",
-            "-c20",
-            &format!("-d{seconds}s"),
-            "-H",
-            "Connection: close",
-            "-H",
-        ])
-        .arg(format!("Host: {}", host()))
-        .arg(format!("https://{addr}/"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("Non-2xx"), "{addr}: {text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .unwrap_or_else(|| panic!("{addr}: {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    let report = run_wrk(
+        ns,
+        &["-c20", &format!("-d{seconds}s"), "-H", "Connection: close"],
+        &format!("https://{addr}/"),
+    );
+    requests_per_second(&report)
 }
 
 /// Resident kB of a process and its children (nginx: master and worker).
@@ -249,33 +255,17 @@ fn grpc_backend(ns_name: String, port: u16) {
 
 /// h2load as a gRPC unary client: POSTs of one 5-byte-framed message.
 fn grpc_h2load(ns: &Netns, addr: SocketAddr, message: &Path, requests: u32) -> f64 {
-    let out = ns
-        .command("h2load")
-        .args(["-c10", "-m10", "-t1", &format!("-n{requests}"), "-d"])
-        .arg(message)
-        .args([
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-H",
-        ])
-        .arg(format!(":authority: {}", grpc_host()))
-        .arg(format!("http://{addr}/bench.Echo/Unary"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!("{requests} succeeded")),
-        "{addr}: {text}"
-    );
-    text.lines()
-        .find_map(|l| l.strip_prefix("finished in "))
-        .and_then(|l| l.split(", ").nth(1))
-        .and_then(|r| r.strip_suffix(" req/s"))
-        .unwrap_or_else(|| panic!("{text}"))
-        .parse()
-        .unwrap()
+    let message = message.to_str().unwrap();
+    let args = [
+        "-d",
+        message,
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+    ];
+    let url = format!("http://{addr}/bench.Echo/Unary");
+    run_h2load(ns, &args, &grpc_host(), &url, requests)
 }
 
 fn grpc_host() -> String {
