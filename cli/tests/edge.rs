@@ -211,35 +211,18 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
     // HTTPS: SNI and ALPN h2, verified against the self-signed certificate made at start.
     let cert = t.dir.path().join("state/edge-cert.pem");
     let resolve = format!("{web}:8443:127.0.0.1");
-    let url = format!("https://{web}:8443/hello");
-    let tls = t.curl(&[
-        "--cacert",
-        cert.to_str().unwrap(),
-        "--resolve",
-        &resolve,
-        "-w",
-        " %{http_version}",
-        &url,
-    ]);
+    let https = |extra: &[&str], path: &str| {
+        let url = format!("https://{web}:8443{path}");
+        let mut args = vec!["--cacert", cert.to_str().unwrap(), "--resolve", &resolve];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        t.curl(&args)
+    };
+    let tls = https(&["-w", " %{http_version}"], "/hello");
     assert_eq!(tls, "hello from 8000\n 2");
-    let tls11 = t.curl(&[
-        "--http1.1",
-        "--cacert",
-        cert.to_str().unwrap(),
-        "--resolve",
-        &resolve,
-        "-w",
-        " %{http_version}",
-        &url,
-    ]);
+    let tls11 = https(&["--http1.1", "-w", " %{http_version}"], "/hello");
     assert_eq!(tls11, "hello from 8000\n 1.1");
-    let https_seen = t.curl(&[
-        "--cacert",
-        cert.to_str().unwrap(),
-        "--resolve",
-        &format!("{web}:8443:127.0.0.1"),
-        &format!("https://{web}:8443/headers"),
-    ]);
+    let https_seen = https(&[], "/headers");
     assert!(
         https_seen.contains(r#""x-forwarded-proto": "https""#),
         "{https_seen}"
