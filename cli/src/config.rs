@@ -340,6 +340,11 @@ impl Config {
         Ok(config)
     }
 
+    /// The config file given on the command line, or the built-in defaults.
+    pub fn load_or_default(path: Option<&Path>) -> anyhow::Result<Config> {
+        path.map_or_else(|| Ok(Config::default()), Config::load)
+    }
+
     /// Parses config text (paths left as written).
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config =

@@ -72,10 +72,7 @@ pub fn start_gate(
 
 /// Runs until SIGINT or SIGTERM.
 pub fn run(config_path: Option<&Path>, worker: Option<String>) -> anyhow::Result<ExitCode> {
-    let mut config = match config_path {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let mut config = Config::load_or_default(config_path)?;
     if let Some(worker) = worker {
         config.worker.name = worker;
     }

@@ -129,10 +129,7 @@ async fn listen_admin(
 
 /// Runs until a signal (see the module doc).
 pub fn run(config_path: Option<&Path>, upgrade: bool) -> anyhow::Result<ExitCode> {
-    let config = match config_path {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let config = Config::load_or_default(config_path)?;
     let Some(registry) = super::open_registry(&config)? else {
         return Ok(ExitCode::FAILURE);
     };

@@ -15,10 +15,7 @@ use crate::config::Config;
 
 /// Runs until SIGINT or SIGTERM; the rules stay in the kernel after it stops.
 pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<ExitCode> {
-    let mut config = match config_path {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let mut config = Config::load_or_default(config_path)?;
     if let Some(name) = name {
         config.worker.name = name;
     }
