@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use vmedge_model::VmId;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -122,15 +123,19 @@ impl Metrics {
         self.refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    pub(crate) fn vm_bytes(&self, vm: &str, bytes_in: u64, bytes_out: u64) {
+    pub(crate) fn vm_bytes(&self, vm: &VmId, bytes_in: u64, bytes_out: u64) {
+        if bytes_in == 0 && bytes_out == 0 {
+            return;
+        }
+        // One label string for both directions.
+        let mut labels = VmLabels {
+            vm: vm.to_string(),
+            direction: "in",
+        };
         for (direction, n) in [("in", bytes_in), ("out", bytes_out)] {
             if n > 0 {
-                self.bytes
-                    .get_or_create(&VmLabels {
-                        vm: vm.to_string(),
-                        direction,
-                    })
-                    .inc_by(n);
+                labels.direction = direction;
+                self.bytes.get_or_create(&labels).inc_by(n);
             }
         }
     }

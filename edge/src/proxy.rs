@@ -464,9 +464,8 @@ impl ProxyHttp for EdgeProxy {
         self.metrics.request_done(status, service_name);
         let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
         if let Some(routed) = &ctx.routed {
-            let vm = routed.vm.to_string();
             self.metrics
-                .vm_bytes(&vm, bytes_in as u64, bytes_out as u64);
+                .vm_bytes(&routed.vm, bytes_in as u64, bytes_out as u64);
         }
         let req = session.req_header();
         tracing::info!(
