@@ -43,6 +43,25 @@ impl TokenBucket {
 
     /// Takes one token; false when the budget is spent.
     pub fn take(&self) -> bool {
+        self.settle(1.0)
+    }
+
+    /// Whether a token is there, without taking it.
+    pub fn has_token(&self) -> bool {
+        self.settle(0.0)
+    }
+
+    /// Whether the bucket has refilled to its burst (an idle entry a map may drop).
+    pub fn is_full(&self) -> bool {
+        self.settle(0.0);
+        self.state
+            .lock()
+            .map(|s| s.0 >= self.limit.burst)
+            .unwrap_or(true)
+    }
+
+    /// Refills for the time passed, then takes `cost` if at least one token is there.
+    fn settle(&self, cost: f64) -> bool {
         let Ok(mut state) = self.state.lock() else {
             return true;
         };
@@ -52,7 +71,7 @@ impl TokenBucket {
         *tokens = (*tokens + refill).min(self.limit.burst);
         *at = now;
         if *tokens >= 1.0 {
-            *tokens -= 1.0;
+            *tokens -= cost;
             true
         } else {
             false
@@ -70,8 +89,11 @@ mod tests {
             per_second: 0.001,
             burst: 3.0,
         });
+        assert!(bucket.is_full());
         assert!((0..3).all(|_| bucket.take()));
+        assert!(!bucket.has_token());
         assert!(!bucket.take());
+        assert!(!bucket.is_full());
     }
 
     #[test]
