@@ -72,7 +72,7 @@ pub fn firewall_state(n: u32, rules: u32, variant: u32) -> Value {
             return json!({"action": "allow", "kind": "fqdn", "value": format!("*.svc{i}.example.com"), "protocol": "tcp", "ports": "443"});
         }
         let action = if i % 4 == 3 { "deny" } else { "allow" };
-        let value = if i % 2 == 0 {
+        let value = if i.is_multiple_of(2) {
             format!("2001:db8:{i:x}::/48")
         } else {
             format!("198.51.{i}.0/24")

@@ -474,7 +474,7 @@ fn addr_bytes(addr: &IpAddr) -> Vec<u8> {
 /// A concatenation field: its bytes, zero-padded to a 4-byte register.
 fn field(key: &mut Vec<u8>, bytes: &[u8]) {
     key.extend_from_slice(bytes);
-    while key.len() % 4 != 0 {
+    while !key.len().is_multiple_of(4) {
         key.push(0);
     }
 }
