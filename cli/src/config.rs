@@ -209,6 +209,35 @@ pub struct SshConfig {
     pub admin: SocketAddr,
     /// The user the gateway logs in as on the VM.
     pub login_user: String,
+    /// A private key to log in to VMs with, for images without the gateway CA; by default
+    /// each login uses a fresh certificate from the gateway's user CA.
+    pub static_key: Option<PathBuf>,
+    /// Host CAs (OpenSSH public key lines): a VM host certificate they signed for the VM id
+    /// is trusted; otherwise a VM's host key must be one of its `ssh_host_keys`.
+    pub host_ca: Vec<String>,
+    /// sshd's port inside VMs.
+    pub vm_port: u16,
+    /// Connecting and logging in to a VM.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a session waits for a paused VM to run.
+    #[serde(deserialize_with = "duration")]
+    pub wake_timeout: Duration,
+    /// A session with no channel data either way for this long is closed; "0s": never.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Keepalives to users and to VMs (three unanswered: the connection is dropped).
+    #[serde(deserialize_with = "duration")]
+    pub keepalive_interval: Duration,
+    /// Authentication attempts per connection.
+    pub max_auth_attempts: usize,
+    /// Authentication failures one source address may have per minute; 0: no limit.
+    pub auth_failures_per_minute: u32,
+    /// Concurrent sessions per user.
+    pub max_sessions_per_user: usize,
+    /// How long open sessions may go on after SIGTERM.
+    #[serde(deserialize_with = "duration")]
+    pub grace_period: Duration,
 }
 
 /// `[dns]`: the DNS gate.
@@ -299,6 +328,17 @@ impl Default for SshConfig {
             listen: addrs(&["127.0.0.1:2222", "[::1]:2222"]),
             admin: addr("127.0.0.1:9181"),
             login_user: "root".into(),
+            static_key: None,
+            host_ca: Vec::new(),
+            vm_port: 22,
+            connect_timeout: Duration::from_secs(10),
+            wake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::ZERO,
+            keepalive_interval: Duration::from_secs(30),
+            max_auth_attempts: 6,
+            auth_failures_per_minute: 30,
+            max_sessions_per_user: 100,
+            grace_period: Duration::from_secs(30),
         }
     }
 }
@@ -361,6 +401,14 @@ impl Config {
         if self.ssh.login_user.is_empty() {
             return Err("[ssh] login_user must not be empty".into());
         }
+        if self.ssh.keepalive_interval.is_zero() {
+            return Err("[ssh] keepalive_interval must be more than 0s".into());
+        }
+        if self.ssh.max_auth_attempts == 0 || self.ssh.max_sessions_per_user == 0 {
+            return Err(
+                "[ssh] max_auth_attempts and max_sessions_per_user must be at least 1".into(),
+            );
+        }
         if self.worker.name.is_empty() {
             return Err("[worker] name must not be empty".into());
         }
@@ -381,6 +429,9 @@ impl Config {
             resolve(p);
         }
         if let Some(p) = &mut self.edge.tls_key {
+            resolve(p);
+        }
+        if let Some(p) = &mut self.ssh.static_key {
             resolve(p);
         }
     }

@@ -69,6 +69,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run the SSH gateway alone: ssh <vmid>@ssh.<domain> into a VM with the user's key.
+    SshGateway {
+        #[command(subcommand)]
+        action: Option<SshAction>,
+        /// Config file; default: built-in defaults.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Run the DNS gate alone: per-VM DNS policy, filling this host's fqdn sets.
     Dns {
         /// The worker whose VMs are answered (overrides [worker] name).
@@ -87,6 +95,12 @@ enum Command {
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SshAction {
+    /// Print the gateway's user CA public key and the sshd_config lines a VM image needs.
+    Ca,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +160,10 @@ fn main() -> ExitCode {
         Command::Up { config } => cmd::up::run(config.as_deref()),
         Command::Worker { name, config } => cmd::worker::run(config.as_deref(), name),
         Command::Edge { upgrade, config } => cmd::edge::run(config.as_deref(), upgrade),
+        Command::SshGateway { action, config } => match action {
+            None => cmd::ssh::run(config.as_deref()),
+            Some(SshAction::Ca) => cmd::ssh::ca(config.as_deref()),
+        },
         Command::Dns { worker, config } => cmd::dns::run(config.as_deref(), worker),
         Command::State(StateCommand::Check { file }) => cmd::state::check(&file),
         Command::Firewall(FirewallCommand::Check { policy, print }) => {

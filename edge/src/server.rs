@@ -96,6 +96,9 @@ pub struct EdgeServer {
     stop: watch::Receiver<Option<Stop>>,
     /// Per-VM activity, for `/activity`.
     pub activity: Arc<Activity>,
+    /// The wake hook caller; the SSH gateway of the same process shares it, so a VM gets
+    /// one hook call however many requests and sessions wait for it.
+    pub waker: Arc<Waker>,
     /// The certificate in force (TLS listeners only).
     pub certs: Option<Arc<CertStore>>,
 }
@@ -139,7 +142,7 @@ impl EdgeServer {
         let proxy = EdgeProxy::new(
             settings.clone(),
             registry.clone(),
-            waker,
+            waker.clone(),
             activity.clone(),
             metrics.clone(),
         );
@@ -189,6 +192,7 @@ impl EdgeServer {
                 server,
                 stop: rx,
                 activity,
+                waker,
                 certs,
             },
             StopSender(Arc::new(tx)),

@@ -31,6 +31,7 @@ pub mod alloc;
 pub mod edge;
 pub mod gate;
 pub mod peers;
+pub mod ssh;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};

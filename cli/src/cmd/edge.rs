@@ -50,6 +50,8 @@ pub struct RunningEdge {
     pub stop: StopSender,
     /// Per-VM activity, for `/activity`.
     pub activity: Arc<Activity>,
+    /// The wake hook caller (shared with the SSH gateway in `vmedge up`).
+    pub waker: Arc<vmedge_edge::Waker>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -76,6 +78,7 @@ pub fn start_edge(
         .with_context(|| format!("state_dir {}: cannot create", settings.state_dir.display()))?;
     let (server, stop) = EdgeServer::build(settings, registry, metrics)?;
     let activity = server.activity.clone();
+    let waker = server.waker.clone();
     let thread = std::thread::Builder::new()
         .name("edge".into())
         .spawn(move || server.run())
@@ -83,6 +86,7 @@ pub fn start_edge(
     Ok(RunningEdge {
         stop,
         activity,
+        waker,
         thread,
     })
 }

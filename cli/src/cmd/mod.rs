@@ -4,6 +4,7 @@ pub mod config;
 pub mod dns;
 pub mod edge;
 pub mod firewall;
+pub mod ssh;
 pub mod state;
 pub mod up;
 pub mod worker;

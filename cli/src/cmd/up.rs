@@ -4,8 +4,9 @@
 //! and `https` (the demo VM is `::1`: a backend on `[::1]:8000` is its `web` service), and
 //! the DNS gate on `[dns] listen`, answering the VMs of `[worker] name` by source address
 //! (`dig @::1 -p 5353` from this host is the demo VM asking). There is no firewall table
-//! on a laptop, so fqdn answers are not enforced here. The SSH gateway joins this process
-//! when it is built; until then `up` says so.
+//! on a laptop, so fqdn answers are not enforced here. The SSH gateway listens on `[ssh]
+//! listen` (`ssh -p 2222 <vmid>@localhost` reaches a VM whose sshd trusts the gateway CA)
+//! and shares the edge's wake hook caller.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -66,6 +67,25 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             edge_pages,
         )
         .await?;
+        let mut ssh_registry = prometheus_client::registry::Registry::default();
+        let ssh_metrics = vmedge_ssh_gateway::Metrics::register(&mut ssh_registry);
+        let (ssh_admin, ssh_admin_listener) = Admin::listen(
+            ssh_registry,
+            shared.clone(),
+            config.ssh.admin,
+            "[ssh] admin",
+            Vec::new(),
+        )
+        .await?;
+        let (ssh_stop, ssh_stopped) =
+            tokio::sync::watch::channel(vmedge_ssh_gateway::Stop::Running);
+        let gateway = super::ssh::start_gateway(
+            &super::ssh::ssh_settings(&config),
+            shared.clone(),
+            ssh_metrics,
+            Arc::new(super::ssh::EdgeWake(edge.waker.clone())),
+            ssh_stopped,
+        )?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let gate = super::dns::start_gate(
             super::dns::gate_config(&config, &config.worker.name),
@@ -84,15 +104,23 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         let edge_admin_task = tokio::spawn(admin::serve(
             edge_admin_listener,
             edge_admin,
+            super::stopped(stopped.clone()),
+        ));
+        let ssh_admin_task = tokio::spawn(admin::serve(
+            ssh_admin_listener,
+            ssh_admin,
             super::stopped(stopped),
         ));
         print_plan(&config, &origin, registry.as_ref());
         shutdown.await;
         tracing::info!("shutting down");
+        let _ = ssh_stop.send(vmedge_ssh_gateway::Stop::Now);
         let _ = stop.send(true);
         let _ = gate.await;
+        let _ = gateway.await;
         let _ = admin_task.await;
         let _ = edge_admin_task.await;
+        let _ = ssh_admin_task.await;
         anyhow::Ok(())
     })?;
     edge.stop_and_join(vmedge_edge::Stop::Fast);
@@ -152,7 +180,7 @@ fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
         println!("    try: curl -H 'Host: {host}' http://{http}/");
     }
     println!(
-        "not in this build yet: ssh {}  admin {}",
+        "  ssh     {}  admin {}  (ssh -p PORT <vmid>@localhost; `vmedge ssh-gateway ca` for VM images)",
         list(&config.ssh.listen),
         config.ssh.admin
     );

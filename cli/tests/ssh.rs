@@ -1,0 +1,648 @@
+//! `vmedge ssh-gateway` as an operator runs it, inside a lab's worker namespace, in front
+//! of OpenSSH's sshd in VM namespaces on IPv6, used with the real OpenSSH client (ssh, scp,
+//! sftp).
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
+use std::io::{Read, Write};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmedge_tests::edge::{backend, http_get, Process};
+use vmedge_tests::gate::metric;
+use vmedge_tests::ssh::{
+    client_options, gateway, keygen, public_line, shell, ssh, KeyPair, Sshd, SshdOptions,
+};
+use vmedge_tests::{Lab, Netns};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmedge");
+const LISTEN: &str = "127.0.0.1:2222";
+const ADMIN: &str = "127.0.0.1:9181";
+const HOOK: &str = "127.0.0.1:9000";
+
+fn vm_id(i: usize) -> String {
+    format!("6f1c2d3e-0000-4000-8000-0000000000{i:02x}")
+}
+
+const STOPPED: usize = 0x10;
+const WRONG_HOST_KEY: usize = 0x11;
+const HUNG: usize = 0x12;
+const UNKNOWN: usize = 0x7f;
+
+/// Users' keys: u-1 (org o) has one of each type; u-2 (org other) one; `stranger` is in
+/// no user.
+struct Keys {
+    ed25519: KeyPair,
+    rsa: KeyPair,
+    ecdsa: [KeyPair; 3],
+    other_org: KeyPair,
+    stranger: KeyPair,
+}
+
+/// A lab: VM 0 (org o, host key listed), VM 1 (org o, host certificate), VM 2 (org other),
+/// plus VMs without sshd: stopped, one listing the wrong host key, one whose port 22
+/// accepts and never speaks.
+struct SshLab {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    keys: Keys,
+    sshd: Vec<Sshd>,
+    hung_addr: Ipv6Addr,
+    wrong_key_addr: Ipv6Addr,
+    _hung: Process,
+    gateway: Option<Process>,
+}
+
+impl SshLab {
+    fn start(vm1_status: &str) -> SshLab {
+        let lab = Lab::new(3);
+        let dir = tempfile::tempdir().unwrap();
+        let d = &dir.path().to_path_buf();
+        let keys = Keys {
+            ed25519: keygen(d, "id_ed25519", "ed25519", None),
+            rsa: keygen(d, "id_rsa", "rsa", Some(3072)),
+            ecdsa: [256, 384, 521].map(|b| keygen(d, &format!("id_ecdsa{b}"), "ecdsa", Some(b))),
+            other_org: keygen(d, "id_other", "ed25519", None),
+            stranger: keygen(d, "id_stranger", "ed25519", None),
+        };
+        // The gateway's user CA, made here so the VMs' sshd can trust it before the gateway
+        // starts (the gateway loads it from its state_dir).
+        std::fs::create_dir_all(d.join("state")).unwrap();
+        let user_ca = keygen(&d.join("state"), "ssh_user_ca_key", "ed25519", None);
+        let host_ca = keygen(d, "host_ca", "ed25519", None);
+
+        // VM 0's sshd also answers on a second address, where the state puts a VM that
+        // lists the wrong host key.
+        let [a, b, c, l, ..] = lab.vms[0].ipv6.segments();
+        let wrong_key_addr = Ipv6Addr::new(a, b, c, l, 0, 0, 0, 4);
+        lab.vms[0].ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{wrong_key_addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        let mut sshd = Vec::new();
+        let vm1 = vm_id(1);
+        for (i, v) in lab.vms.iter().enumerate() {
+            let options = SshdOptions {
+                user_ca: Some(&user_ca.public),
+                host_cert: (i == 1).then_some((&host_ca, vm1.as_str())),
+                ..SshdOptions::default()
+            };
+            let addrs = if i == 0 {
+                vec![v.ipv6, wrong_key_addr]
+            } else {
+                vec![v.ipv6]
+            };
+            sshd.push(Sshd::start(
+                &v.ns,
+                &d.join(format!("vm{i}")),
+                &addrs,
+                options,
+            ));
+        }
+        // Port 22 that accepts and never answers, on a second address of VM 2.
+        let [a, b, c, l, ..] = lab.vms[2].ipv6.segments();
+        let hung_addr = Ipv6Addr::new(a, b, c, l, 0, 0, 0, 3);
+        lab.vms[2].ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{hung_addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        let hung = lab.vms[2]
+            .ns
+            .command("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import socket,time\ns=socket.socket(socket.AF_INET6)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                     s.bind(('{hung_addr}',22))\ns.listen(64)\nc=[]\nwhile True: c.append(s.accept())\n"
+                ),
+            ])
+            .spawn()
+            .unwrap();
+        let hung = Process::new(hung, "hung listener");
+        vmedge_tests::edge::wait_listening(
+            &lab.vms[2].ns,
+            SocketAddr::from((hung_addr, 22)),
+            "hung listener",
+        );
+
+        let mut t = SshLab {
+            gateway: None,
+            lab,
+            dir,
+            keys,
+            sshd,
+            hung_addr,
+            wrong_key_addr,
+            _hung: hung,
+        };
+        t.write_state(vm1_status);
+        let n = t.lab.id();
+        std::fs::write(
+            d.join("vmedge.toml"),
+            format!(
+                "domain = \"ssh.test\"\nregistry = \"file:state.json\"\nstate_dir = \"state\"\n\
+                 vm_prefixes = [\"fd5e:ed00:{n:x}::/48\"]\nwake_url = \"http://{HOOK}/wake\"\n\
+                 [ssh]\nlisten = [\"{LISTEN}\"]\nadmin = \"{ADMIN}\"\nhost_ca = [\"{}\"]\n\
+                 connect_timeout = \"3s\"\nwake_timeout = \"8s\"\ngrace_period = \"2s\"\n",
+                host_ca.public
+            ),
+        )
+        .unwrap();
+        t.gateway = Some(gateway(
+            BIN,
+            &t.lab.worker,
+            &d.join("vmedge.toml"),
+            LISTEN.parse().unwrap(),
+        ));
+        t
+    }
+
+    fn state(&self, vm1_status: &str) -> Value {
+        let vm =
+            |i: usize, org: &str, addr: Ipv6Addr, status: &str, host_keys: Option<Vec<String>>| {
+                let mut v = json!({"id": vm_id(i), "org_id": org, "worker": "w",
+                               "public_ipv6": addr.to_string(), "status": status});
+                if let Some(keys) = host_keys {
+                    v["ssh_host_keys"] = json!(keys);
+                }
+                v
+            };
+        let vms = &self.lab.vms;
+        let listed = |i: usize| Some(vec![self.sshd[i].host_key.public.clone()]);
+        let k = &self.keys;
+        let key = |name: &str, pair: &KeyPair| json!({"name": name, "public_key": pair.public});
+        json!({
+        "users": [
+            {"id": "u-1", "org_ids": ["o"], "ssh_keys": [
+                key("ed", &k.ed25519), key("rsa", &k.rsa), key("p256", &k.ecdsa[0]),
+                key("p384", &k.ecdsa[1]), key("p521", &k.ecdsa[2])]},
+            {"id": "u-2", "org_ids": ["other"], "ssh_keys": [key("ed", &k.other_org)]}],
+        "vms": [
+            vm(0, "o", vms[0].ipv6, "running", listed(0)),
+            vm(1, "o", vms[1].ipv6, vm1_status, None),
+            vm(2, "other", vms[2].ipv6, "running", listed(2)),
+            vm(STOPPED, "o", self.lab.unused_ipv6(), "stopped", None),
+            vm(WRONG_HOST_KEY, "o", self.wrong_key_addr, "running", listed(2)),
+            vm(HUNG, "o", self.hung_addr, "running", listed(0)),
+        ]})
+    }
+
+    fn write_state(&self, vm1_status: &str) {
+        write_state(self.dir.path(), &self.state(vm1_status));
+    }
+
+    fn ns(&self) -> &Netns {
+        &self.lab.worker
+    }
+
+    fn options(&self, key: &KeyPair) -> Vec<String> {
+        client_options(&key.private, 2222, &self.dir.path().join("known_hosts"))
+    }
+
+    /// `ssh -i KEY <vm i>@127.0.0.1 ARGS`.
+    fn ssh(&self, key: &KeyPair, vm: usize, args: &[&str]) -> Output {
+        ssh(
+            self.ns(),
+            &self.options(key),
+            &format!("{}@127.0.0.1", vm_id(vm)),
+            args,
+        )
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.ns(), ADMIN.parse().unwrap(), "admin", "/metrics")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn write_state(dir: &Path, state: &Value) {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, state.to_string()).unwrap();
+    std::fs::rename(&tmp, dir.join("state.json")).unwrap();
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+fn sha256(ns: &Netns, path: &Path) -> String {
+    let out = shell(ns, &format!("sha256sum {}", path.display()));
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn exec_stdio_scp_sftp_pty_and_forwarding_reach_the_vm() {
+    let t = SshLab::start("running");
+    let ns = t.ns();
+    let key = &t.keys.ed25519;
+
+    // Exec: output and the remote exit code.
+    let out = t.ssh(
+        key,
+        0,
+        &["echo hello from $(hostname -I | tr -d ' ')-vm; exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("hello from"),
+        "{}",
+        text(&out.stdout)
+    );
+    // stderr is its own stream, and the 32-hex form of the id is the same VM.
+    let hex = format!("{}@127.0.0.1", vm_id(0).replace('-', ""));
+    let out = ssh(ns, &t.options(key), &hex, &["echo out; echo err >&2"]);
+    assert_eq!(
+        (text(&out.stdout).as_str(), text(&out.stderr).as_str()),
+        ("out\n", "err\n")
+    );
+
+    // The VM's sshd log names the platform user and the gateway session (certificate key id).
+    let log = t.sshd[0].log_text();
+    assert!(log.contains("user=u-1 session="), "sshd log: {log}");
+
+    // 100 MB of random bytes through stdin and stdout.
+    let input = t.path("in.bin");
+    shell(
+        ns,
+        &format!("head -c 100M /dev/urandom > {}", input.display()),
+    );
+    let want = sha256(ns, &input);
+    let output = t.path("out.bin");
+    let opts = t.options(key).join(" ");
+    let target = format!("{}@127.0.0.1", vm_id(0));
+    let out = shell(
+        ns,
+        &format!(
+            "ssh {opts} {target} cat < {} > {}",
+            input.display(),
+            output.display()
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        sha256(ns, &output),
+        want,
+        "stdin -> cat -> stdout changed the bytes"
+    );
+
+    // scp (SFTP protocol, and the legacy exec protocol) and sftp, both ways.
+    let scp_opts = opts.replace("-p 2222", "-P 2222");
+    for (mode, flag) in [("sftp", ""), ("legacy", "-O")] {
+        let remote = format!("/tmp/vmedge-scp-{mode}");
+        let back = t.path(&format!("back-{mode}.bin"));
+        let out = shell(
+            ns,
+            &format!(
+                "scp -q {flag} {scp_opts} {} {target}:{remote}",
+                input.display()
+            ),
+        );
+        assert!(out.status.success(), "scp {mode} up: {}", text(&out.stderr));
+        let out = shell(
+            ns,
+            &format!(
+                "scp -q {flag} {scp_opts} {target}:{remote} {}",
+                back.display()
+            ),
+        );
+        assert!(
+            out.status.success(),
+            "scp {mode} down: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(sha256(ns, &back), want, "scp {mode}");
+    }
+    let batch = t.path("sftp.batch");
+    let back = t.path("back-sftp.bin");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} /tmp/vmedge-sftp\nget /tmp/vmedge-sftp {}\n",
+            input.display(),
+            back.display()
+        ),
+    )
+    .unwrap();
+    let out = shell(
+        ns,
+        &format!("sftp -q {scp_opts} -b {} {target}", batch.display()),
+    );
+    assert!(out.status.success(), "sftp: {}", text(&out.stderr));
+    assert_eq!(sha256(ns, &back), want, "sftp");
+
+    // A pty: the remote side sees the client's size, then its change.
+    let out = ns
+        .command("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/ssh_pty.py"))
+        .args(["ssh"])
+        .args(t.options(key))
+        .args(["-tt", &target, "stty size; read x; stty size"])
+        .output()
+        .unwrap();
+    let pty = text(&out.stdout);
+    assert!(out.status.success(), "pty: {pty} {}", text(&out.stderr));
+    assert!(
+        pty.contains("24 80") && pty.contains("40 100"),
+        "window-change not seen: {pty:?}"
+    );
+
+    // ssh -L to an HTTP server inside the VM, ssh -R back to one on the client side.
+    let _in_vm = backend(&t.lab.vms[0].ns, "http", 8000);
+    let _at_client = backend(ns, "http", 8001);
+    let local = spawn_ssh(
+        &t,
+        key,
+        &[
+            "-N",
+            "-L",
+            "127.0.0.1:18080:[::1]:8000",
+            "-R",
+            "127.0.0.1:19090:[::1]:8001",
+        ],
+    );
+    let through_l = wait_for_http(ns, "127.0.0.1:18080");
+    assert_eq!(through_l, "hello from 8000\n");
+    let through_r = wait_for_http(&t.lab.vms[0].ns, "127.0.0.1:19090");
+    assert_eq!(through_r, "hello from 8001\n");
+    drop(local);
+
+    let m = t.metrics();
+    assert!(
+        metric(&m, "vmedge_ssh_sessions_total").unwrap() >= 8.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, r#"vmedge_ssh_bytes_total{direction="to_vm"}"#).unwrap() > 400e6,
+        "{m}"
+    );
+    assert!(
+        metric(&m, r#"vmedge_ssh_channels_total{kind="direct-tcpip"}"#).unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, r#"vmedge_ssh_channels_total{kind="forwarded-tcpip"}"#).unwrap() >= 1.0,
+        "{m}"
+    );
+}
+
+/// `ssh -i KEY ARGS <vm 0>` left running.
+fn spawn_ssh(t: &SshLab, key: &KeyPair, args: &[&str]) -> Process {
+    let child = t
+        .ns()
+        .command("ssh")
+        .args(t.options(key))
+        .args(args)
+        .arg(format!("{}@127.0.0.1", vm_id(0)))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Process::new(child, "ssh")
+}
+
+/// GET /hello at `addr` in `ns`, retried until the forward is up.
+fn wait_for_http(ns: &Netns, addr: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = ns
+            .command("curl")
+            .args(["-sS", "--max-time", "5", &format!("http://{addr}/hello")])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return text(&out.stdout);
+        }
+        assert!(Instant::now() < deadline, "{addr}: {}", text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn every_key_type_logs_in_and_every_refusal_looks_the_same() {
+    let t = SshLab::start("running");
+    let k = &t.keys;
+    for (name, key, extra) in [
+        ("ed25519", &k.ed25519, None),
+        (
+            "rsa-sha2-256",
+            &k.rsa,
+            Some("PubkeyAcceptedAlgorithms=rsa-sha2-256"),
+        ),
+        (
+            "rsa-sha2-512",
+            &k.rsa,
+            Some("PubkeyAcceptedAlgorithms=rsa-sha2-512"),
+        ),
+        ("ecdsa 256", &k.ecdsa[0], None),
+        ("ecdsa 384", &k.ecdsa[1], None),
+        ("ecdsa 521", &k.ecdsa[2], None),
+    ] {
+        let mut options = t.options(key);
+        if let Some(extra) = extra {
+            options.extend(["-o".to_string(), extra.to_string()]);
+        }
+        let out = ssh(
+            t.ns(),
+            &options,
+            &format!("{}@127.0.0.1", vm_id(0)),
+            &["echo in"],
+        );
+        assert_eq!(text(&out.stdout), "in\n", "{name}: {}", text(&out.stderr));
+    }
+
+    // Unknown key, another org's VM, an unknown VM, a name that is no VM id, and SHA-1 RSA:
+    // the same answer every time.
+    let mut sha1 = t.options(&k.rsa);
+    sha1.extend([
+        "-o".to_string(),
+        "PubkeyAcceptedAlgorithms=ssh-rsa".to_string(),
+    ]);
+    let refusals = [
+        ("unknown key", t.ssh(&k.stranger, 0, &["true"])),
+        ("other org's VM", t.ssh(&k.ed25519, 2, &["true"])),
+        ("other org's key", t.ssh(&k.other_org, 0, &["true"])),
+        ("unknown VM", t.ssh(&k.ed25519, UNKNOWN, &["true"])),
+        (
+            "not a VM id",
+            ssh(t.ns(), &t.options(&k.ed25519), "root@127.0.0.1", &["true"]),
+        ),
+        (
+            "ssh-rsa (SHA-1)",
+            ssh(t.ns(), &sha1, &format!("{}@127.0.0.1", vm_id(0)), &["true"]),
+        ),
+    ];
+    let first = &refusals[0].1;
+    for (what, out) in &refusals {
+        assert_eq!(out.status.code(), Some(255), "{what}");
+        assert!(
+            text(&out.stderr).contains("Permission denied (publickey)"),
+            "{what}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            text(&out.stderr)
+                .replace(&vm_id(UNKNOWN), "")
+                .replace(&vm_id(0), "")
+                .replace(&vm_id(2), "")
+                .replace("root", ""),
+            text(&first.stderr).replace(&vm_id(0), ""),
+            "{what} differs from an unknown key"
+        );
+    }
+    let m = t.metrics();
+    for reason in ["unknown_key", "other_org", "unknown_vm", "not_a_vm_id"] {
+        let name = format!("vmedge_ssh_auth_failures_total{{reason=\"{reason}\"}}");
+        assert!(metric(&m, &name).unwrap_or(0.0) >= 1.0, "{name} in {m}");
+    }
+
+    // The CA the gateway logs in with is the one `vmedge ssh-gateway ca` prints.
+    let ca = std::process::Command::new(BIN)
+        .args(["ssh-gateway", "ca", "--config"])
+        .arg(t.path("vmedge.toml"))
+        .output()
+        .unwrap();
+    let printed = text(&ca.stdout);
+    let ca_pub = public_line(&t.path("state/ssh_user_ca_key.pub"));
+    assert!(
+        printed.contains(&ca_pub) && printed.contains("TrustedUserCAKeys"),
+        "{printed}"
+    );
+}
+
+#[test]
+fn host_keys_vm_states_wake_hung_vms_and_fifty_sessions() {
+    let t = SshLab::start("paused");
+    let key = &t.keys.ed25519;
+
+    // A stopped VM: told after authentication, in one line.
+    let out = t.ssh(key, STOPPED, &["true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains(&format!("VM {} is stopped", vm_id(STOPPED))),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A VM whose host key is not the one the state lists: refused, and said so.
+    let out = t.ssh(key, WRONG_HOST_KEY, &["true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("host key the gateway does not trust"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A hung VM holds only its own session: VM 0 answers meanwhile.
+    let hung = spawn_ssh_to(&t, key, HUNG);
+    let started = Instant::now();
+    assert_eq!(text(&t.ssh(key, 0, &["echo fine"]).stdout), "fine\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a hung VM slowed another session"
+    );
+    drop(hung);
+
+    // A paused VM (VM 1, host certificate from the host CA): woken through the hook once,
+    // then the session goes through.
+    let calls = wake_hook(t.ns(), t.dir.path().to_path_buf(), t.state("running"));
+    let out = t.ssh(key, 1, &["echo awake"]);
+    assert_eq!(text(&out.stdout), "awake\n", "{}", text(&out.stderr));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Fifty sessions at once.
+    let opts = t.options(key).join(" ");
+    let target = format!("{}@127.0.0.1", vm_id(0));
+    let out = shell(
+        t.ns(),
+        &format!(
+            "for i in $(seq 50); do ssh {opts} {target} echo ok$i > {dir}/s$i 2>&1 & done; wait; cat {dir}/s*",
+            dir = t.dir.path().display()
+        ),
+    );
+    let all = text(&out.stdout);
+    assert_eq!(all.matches("ok").count(), 50, "{all}");
+
+    let m = t.metrics();
+    assert!(
+        metric(
+            &m,
+            r#"vmedge_ssh_upstream_failures_total{reason="host_key"}"#
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"vmedge_ssh_upstream_failures_total{reason="vm_state"}"#
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+}
+
+fn spawn_ssh_to(t: &SshLab, key: &KeyPair, vm: usize) -> Process {
+    let child = t
+        .ns()
+        .command("ssh")
+        .args(t.options(key))
+        .arg(format!("{}@127.0.0.1", vm_id(vm)))
+        .arg("true")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Process::new(child, "ssh to a hung VM")
+}
+
+/// A control plane's wake hook: counts calls, and after each writes `woken` as the state.
+fn wake_hook(ns: &Netns, dir: PathBuf, woken: Value) -> Arc<AtomicUsize> {
+    let listener = ns.enter(|| TcpListener::bind(HOOK)).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"}") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            assert!(
+                text.contains(&format!(r#"{{"vm_id":"{}"}}"#, vm_id(1))),
+                "{text}"
+            );
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(300));
+            write_state(&dir, &woken);
+        }
+    });
+    calls
+}
