@@ -19,7 +19,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use vmedge_tests::edge::{wait_listening, Process};
-use vmedge_tests::{Lab, Netns};
+use vmedge_tests::{rss_kb, Lab, Netns};
 
 const DOMAIN: &str = "bench.test";
 const VM: &str = "6f1c2d3e-0000-4000-8000-0000000000aa";
@@ -151,30 +151,6 @@ fn handshakes(ns: &Netns, addr: SocketAddr, seconds: u32) -> f64 {
         &format!("https://{addr}/"),
     );
     requests_per_second(&report)
-}
-
-/// Resident kB of a process and its children (nginx: master and worker).
-fn rss_kb(pid: u32) -> u64 {
-    let mut total = 0;
-    let mut pids = vec![pid];
-    while let Some(p) = pids.pop() {
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
-            total += status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
-            pids.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-    }
-    total
 }
 
 /// Opens `n` keep-alive connections, each after one request; resident kB of the server

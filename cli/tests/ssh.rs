@@ -646,3 +646,69 @@ fn wake_hook(ns: &Netns, dir: PathBuf, woken: Value) -> Arc<AtomicUsize> {
     });
     calls
 }
+
+#[test]
+fn a_reader_that_stops_holds_the_vm_back_and_sigterm_lets_sessions_finish() {
+    let mut t = SshLab::start("running");
+    let key = &t.keys.ed25519;
+    let pid = t.gateway.as_ref().unwrap().id();
+    let before = vmedge_tests::rss_kb(pid);
+
+    // The VM writes as fast as it can; the user reads nothing for four seconds. The
+    // gateway must pass the pressure back to the VM rather than hold the bytes.
+    let opts = t.options(key).join(" ");
+    let target = format!("{}@127.0.0.1", vm_id(0));
+    let stalled = t
+        .ns()
+        .command("sh")
+        .args([
+            "-c",
+            &format!("ssh {opts} {target} 'cat /dev/zero' | (sleep 4; head -c 1M > /dev/null)"),
+        ])
+        .spawn()
+        .unwrap();
+    let stalled = Process::new(stalled, "stalled reader");
+    std::thread::sleep(Duration::from_millis(3500));
+    let during = vmedge_tests::rss_kb(pid);
+    assert!(
+        during < before + 32 * 1024,
+        "the gateway grew from {before} kB to {during} kB while its reader stalled"
+    );
+    // (OpenSSH's client, as behind a jump host, keeps such a session open once its reader
+    // has gone: the remote cat never sees a closed pipe. Stopped here.)
+    drop(stalled);
+
+    // SIGTERM: no new sessions, the open one finishes.
+    let running = t
+        .ns()
+        .command("ssh")
+        .args(t.options(key))
+        .args([&target, "sleep 1; echo finished"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let gateway = t.gateway.as_mut().unwrap();
+    gateway.signal("TERM");
+    std::thread::sleep(Duration::from_millis(100));
+    let refused = t.ssh(key, 0, &["true"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(255),
+        "a new session was accepted after SIGTERM"
+    );
+    let finished = running.wait_with_output().unwrap();
+    assert_eq!(
+        text(&finished.stdout),
+        "finished\n",
+        "the open session was cut"
+    );
+    assert!(
+        t.gateway
+            .as_mut()
+            .unwrap()
+            .wait_exit(Duration::from_secs(5)),
+        "the gateway did not exit after its sessions ended"
+    );
+}

@@ -385,3 +385,28 @@ fn claim_lab_id() -> (u16, Flock<File>) {
     }
     panic!("all {MAX_LABS} lab ids are in use");
 }
+
+/// Resident kB of a process and its children (nginx's workers, sshd's per-connection
+/// processes), from /proc.
+pub fn rss_kb(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut pids = vec![pid];
+    while let Some(p) = pids.pop() {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    total
+}

@@ -144,9 +144,11 @@ impl Sshd {
 
 /// Starts `BIN ssh-gateway --config CONFIG` in `ns` and waits until `listen` accepts.
 pub fn gateway(bin: &str, ns: &Netns, config: &Path, listen: SocketAddr) -> Process {
+    // VMEDGE_TEST_LOG (e.g. "warn,russh=debug") turns the gateway's logs up when debugging.
+    let level = std::env::var("VMEDGE_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let child = ns
         .command(bin)
-        .args(["--log-level", "warn", "ssh-gateway", "--config"])
+        .args(["--log-level", &level, "ssh-gateway", "--config"])
         .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
