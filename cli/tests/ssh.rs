@@ -157,7 +157,7 @@ impl SshLab {
                 "domain = \"ssh.test\"\nregistry = \"file:state.json\"\nstate_dir = \"state\"\n\
                  vm_prefixes = [\"fd5e:ed00:{n:x}::/48\"]\nwake_url = \"http://{HOOK}/wake\"\n\
                  [ssh]\nlisten = [\"{LISTEN}\"]\nadmin = \"{ADMIN}\"\nhost_ca = [\"{}\"]\n\
-                 connect_timeout = \"3s\"\nwake_timeout = \"8s\"\ngrace_period = \"2s\"\n",
+                 connect_timeout = \"20s\"\nwake_timeout = \"20s\"\ngrace_period = \"2s\"\n",
                 host_ca.public
             ),
         )
@@ -552,14 +552,11 @@ fn host_keys_vm_states_wake_hung_vms_and_fifty_sessions() {
         text(&out.stderr)
     );
 
-    // A hung VM holds only its own session: VM 0 answers meanwhile.
-    let hung = spawn_ssh_to(&t, key, HUNG);
-    let started = Instant::now();
+    // A hung VM holds only its own session: VM 0 answers while that one still waits (it
+    // gives up only after connect_timeout).
+    let mut hung = spawn_ssh_to(&t, key, HUNG);
     assert_eq!(text(&t.ssh(key, 0, &["echo fine"]).stdout), "fine\n");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "a hung VM slowed another session"
-    );
+    hung.assert_running();
     drop(hung);
 
     // A paused VM (VM 1, host certificate from the host CA): woken through the hook once,

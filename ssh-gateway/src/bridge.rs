@@ -5,23 +5,32 @@
 //!   `Handler::data`), so every byte takes one path.
 //! - Data is written with `ChannelWriteHalf::data_bytes`, which waits for the receiving
 //!   peer's window; `Handle::data` would queue without bound and is never used.
-//! - What one direction holds is bounded by russh's per-channel queue
-//!   (`channel_buffer_size` packets); when a destination stops granting window, its pump
-//!   stops reading, that queue fills and russh stops reading the source connection. So a
-//!   slow user slows the VM and memory stays flat. The price is russh's: it credits window
-//!   on receipt, so a stalled queue holds up the other channels of that one connection
-//!   until the destination drains (see the crate docs).
+//! - russh credits window when data arrives and, when a channel's queue is full, waits for
+//!   room inside its session loop: that loop then reads nothing, window adjusts included.
+//!   A bridge that let both loops block at once would deadlock: the user->VM queue full
+//!   because the VM's window ran out, whose adjust waits behind the upstream loop, blocked
+//!   on a full VM->user queue because the user's window ran out, whose adjust waits behind
+//!   the first loop (seen with `ssh vm cat < 100MB` under load). So each direction drains
+//!   russh's queue at once into a [`Spool`], and the bytes spooled per connection and
+//!   direction are its [`Backlog`]. Over [`BACKLOG_LIMIT`], the connection's handler
+//!   (`Handler::adjust_window`, the one lever russh gives) drops russh's window target to
+//!   a trickle, so the peer soon stops sending while the loop keeps reading its window
+//!   adjusts; below it, the full window is granted again at the next adjust. The spools
+//!   never fill ([`SPOOL_BYTES`] is a hard stop far above), the loops never block, memory
+//!   per connection is bounded, and a slow user slows the VM. The price: while one
+//!   channel's destination is slow, the other channels of that connection trickle too.
 //!
 //! Requests keep their order relative to data because russh puts them on the same queue.
 //! The user's requests were answered when they arrived (see `session`); the VM is asked for
 //! a reply only on the request that starts the channel (shell, exec, subsystem), and a
 //! refusal there is told to the user on stderr before the channel closes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use russh::{client, server, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 
@@ -64,6 +73,10 @@ pub struct PumpContext {
     pub activity: Arc<Activity>,
     /// The user's connection, for messages a write half cannot send (exit-signal).
     pub user: server::Handle,
+    /// Bytes spooled from the user towards the VM, on this connection.
+    pub to_vm: Arc<Backlog>,
+    /// Bytes spooled from the VM towards the user, on this connection.
+    pub from_vm: Arc<Backlog>,
 }
 
 /// The user's half and the VM's half of one bridged channel.
@@ -78,6 +91,95 @@ pub struct Ends {
     pub vm_tx: ChannelWriteHalf<client::Msg>,
 }
 
+/// The window russh grants peers on both sides (its default, and OpenSSH's).
+pub const WINDOW: u32 = 2 << 20;
+
+/// Spooled bytes (one connection, one direction) over which new window is withheld.
+pub const BACKLOG_LIMIT: usize = 1 << 20;
+
+/// Hard stop for one channel's spool: a peer that ignored its window. Far above
+/// [`BACKLOG_LIMIT`] plus the window already granted, so honest peers never reach it.
+pub const SPOOL_BYTES: usize = 16 << 20;
+
+/// Bytes spooled by one connection in one direction, not yet written on.
+#[derive(Debug, Default)]
+pub struct Backlog(AtomicUsize);
+
+impl Backlog {
+    /// The window target russh should use from its next adjust on: the full window, or a
+    /// trickle (2 bytes: russh then adjusts again, and asks again, as soon as the peer has
+    /// used it) while the backlog is over its limit.
+    pub fn next_window(&self) -> u32 {
+        if self.0.load(Ordering::Relaxed) > BACKLOG_LIMIT {
+            2
+        } else {
+            WINDOW
+        }
+    }
+}
+
+/// A spooled message's place in its spool and its connection's backlog, given back when
+/// the pump has written the message.
+pub struct Held {
+    _permit: OwnedSemaphorePermit,
+    backlog: Arc<Backlog>,
+    cost: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.backlog.0.fetch_sub(self.cost, Ordering::Relaxed);
+    }
+}
+
+/// What a message costs against the spool (control messages too: a flood of them is
+/// bounded like data).
+fn cost(msg: &ChannelMsg) -> u32 {
+    let data = match msg {
+        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
+        _ => 0,
+    };
+    data.clamp(64, SPOOL_BYTES) as u32
+}
+
+/// One direction's messages, taken off russh's queue as they arrive and held until the
+/// pump has written them, within [`SPOOL_BYTES`].
+pub struct Spool {
+    rx: mpsc::UnboundedReceiver<(ChannelMsg, Held)>,
+}
+
+impl Spool {
+    /// Starts draining `from`, counting what it holds in `backlog`.
+    pub fn drain(mut from: ChannelReadHalf, backlog: Arc<Backlog>) -> Spool {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(SPOOL_BYTES));
+        tokio::spawn(async move {
+            while let Some(msg) = from.wait().await {
+                // Waits only for a peer that ignored its window.
+                let cost = cost(&msg);
+                let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                    return;
+                };
+                backlog.0.fetch_add(cost as usize, Ordering::Relaxed);
+                let held = Held {
+                    _permit: permit,
+                    backlog: backlog.clone(),
+                    cost: cost as usize,
+                };
+                if tx.send((msg, held)).is_err() {
+                    return;
+                }
+            }
+        });
+        Spool { rx }
+    }
+
+    /// The next message; its space is given back when the returned [`Held`] drops.
+    async fn next(&mut self) -> Option<(ChannelMsg, Held)> {
+        self.rx.recv().await
+    }
+}
+
 /// Runs both directions until both sides have closed the channel.
 pub async fn bridge(ends: Ends, ctx: PumpContext) {
     let Ends {
@@ -87,18 +189,14 @@ pub async fn bridge(ends: Ends, ctx: PumpContext) {
         vm_tx,
     } = ends;
     tokio::join!(
-        user_to_vm(user_rx, &vm_tx, &ctx),
-        vm_to_user(vm_rx, &user_tx, &ctx),
+        user_to_vm(Spool::drain(user_rx, ctx.to_vm.clone()), &vm_tx, &ctx),
+        vm_to_user(Spool::drain(vm_rx, ctx.from_vm.clone()), &user_tx, &ctx),
     );
 }
 
 /// Everything the user sends on the channel, in order, to the VM.
-async fn user_to_vm(
-    mut from: ChannelReadHalf,
-    to: &ChannelWriteHalf<client::Msg>,
-    ctx: &PumpContext,
-) {
-    while let Some(msg) = from.wait().await {
+async fn user_to_vm(mut from: Spool, to: &ChannelWriteHalf<client::Msg>, ctx: &PumpContext) {
+    while let Some((msg, _held)) = from.next().await {
         ctx.activity.touch();
         let sent = match msg {
             ChannelMsg::Data { data } => {
@@ -164,12 +262,8 @@ async fn user_to_vm(
 }
 
 /// Everything the VM sends on the channel, in order, to the user.
-async fn vm_to_user(
-    mut from: ChannelReadHalf,
-    to: &ChannelWriteHalf<server::Msg>,
-    ctx: &PumpContext,
-) {
-    while let Some(msg) = from.wait().await {
+async fn vm_to_user(mut from: Spool, to: &ChannelWriteHalf<server::Msg>, ctx: &PumpContext) {
+    while let Some((msg, _held)) = from.next().await {
         ctx.activity.touch();
         let sent = match msg {
             ChannelMsg::Data { data } => {

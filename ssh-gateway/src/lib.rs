@@ -12,13 +12,17 @@
 //! - [`metrics`](mod@metrics): `vmedge_ssh_*`.
 //!
 //! # Flow control, and what russh leaves open
-//! Each direction of a channel is a task that reads russh's bounded per-channel queue and
-//! writes with the window-respecting channel writer, so memory per channel is bounded and
-//! a slow reader slows its writer. russh credits the window when data arrives, not when it
-//! is consumed; when a destination stalls, the bounded queue is what pushes back, and it
-//! pushes back on the whole source connection. One stalled channel therefore pauses the
-//! other channels of the same connection until it drains (keepalives are answered once it
-//! does); sessions of other connections are never affected.
+//! Each direction of a channel takes russh's per-channel queue off as it arrives into a
+//! spool, and writes with the window-respecting channel writer. russh credits window when
+//! data arrives (not when it is consumed) and waits for queue room inside its session
+//! loop, which would stop it reading the window adjusts the other direction needs: two
+//! such loops deadlock. So the loops are never let block: the bytes spooled per connection
+//! and direction are counted, and over a limit the handlers' `adjust_window` drops russh's
+//! window target to a trickle until the spool drains (bridge.rs). Memory per connection is
+//! bounded and a slow reader slows its writer; the remaining coupling is that while one
+//! channel's destination is slow, the other channels of that connection trickle too.
+//! Sessions of other connections are never affected. Credit on consumption in russh would
+//! make this per channel.
 
 pub mod access;
 pub mod bridge;

@@ -236,6 +236,7 @@ impl SshGateway {
             keepalive_interval: Some(settings.keepalive_interval),
             keepalive_max: 3,
             channel_buffer_size: CHANNEL_QUEUE,
+            window_size: crate::bridge::WINDOW,
             nodelay: true,
             ..Default::default()
         };
@@ -267,6 +268,7 @@ impl SshGateway {
                 ..Preferred::DEFAULT
             },
             channel_buffer_size: CHANNEL_QUEUE,
+            window_size: crate::bridge::WINDOW,
             // The idle timeout is kept here, on channel data: keepalives do not count.
             inactivity_timeout: None,
             keepalive_interval: Some(settings.keepalive_interval),

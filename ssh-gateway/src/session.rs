@@ -16,7 +16,7 @@ use tracing::Instrument;
 use vmedge_model::VmStatus;
 
 use crate::access::{self, Denied, Grant};
-use crate::bridge::{self, Activity, Ends, PumpContext};
+use crate::bridge::{self, Activity, Backlog, Ends, PumpContext};
 use crate::keys::{self, CertSubject};
 use crate::server::Shared;
 use crate::upstream::{self, ForwardedChannels, ForwardedOpen, VmConnection};
@@ -41,6 +41,10 @@ pub struct ConnectionState {
     pub link: std::sync::Mutex<Option<watch::Receiver<Link>>>,
     /// Channel activity, for the idle timeout.
     pub activity: Arc<Activity>,
+    /// Bytes spooled from the user towards the VM (withholds the user's window when high).
+    pub to_vm: Arc<Backlog>,
+    /// Bytes spooled from the VM towards the user (withholds the VM's window when high).
+    pub from_vm: Arc<Backlog>,
 }
 
 /// russh's server handler for one connection.
@@ -99,6 +103,8 @@ impl UserConnection {
             metrics: self.shared.metrics.clone(),
             activity: self.state.activity.clone(),
             user,
+            to_vm: self.state.to_vm.clone(),
+            from_vm: self.state.from_vm.clone(),
         }
     }
 }
@@ -115,6 +121,10 @@ async fn ready(link: &mut watch::Receiver<Link>) -> Result<Arc<VmConnection>, Ar
 
 impl server::Handler for UserConnection {
     type Error = russh::Error;
+
+    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        self.state.to_vm.next_window()
+    }
 
     async fn auth_publickey_offered(
         &mut self,
@@ -164,6 +174,7 @@ impl server::Handler for UserConnection {
         if let Ok(mut slot) = self.state.link.lock() {
             *slot = Some(rx);
         }
+        let from_vm = self.state.from_vm.clone();
         let forwards = Arc::new(ForwardsToUser {
             user: session.handle(),
             ctx: self.pump_context(session.handle()),
@@ -171,7 +182,7 @@ impl server::Handler for UserConnection {
         let shared = self.shared.clone();
         let id = self.id.clone();
         let span = tracing::info_span!("vm_link", session = %id, vm = %grant.vm);
-        tokio::spawn(link_to_vm(shared, grant, id, forwards, tx).instrument(span));
+        tokio::spawn(link_to_vm(shared, grant, id, forwards, from_vm, tx).instrument(span));
         Ok(())
     }
 
@@ -386,6 +397,7 @@ async fn link_to_vm(
     grant: Grant,
     session_id: String,
     forwards: Arc<ForwardsToUser>,
+    from_vm: Arc<Backlog>,
     link: watch::Sender<Link>,
 ) {
     let started = Instant::now();
@@ -404,7 +416,7 @@ async fn link_to_vm(
         fingerprint: &grant.fingerprint,
     };
     let forwards: Arc<dyn ForwardedChannels> = forwards;
-    match upstream::connect(&shared.upstream, &vm, &subject, forwards).await {
+    match upstream::connect(&shared.upstream, &vm, &subject, forwards, from_vm).await {
         Ok(connection) => {
             shared.metrics.upstream_connected(started.elapsed());
             tracing::info!(addr = %vm.public_ipv6, ms = started.elapsed().as_millis() as u64, "logged in to the VM");

@@ -13,9 +13,10 @@ use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::ssh_key::public::KeyData;
 use russh::keys::ssh_key::{self, HashAlg};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
-use russh::Channel;
+use russh::{Channel, ChannelId};
 use vmedge_model::{Vm, VmId};
 
+use crate::bridge::Backlog;
 use crate::keys::{CertSubject, UserCa};
 
 /// How the gateway proves itself to a VM's sshd.
@@ -138,6 +139,7 @@ pub struct VmHandler {
     host_cas: Vec<ssh_key::Fingerprint>,
     refusal: Arc<Mutex<Option<String>>>,
     forwards: Arc<dyn ForwardedChannels>,
+    from_vm: Arc<Backlog>,
 }
 
 impl VmHandler {
@@ -188,6 +190,10 @@ impl VmHandler {
 impl client::Handler for VmHandler {
     type Error = russh::Error;
 
+    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        self.from_vm.next_window()
+    }
+
     async fn check_server_key(
         &mut self,
         offered: &PublicKeyOrCertificate,
@@ -229,12 +235,14 @@ impl client::Handler for VmHandler {
 /// A logged-in connection to a VM.
 pub type VmConnection = client::Handle<VmHandler>;
 
-/// Connects to `vm`'s sshd and logs in for `subject`.
+/// Connects to `vm`'s sshd and logs in for `subject`. `from_vm` is the session's backlog
+/// towards the user: while it is high the VM is granted no new window (bridge.rs).
 pub async fn connect(
     config: &UpstreamConfig,
     vm: &Vm,
     subject: &CertSubject<'_>,
     forwards: Arc<dyn ForwardedChannels>,
+    from_vm: Arc<Backlog>,
 ) -> Result<VmConnection, UpstreamError> {
     let ip = IpAddr::V6(vm.public_ipv6);
     if !config.vm_prefixes.iter().any(|p| p.contains(&ip)) {
@@ -243,7 +251,7 @@ pub async fn connect(
     let addr = SocketAddr::new(ip, config.port);
     match tokio::time::timeout(
         config.connect_timeout,
-        connect_inner(config, vm, addr, subject, forwards),
+        connect_inner(config, vm, addr, subject, forwards, from_vm),
     )
     .await
     {
@@ -258,6 +266,7 @@ async fn connect_inner(
     addr: SocketAddr,
     subject: &CertSubject<'_>,
     forwards: Arc<dyn ForwardedChannels>,
+    from_vm: Arc<Backlog>,
 ) -> Result<VmConnection, UpstreamError> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -284,6 +293,7 @@ async fn connect_inner(
             .collect(),
         refusal: refusal.clone(),
         forwards,
+        from_vm,
     };
     let mut handle = match client::connect_stream(config.client.clone(), tcp, handler).await {
         Ok(h) => h,
@@ -340,6 +350,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             refusal: Arc::default(),
+            from_vm: Arc::default(),
             forwards: Arc::new(NoForwards),
         }
     }
