@@ -4,14 +4,14 @@
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmedge_tests::edge::{backend, curl, edge, http_get, peers_script, raw_http, Process};
+use vmedge_tests::edge::{
+    backend, curl, edge, http_get, peers_script, raw_http, wake_hook, Process,
+};
 use vmedge_tests::gate::metric;
 use vmedge_tests::{Lab, Netns};
 
@@ -152,9 +152,7 @@ fn start_edge(ns: &Netns, dir: &Path, extra: &[&str]) -> Process {
 
 /// Writes the state file atomically (the registry must never read half a file).
 fn write_state(dir: &Path, state: &Value) {
-    let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, state.to_string()).unwrap();
-    std::fs::rename(&tmp, dir.join("state.json")).unwrap();
+    vmedge_tests::edge::write_state(dir, &state.to_string());
 }
 
 fn sha256_of(ns: &Netns, path: &Path) -> String {
@@ -486,43 +484,18 @@ fn answers_its_own_errors_as_text_and_as_grpc_status() {
     );
 }
 
-/// A control plane's wake hook: counts calls, and after each flips VM 1 to running in
-/// the state file, as the real one would once the VM is resumed.
-fn wake_hook(ns: &Netns, dir: PathBuf, lab_state: Value) -> Arc<AtomicUsize> {
-    let listener = ns.enter(|| TcpListener::bind(HOOK)).unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            // Header and body may come in separate segments: read up to the JSON's end.
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !got.ends_with(b"}") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&got).into_owned();
-            assert!(text.starts_with("POST /wake HTTP/1.1"), "{text}");
-            assert!(
-                text.contains(&format!(r#"{{"vm_id":"{}"}}"#, vm_id(1))),
-                "{text}"
-            );
-            counted.fetch_add(1, Ordering::SeqCst);
-            let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
-            std::thread::sleep(Duration::from_millis(500));
-            write_state(&dir, &lab_state);
-        }
-    });
-    calls
-}
-
 #[test]
 fn wakes_a_paused_vm_once_however_many_requests_wait() {
     let t = EdgeLab::start("paused");
-    let calls = wake_hook(t.ns(), t.dir.path().to_path_buf(), state(&t.lab, "running"));
+    // After each call the hook flips VM 1 to running, as the control plane would.
+    let calls = wake_hook(
+        t.ns(),
+        HOOK,
+        vm_id(1),
+        t.dir.path().to_path_buf(),
+        state(&t.lab, "running").to_string(),
+        Duration::from_millis(500),
+    );
     let web = host("web", 1);
     let started = Instant::now();
     let waiting: Vec<_> = (0..8)

@@ -3,16 +3,14 @@
 //! sftp).
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
-use std::io::{Read, Write};
-use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmedge_tests::edge::{backend, http_get, Process};
+use vmedge_tests::edge::{backend, http_get, wake_hook, Process};
 use vmedge_tests::gate::metric;
 use vmedge_tests::ssh::{
     client_options, gateway, keygen, public_line, shell, ssh, KeyPair, Sshd, SshdOptions,
@@ -233,9 +231,7 @@ impl SshLab {
 }
 
 fn write_state(dir: &Path, state: &Value) {
-    let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, state.to_string()).unwrap();
-    std::fs::rename(&tmp, dir.join("state.json")).unwrap();
+    vmedge_tests::edge::write_state(dir, &state.to_string());
 }
 
 fn text(out: &[u8]) -> String {
@@ -561,7 +557,14 @@ fn host_keys_vm_states_wake_hung_vms_and_fifty_sessions() {
 
     // A paused VM (VM 1, host certificate from the host CA): woken through the hook once,
     // then the session goes through.
-    let calls = wake_hook(t.ns(), t.dir.path().to_path_buf(), t.state("running"));
+    let calls = wake_hook(
+        t.ns(),
+        HOOK,
+        vm_id(1),
+        t.dir.path().to_path_buf(),
+        t.state("running").to_string(),
+        Duration::from_millis(300),
+    );
     let out = t.ssh(key, 1, &["echo awake"]);
     assert_eq!(text(&out.stdout), "awake\n", "{}", text(&out.stderr));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -613,36 +616,6 @@ fn spawn_ssh_to(t: &SshLab, key: &KeyPair, vm: usize) -> Process {
         .spawn()
         .unwrap();
     Process::new(child, "ssh to a hung VM")
-}
-
-/// A control plane's wake hook: counts calls, and after each writes `woken` as the state.
-fn wake_hook(ns: &Netns, dir: PathBuf, woken: Value) -> Arc<AtomicUsize> {
-    let listener = ns.enter(|| TcpListener::bind(HOOK)).unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !got.ends_with(b"}") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&got).into_owned();
-            assert!(
-                text.contains(&format!(r#"{{"vm_id":"{}"}}"#, vm_id(1))),
-                "{text}"
-            );
-            counted.fetch_add(1, Ordering::SeqCst);
-            let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
-            std::thread::sleep(Duration::from_millis(300));
-            write_state(&dir, &woken);
-        }
-    });
-    calls
 }
 
 #[test]

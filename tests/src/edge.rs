@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::Netns;
@@ -107,26 +109,93 @@ pub fn backend(ns: &Netns, kind: &str, port: u16) -> Process {
 
 /// Starts `BIN edge --config CONFIG` inside `ns` and waits until `admin` answers.
 pub fn edge(bin: &str, ns: &Netns, config: &Path, admin: SocketAddr, extra: &[&str]) -> Process {
+    let mut args = vec!["--log-level", "warn", "edge", "--config", path_arg(config)];
+    args.extend_from_slice(extra);
+    start_vmedge(bin, ns, &args, admin, "vmedge edge")
+}
+
+pub(crate) fn path_arg(path: &Path) -> &str {
+    path.to_str()
+        .unwrap_or_else(|| panic!("{} is not UTF-8", path.display()))
+}
+
+/// Starts `BIN ARGS` inside `ns` and waits until something accepts TCP at `ready`
+/// (panicking, naming `what`, if it exits or takes over 20 s).
+pub fn start_vmedge(
+    bin: &str,
+    ns: &Netns,
+    args: &[&str],
+    ready: SocketAddr,
+    what: &str,
+) -> Process {
     let child = ns
         .command(bin)
-        .args(["--log-level", "warn", "edge", "--config"])
-        .arg(config)
-        .args(extra)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-    let mut process = Process::new(child, "vmedge edge");
+    let mut process = Process::new(child, what);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !ns.enter(|| TcpStream::connect_timeout(&admin, Duration::from_millis(200)).is_ok()) {
+    while !ns.enter(|| TcpStream::connect_timeout(&ready, Duration::from_millis(200)).is_ok()) {
         process.assert_running();
         assert!(
             Instant::now() < deadline,
-            "the edge's admin {admin} never answered"
+            "{what} never listened on {ready}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     process
+}
+
+/// Writes `dir/state.json` atomically (the registry must never read half a file).
+pub fn write_state(dir: &Path, text: &str) {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    std::fs::rename(&tmp, dir.join("state.json")).unwrap_or_else(|e| panic!("state.json: {e}"));
+}
+
+/// A control plane's wake hook on `addr` inside `ns`: each call must be `POST /wake` for
+/// `vm_id`; it is counted, answered 202, and `settle` later `woken` is written as the
+/// state in `dir`, as the real control plane would once the VM is resumed.
+pub fn wake_hook(
+    ns: &Netns,
+    addr: &str,
+    vm_id: String,
+    dir: PathBuf,
+    woken: String,
+    settle: Duration,
+) -> Arc<AtomicUsize> {
+    let listener = ns
+        .enter(|| std::net::TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("wake hook {addr}: {e}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            // Header and body may come in separate segments: read up to the JSON's end.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"}") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            assert!(text.starts_with("POST /wake HTTP/1.1"), "{text}");
+            assert!(
+                text.contains(&format!(r#"{{"vm_id":"{vm_id}"}}"#)),
+                "{text}"
+            );
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(settle);
+            write_state(&dir, &woken);
+        }
+    });
+    calls
 }
 
 /// Runs curl in `ns`: `-sS` plus `args`.

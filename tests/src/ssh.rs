@@ -1,12 +1,11 @@
 //! Peers for the SSH gateway: OpenSSH's sshd inside VM namespaces, keys made with
 //! ssh-keygen, the OpenSSH client, and a `vmedge ssh-gateway` process.
 
-use std::net::{Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-use crate::edge::{wait_listening, Process};
+use crate::edge::{path_arg, start_vmedge, wait_listening, Process};
 use crate::{run, Netns};
 
 /// A key pair made by ssh-keygen.
@@ -146,25 +145,14 @@ impl Sshd {
 pub fn gateway(bin: &str, ns: &Netns, config: &Path, listen: SocketAddr) -> Process {
     // VMEDGE_TEST_LOG (e.g. "warn,russh=debug") turns the gateway's logs up when debugging.
     let level = std::env::var("VMEDGE_TEST_LOG").unwrap_or_else(|_| "warn".into());
-    let child = ns
-        .command(bin)
-        .args(["--log-level", &level, "ssh-gateway", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-    let mut process = Process::new(child, "vmedge ssh-gateway");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ns.enter(|| TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok()) {
-        process.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never listened on {listen}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    process
+    let args = [
+        "--log-level",
+        &level,
+        "ssh-gateway",
+        "--config",
+        path_arg(config),
+    ];
+    start_vmedge(bin, ns, &args, listen, "vmedge ssh-gateway")
 }
 
 /// The OpenSSH client options every test uses: this key only, no config, no agent, no
