@@ -1,35 +1,35 @@
 //! One user channel bridged to one VM channel, both ways, each way its own task.
 //!
-//! Flow control, given how russh works:
+//! Flow control, with russh as patched in `vendor/russh` (vendor/README.md):
 //! - Data is read from each side's `Channel` queue only (the gateway implements no
 //!   `Handler::data`), so every byte takes one path.
 //! - Data is written with `ChannelWriteHalf::data_bytes`, which waits for the receiving
 //!   peer's window; `Handle::data` would queue without bound and is never used.
-//! - russh credits window when data arrives and, when a channel's queue is full, waits for
-//!   room inside its session loop: that loop then reads nothing, window adjusts included.
-//!   A bridge that let both loops block at once would deadlock: the user->VM queue full
-//!   because the VM's window ran out, whose adjust waits behind the upstream loop, blocked
-//!   on a full VM->user queue because the user's window ran out, whose adjust waits behind
-//!   the first loop (seen with `ssh vm cat < 100MB` under load). So each direction drains
-//!   russh's queue at once into a [`Spool`], and the bytes spooled per connection and
-//!   direction are its [`Backlog`]. Over [`BACKLOG_LIMIT`], the connection's handler
-//!   (`Handler::adjust_window`, the one lever russh gives) drops russh's window target to
-//!   a trickle, so the peer soon stops sending while the loop keeps reading its window
-//!   adjusts; below it, the full window is granted again at the next adjust. The spools
-//!   never fill ([`SPOOL_BYTES`] is a hard stop far above), the loops never block, memory
-//!   per connection is bounded, and a slow user slows the VM. The price: while one
-//!   channel's destination is slow, the other channels of that connection trickle too.
+//! - Window credit follows consumption, per channel. Each side's messages are taken off
+//!   russh's queue as they arrive (a [`Spool`]), so russh's session loop never waits on a
+//!   full queue (two such loops in a bridge would deadlock: each one's window adjusts would
+//!   sit behind the other). The bytes spooled and not yet written on are the channel's
+//!   [`Backlog`]. The handlers' `adjust_window`, asked by russh for every data packet,
+//!   answers from that channel's backlog: the full [`WINDOW`], or no new credit while the
+//!   backlog is over [`BACKLOG_LIMIT`]. When the pump writes the backlog back under the
+//!   limit it grants the window again (`ChannelWriteHalf::grant_window`).
+//!
+//! So a slow destination slows its own source channel and nothing else: memory per channel
+//! and direction stays under [`BACKLOG_LIMIT`] plus one window, the other channels of the
+//! connection, keepalives and rekeying go on. [`SPOOL_BYTES`] is a hard stop for a peer
+//! that ignores its window (only that connection then stalls).
 //!
 //! Requests keep their order relative to data because russh puts them on the same queue.
 //! The user's requests were answered when they arrived (see `session`); the VM is asked for
 //! a reply only on the request that starts the channel (shell, exec, subsystem), and a
 //! refusal there is told to the user on stderr before the channel closes.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use russh::{client, server, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use russh::{client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
@@ -73,57 +73,96 @@ pub struct PumpContext {
     pub activity: Arc<Activity>,
     /// The user's connection, for messages a write half cannot send (exit-signal).
     pub user: server::Handle,
-    /// Bytes spooled from the user towards the VM, on this connection.
-    pub to_vm: Arc<Backlog>,
-    /// Bytes spooled from the VM towards the user, on this connection.
-    pub from_vm: Arc<Backlog>,
-}
-
-/// The user's half and the VM's half of one bridged channel.
-pub struct Ends {
-    /// Reading from the user.
-    pub user_rx: ChannelReadHalf,
-    /// Writing to the user.
-    pub user_tx: ChannelWriteHalf<server::Msg>,
-    /// Reading from the VM.
-    pub vm_rx: ChannelReadHalf,
-    /// Writing to the VM.
-    pub vm_tx: ChannelWriteHalf<client::Msg>,
+    /// The backlogs of the user's channels (bytes on their way to the VM).
+    pub to_vm: Arc<Backlogs>,
+    /// The backlogs of the VM's channels (bytes on their way to the user).
+    pub from_vm: Arc<Backlogs>,
 }
 
 /// The window russh grants peers on both sides (its default, and OpenSSH's).
 pub const WINDOW: u32 = 2 << 20;
 
-/// Spooled bytes (one connection, one direction) over which new window is withheld.
+/// Spooled bytes of one channel and direction over which no new window is granted.
 pub const BACKLOG_LIMIT: usize = 1 << 20;
 
 /// Hard stop for one channel's spool: a peer that ignored its window. Far above
 /// [`BACKLOG_LIMIT`] plus the window already granted, so honest peers never reach it.
 pub const SPOOL_BYTES: usize = 16 << 20;
 
-/// Bytes spooled by one connection in one direction, not yet written on.
+/// Bytes of one channel, in one direction, spooled and not yet written on.
 #[derive(Debug, Default)]
 pub struct Backlog(AtomicUsize);
 
 impl Backlog {
-    /// The window target russh should use from its next adjust on: the full window, or a
-    /// trickle (2 bytes: russh then adjusts again, and asks again, as soon as the peer has
-    /// used it) while the backlog is over its limit.
-    pub fn next_window(&self) -> u32 {
+    /// The channel's window target: the full window, or 0 (no new credit) while the
+    /// backlog is over its limit.
+    pub fn window(&self) -> u32 {
         if self.0.load(Ordering::Relaxed) > BACKLOG_LIMIT {
-            2
+            0
         } else {
             WINDOW
         }
     }
 }
 
-/// A spooled message's place in its spool and its connection's backlog, given back when
-/// the pump has written the message.
+/// The backlogs of one connection's channels, by the number of the channel id russh gives
+/// the handler.
+#[derive(Debug, Default)]
+pub struct Backlogs(Mutex<HashMap<u32, Arc<Backlog>>>);
+
+impl Backlogs {
+    /// The window target for `channel` (see [`Backlog::window`]); a channel not bridged
+    /// (yet) holds nothing back.
+    pub fn window(&self, channel: ChannelId) -> u32 {
+        self.window_of(channel.number())
+    }
+
+    fn window_of(&self, channel: u32) -> u32 {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&channel).map_or(WINDOW, |b| b.window())
+    }
+
+    fn register(self: &Arc<Self>, channel: u32) -> Registration {
+        let backlog = Arc::new(Backlog::default());
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(channel, backlog.clone());
+        Registration {
+            backlogs: self.clone(),
+            channel,
+            backlog,
+        }
+    }
+}
+
+/// A channel's entry in its connection's [`Backlogs`], removed when the channel is done.
+struct Registration {
+    backlogs: Arc<Backlogs>,
+    channel: u32,
+    backlog: Arc<Backlog>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut map = self.backlogs.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(&self.channel);
+    }
+}
+
+/// A spooled message's place in its spool and its channel's backlog.
 pub struct Held {
     _permit: OwnedSemaphorePermit,
     backlog: Arc<Backlog>,
     cost: usize,
+}
+
+impl Held {
+    /// Gives the space back once the message is written on; true when that brought the
+    /// backlog back under its limit, so the peer is owed the window withheld from it.
+    fn release(mut self) -> bool {
+        let cost = std::mem::take(&mut self.cost);
+        let before = self.backlog.0.fetch_sub(cost, Ordering::Relaxed);
+        before > BACKLOG_LIMIT && before - cost <= BACKLOG_LIMIT
+    }
 }
 
 impl Drop for Held {
@@ -150,7 +189,7 @@ pub struct Spool {
 
 impl Spool {
     /// Starts draining `from`, counting what it holds in `backlog`.
-    pub fn drain(mut from: ChannelReadHalf, backlog: Arc<Backlog>) -> Spool {
+    fn drain(mut from: ChannelReadHalf, backlog: Arc<Backlog>) -> Spool {
         let (tx, rx) = mpsc::unbounded_channel();
         let budget = Arc::new(Semaphore::new(SPOOL_BYTES));
         tokio::spawn(async move {
@@ -174,29 +213,68 @@ impl Spool {
         Spool { rx }
     }
 
-    /// The next message; its space is given back when the returned [`Held`] drops.
+    /// The next message; its space is given back through the returned [`Held`].
     async fn next(&mut self) -> Option<(ChannelMsg, Held)> {
         self.rx.recv().await
     }
 }
 
+/// One side of a bridged channel: what it sends, already being spooled, and its writer.
+pub struct End<S: From<(ChannelId, ChannelMsg)>> {
+    spool: Spool,
+    /// Writes to this side.
+    pub tx: ChannelWriteHalf<S>,
+    _registration: Registration,
+}
+
+impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> End<S> {
+    /// Starts spooling what `channel` sends, its backlog counted in `backlogs`. Done as
+    /// soon as the channel is open, so what arrives before the other side is ready is
+    /// held back by the window too.
+    pub fn open(channel: Channel<S>, backlogs: &Arc<Backlogs>) -> Self {
+        let (rx, tx) = channel.split();
+        let registration = backlogs.register(tx.id().number());
+        End {
+            spool: Spool::drain(rx, registration.backlog.clone()),
+            tx,
+            _registration: registration,
+        }
+    }
+}
+
+/// The user's side of a channel.
+pub type UserEnd = End<server::Msg>;
+
+/// The VM's side of a channel.
+pub type VmEnd = End<client::Msg>;
+
 /// Runs both directions until both sides have closed the channel.
-pub async fn bridge(ends: Ends, ctx: PumpContext) {
-    let Ends {
-        user_rx,
-        user_tx,
-        vm_rx,
-        vm_tx,
-    } = ends;
+pub async fn bridge(user: UserEnd, vm: VmEnd, ctx: PumpContext) {
+    let End {
+        spool: user_spool,
+        tx: user_tx,
+        _registration: _user,
+    } = user;
+    let End {
+        spool: vm_spool,
+        tx: vm_tx,
+        _registration: _vm,
+    } = vm;
     tokio::join!(
-        user_to_vm(Spool::drain(user_rx, ctx.to_vm.clone()), &vm_tx, &ctx),
-        vm_to_user(Spool::drain(vm_rx, ctx.from_vm.clone()), &user_tx, &ctx),
+        user_to_vm(user_spool, &user_tx, &vm_tx, &ctx),
+        vm_to_user(vm_spool, &vm_tx, &user_tx, &ctx),
     );
 }
 
 /// Everything the user sends on the channel, in order, to the VM.
-async fn user_to_vm(mut from: Spool, to: &ChannelWriteHalf<client::Msg>, ctx: &PumpContext) {
-    while let Some((msg, _held)) = from.next().await {
+/// `credit` is the user's side, granted window again as the spool drains.
+async fn user_to_vm(
+    mut from: Spool,
+    credit: &ChannelWriteHalf<server::Msg>,
+    to: &ChannelWriteHalf<client::Msg>,
+    ctx: &PumpContext,
+) {
+    while let Some((msg, held)) = from.next().await {
         ctx.activity.touch();
         let sent = match msg {
             ChannelMsg::Data { data } => {
@@ -256,14 +334,23 @@ async fn user_to_vm(mut from: Spool, to: &ChannelWriteHalf<client::Msg>, ctx: &P
         if sent.is_err() {
             break;
         }
+        if held.release() && credit.grant_window(WINDOW).await.is_err() {
+            break;
+        }
     }
     // The user's connection is gone (or the VM's): close the VM's side.
     let _ = to.close().await;
 }
 
 /// Everything the VM sends on the channel, in order, to the user.
-async fn vm_to_user(mut from: Spool, to: &ChannelWriteHalf<server::Msg>, ctx: &PumpContext) {
-    while let Some((msg, _held)) = from.next().await {
+/// `credit` is the VM's side, granted window again as the spool drains.
+async fn vm_to_user(
+    mut from: Spool,
+    credit: &ChannelWriteHalf<client::Msg>,
+    to: &ChannelWriteHalf<server::Msg>,
+    ctx: &PumpContext,
+) {
+    while let Some((msg, held)) = from.next().await {
         ctx.activity.touch();
         let sent = match msg {
             ChannelMsg::Data { data } => {
@@ -302,6 +389,9 @@ async fn vm_to_user(mut from: Spool, to: &ChannelWriteHalf<server::Msg>, ctx: &P
         if sent.is_err() {
             break;
         }
+        if held.release() && credit.grant_window(WINDOW).await.is_err() {
+            break;
+        }
     }
     let _ = to.close().await;
 }
@@ -314,4 +404,54 @@ pub async fn refuse_session(user_tx: &ChannelWriteHalf<server::Msg>, line: &str)
     let _ = user_tx.exit_status(255).await;
     let _ = user_tx.eof().await;
     let _ = user_tx.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold(backlog: &Arc<Backlog>, cost: usize) -> Held {
+        let permit = Arc::new(Semaphore::new(cost)).try_acquire_many_owned(cost as u32);
+        backlog.0.fetch_add(cost, Ordering::Relaxed);
+        Held {
+            _permit: permit.unwrap(),
+            backlog: backlog.clone(),
+            cost,
+        }
+    }
+
+    #[test]
+    fn a_channel_over_its_limit_gets_no_window_until_written_down_and_others_keep_theirs() {
+        let backlogs = Arc::new(Backlogs::default());
+        let (slow, busy) = (1, 2);
+        let slow_entry = backlogs.register(slow);
+        let _busy_entry = backlogs.register(busy);
+
+        let first = hold(&slow_entry.backlog, BACKLOG_LIMIT);
+        assert_eq!(
+            backlogs.window_of(slow),
+            WINDOW,
+            "at the limit, not over it"
+        );
+        let second = hold(&slow_entry.backlog, 32 << 10);
+        assert_eq!(backlogs.window_of(slow), 0);
+        assert_eq!(
+            backlogs.window_of(busy),
+            WINDOW,
+            "another channel is not held back"
+        );
+
+        // Written down under the limit: the pump is told to grant the window again, once.
+        assert!(second.release());
+        assert_eq!(backlogs.window_of(slow), WINDOW);
+        assert!(!first.release(), "already under the limit");
+
+        // A dropped message gives its space back too; an unregistered channel is not held.
+        let dropped = hold(&slow_entry.backlog, 2 * BACKLOG_LIMIT);
+        drop(dropped);
+        assert_eq!(backlogs.window_of(slow), WINDOW);
+        drop(slow_entry);
+        assert_eq!(backlogs.window_of(slow), WINDOW);
+        assert_eq!(backlogs.0.lock().unwrap().len(), 1);
+    }
 }

@@ -11,18 +11,14 @@
 //! - [`server`]: listeners, per-connection limits, graceful shutdown.
 //! - [`metrics`](mod@metrics): `vmedge_ssh_*`.
 //!
-//! # Flow control, and what russh leaves open
+//! # Flow control
 //! Each direction of a channel takes russh's per-channel queue off as it arrives into a
-//! spool, and writes with the window-respecting channel writer. russh credits window when
-//! data arrives (not when it is consumed) and waits for queue room inside its session
-//! loop, which would stop it reading the window adjusts the other direction needs: two
-//! such loops deadlock. So the loops are never let block: the bytes spooled per connection
-//! and direction are counted, and over a limit the handlers' `adjust_window` drops russh's
-//! window target to a trickle until the spool drains (bridge.rs). Memory per connection is
-//! bounded and a slow reader slows its writer; the remaining coupling is that while one
-//! channel's destination is slow, the other channels of that connection trickle too.
-//! Sessions of other connections are never affected. Credit on consumption in russh would
-//! make this per channel.
+//! spool, and writes with the window-respecting channel writer, so russh's session loops
+//! never block (two blocked loops in a bridge would deadlock on each other's window
+//! adjusts). Window credit follows consumption, per channel: russh is patched for it
+//! (`vendor/README.md`), and a channel whose spool is over a limit gets no new window until
+//! its pump has written it down (bridge.rs). A slow reader slows its own channel's writer
+//! and nothing else; memory per channel is bounded.
 
 pub mod access;
 pub mod bridge;

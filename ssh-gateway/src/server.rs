@@ -402,7 +402,7 @@ impl SshGateway {
     }
 }
 
-/// Packets queued per channel and direction inside russh: the bridge's whole buffer.
+/// Messages russh queues per channel and direction before the bridge's spool takes them.
 const CHANNEL_QUEUE: usize = 32;
 
 #[derive(Clone, Copy)]

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use vmedge_model::VmStatus;
 
 use crate::access::{self, Denied, Grant};
-use crate::bridge::{self, Activity, Backlog, Ends, PumpContext};
+use crate::bridge::{self, Activity, Backlogs, PumpContext, UserEnd, VmEnd};
 use crate::keys::{self, CertSubject};
 use crate::server::Shared;
 use crate::upstream::{self, ForwardedChannels, ForwardedOpen, VmConnection};
@@ -41,10 +41,10 @@ pub struct ConnectionState {
     pub link: std::sync::Mutex<Option<watch::Receiver<Link>>>,
     /// Channel activity, for the idle timeout.
     pub activity: Arc<Activity>,
-    /// Bytes spooled from the user towards the VM (withholds the user's window when high).
-    pub to_vm: Arc<Backlog>,
-    /// Bytes spooled from the VM towards the user (withholds the VM's window when high).
-    pub from_vm: Arc<Backlog>,
+    /// Backlogs of the user's channels (bytes on their way to the VM), for their windows.
+    pub to_vm: Arc<Backlogs>,
+    /// Backlogs of the VM's channels (bytes on their way to the user), for their windows.
+    pub from_vm: Arc<Backlogs>,
 }
 
 /// russh's server handler for one connection.
@@ -122,8 +122,8 @@ async fn ready(link: &mut watch::Receiver<Link>) -> Result<Arc<VmConnection>, Ar
 impl server::Handler for UserConnection {
     type Error = russh::Error;
 
-    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
-        self.state.to_vm.next_window()
+    fn adjust_window(&mut self, channel: ChannelId, _current: u32) -> u32 {
+        self.state.to_vm.window(channel)
     }
 
     async fn auth_publickey_offered(
@@ -201,32 +201,23 @@ impl server::Handler for UserConnection {
             // Accepted at once: the user's requests queue in order while the VM connects,
             // and a VM that cannot be reached is explained on this channel.
             reply.accept().await;
-            let (user_rx, user_tx) = channel.split();
+            let user = UserEnd::open(channel, &ctx.to_vm);
             let vm = match ready(&mut link).await {
                 Ok(vm) => vm,
-                Err(why) => return bridge::refuse_session(&user_tx, &why).await,
+                Err(why) => return bridge::refuse_session(&user.tx, &why).await,
             };
             let vm_channel = match vm.channel_open_session().await {
                 Ok(c) => c,
                 Err(e) => {
                     return bridge::refuse_session(
-                        &user_tx,
+                        &user.tx,
                         &format!("vmedge: the VM refused a session channel: {e}"),
                     )
                     .await;
                 }
             };
-            let (vm_rx, vm_tx) = vm_channel.split();
-            bridge::bridge(
-                Ends {
-                    user_rx,
-                    user_tx,
-                    vm_rx,
-                    vm_tx,
-                },
-                ctx,
-            )
-            .await;
+            let vm = VmEnd::open(vm_channel, &ctx.from_vm);
+            bridge::bridge(user, vm, ctx).await;
         });
         Ok(())
     }
@@ -262,18 +253,9 @@ impl server::Handler for UserConnection {
             {
                 Ok(vm_channel) => {
                     reply.accept().await;
-                    let (user_rx, user_tx) = channel.split();
-                    let (vm_rx, vm_tx) = vm_channel.split();
-                    bridge::bridge(
-                        Ends {
-                            user_rx,
-                            user_tx,
-                            vm_rx,
-                            vm_tx,
-                        },
-                        ctx,
-                    )
-                    .await;
+                    let user = UserEnd::open(channel, &ctx.to_vm);
+                    let vm = VmEnd::open(vm_channel, &ctx.from_vm);
+                    bridge::bridge(user, vm, ctx).await;
                 }
                 Err(e) => {
                     tracing::debug!(
@@ -397,7 +379,7 @@ async fn link_to_vm(
     grant: Grant,
     session_id: String,
     forwards: Arc<ForwardsToUser>,
-    from_vm: Arc<Backlog>,
+    from_vm: Arc<Backlogs>,
     link: watch::Sender<Link>,
 ) {
     let started = Instant::now();
@@ -458,18 +440,9 @@ impl ForwardedChannels for ForwardsToUser {
             match opened {
                 Ok(user_channel) => {
                     reply.accept().await;
-                    let (user_rx, user_tx) = user_channel.split();
-                    let (vm_rx, vm_tx) = vm_channel.split();
-                    bridge::bridge(
-                        Ends {
-                            user_rx,
-                            user_tx,
-                            vm_rx,
-                            vm_tx,
-                        },
-                        ctx,
-                    )
-                    .await;
+                    let user = UserEnd::open(user_channel, &ctx.to_vm);
+                    let vm = VmEnd::open(vm_channel, &ctx.from_vm);
+                    bridge::bridge(user, vm, ctx).await;
                 }
                 Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
             }

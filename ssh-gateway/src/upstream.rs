@@ -16,7 +16,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCerti
 use russh::{Channel, ChannelId};
 use vmedge_model::{Vm, VmId};
 
-use crate::bridge::Backlog;
+use crate::bridge::Backlogs;
 use crate::keys::{CertSubject, UserCa};
 
 /// How the gateway proves itself to a VM's sshd.
@@ -139,7 +139,7 @@ pub struct VmHandler {
     host_cas: Vec<ssh_key::Fingerprint>,
     refusal: Arc<Mutex<Option<String>>>,
     forwards: Arc<dyn ForwardedChannels>,
-    from_vm: Arc<Backlog>,
+    from_vm: Arc<Backlogs>,
 }
 
 impl VmHandler {
@@ -190,8 +190,8 @@ impl VmHandler {
 impl client::Handler for VmHandler {
     type Error = russh::Error;
 
-    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
-        self.from_vm.next_window()
+    fn adjust_window(&mut self, channel: ChannelId, _current: u32) -> u32 {
+        self.from_vm.window(channel)
     }
 
     async fn check_server_key(
@@ -235,14 +235,15 @@ impl client::Handler for VmHandler {
 /// A logged-in connection to a VM.
 pub type VmConnection = client::Handle<VmHandler>;
 
-/// Connects to `vm`'s sshd and logs in for `subject`. `from_vm` is the session's backlog
-/// towards the user: while it is high the VM is granted no new window (bridge.rs).
+/// Connects to `vm`'s sshd and logs in for `subject`. `from_vm` holds the backlogs of the
+/// VM's channels towards the user: a channel's window is withheld while its backlog is high
+/// (bridge.rs).
 pub async fn connect(
     config: &UpstreamConfig,
     vm: &Vm,
     subject: &CertSubject<'_>,
     forwards: Arc<dyn ForwardedChannels>,
-    from_vm: Arc<Backlog>,
+    from_vm: Arc<Backlogs>,
 ) -> Result<VmConnection, UpstreamError> {
     let ip = IpAddr::V6(vm.public_ipv6);
     if !config.vm_prefixes.iter().any(|p| p.contains(&ip)) {
@@ -266,7 +267,7 @@ async fn connect_inner(
     addr: SocketAddr,
     subject: &CertSubject<'_>,
     forwards: Arc<dyn ForwardedChannels>,
-    from_vm: Arc<Backlog>,
+    from_vm: Arc<Backlogs>,
 ) -> Result<VmConnection, UpstreamError> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await

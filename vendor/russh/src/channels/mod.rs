@@ -106,6 +106,13 @@ pub enum ChannelMsg {
     WindowAdjusted {
         new_size: u32,
     },
+    /// vmedge patch: sent by the application to its own session loop (never received):
+    /// the application has consumed data of this channel, so the peer may have up to
+    /// `target` bytes outstanding again (a window adjust goes out if the peer's window is
+    /// under half of it). See `Handler::adjust_window`.
+    GrantWindow {
+        target: u32,
+    },
     /// (server only)
     Success,
     /// (server only)
@@ -410,6 +417,13 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
 
     pub async fn exit_status(&self, exit_status: u32) -> Result<(), Error> {
         self.send_msg(ChannelMsg::ExitStatus { exit_status }).await
+    }
+
+    /// vmedge patch: window credit on consumption. Lets the peer send on this channel
+    /// again, up to `target` bytes outstanding, after `Handler::adjust_window` withheld
+    /// credit (returned 0) for it.
+    pub async fn grant_window(&self, target: u32) -> Result<(), Error> {
+        self.send_msg(ChannelMsg::GrantWindow { target }).await
     }
 
     /// Request that the channel be closed.

@@ -595,16 +595,11 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
+                // vmedge patch: the handler gives this channel's target for every packet
+                // (0 withholds credit until the application grants it).
+                let target = client.adjust_window(channel_num, self.target_window_size);
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
+                    enc.adjust_window_size(channel_num, &data, target)?;
                 }
 
                 if let Some(chan) = self.channels.get(&channel_num) {
@@ -622,16 +617,11 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
+                // vmedge patch: the handler gives this channel's target for every packet
+                // (0 withholds credit until the application grants it).
+                let target = client.adjust_window(channel_num, self.target_window_size);
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
+                    enc.adjust_window_size(channel_num, &data, target)?;
                 }
 
                 if let Some(chan) = self.channels.get(&channel_num) {

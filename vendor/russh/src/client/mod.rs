@@ -1779,6 +1779,11 @@ impl Session {
                 self.agent_forward(id, want_reply)?
             }
             Msg::Channel(id, ChannelMsg::Close) => self.close(id)?,
+            Msg::Channel(id, ChannelMsg::GrantWindow { target }) => {
+                if let Some(ref mut enc) = self.common.encrypted {
+                    enc.adjust_window_size(id, &[], target)?;
+                }
+            }
             Msg::Rekey => self.initiate_rekey()?,
             Msg::AwaitExtensionInfo {
                 extension_name,
@@ -3163,8 +3168,11 @@ pub trait Handler: Sized + Send {
         async { Ok(()) }
     }
 
-    /// Called when this client adjusts the network window. Return the
-    /// next target window and maximum packet size.
+    /// vmedge patch: called for every data packet received on `channel`, before
+    /// deciding on a window adjust. Return this channel's target window (`window`
+    /// is the configured one): an adjust goes out when the peer's window is under
+    /// half of it. Return 0 to withhold credit, then give it back with
+    /// `ChannelWriteHalf::grant_window` once the data has been consumed.
     #[allow(unused_variables)]
     fn adjust_window(&mut self, channel: ChannelId, window: u32) -> u32 {
         window

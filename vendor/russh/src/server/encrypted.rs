@@ -1487,16 +1487,11 @@ impl Session {
                 trace!("handler.data {ext:?} {channel_num:?}");
                 let data = map_err!(Bytes::decode(r))?;
                 map_err!(ensure_end(r))?;
-                let target = self.target_window_size;
-
-                #[allow(clippy::collapsible_if)]
+                // vmedge patch: the handler gives this channel's target for every packet
+                // (0 withholds credit until the application grants it).
+                let target = handler.adjust_window(channel_num, self.target_window_size);
                 if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let window = handler.adjust_window(channel_num, self.target_window_size);
-                        if window > 0 {
-                            self.target_window_size = window
-                        }
-                    }
+                    enc.adjust_window_size(channel_num, &data, target)?;
                 }
                 self.flush()?;
                 if let Some(ext) = ext {

@@ -536,8 +536,11 @@ pub trait Handler: Sized {
         async { Ok(()) }
     }
 
-    /// Called when this server adjusts the network window. Return the
-    /// next target window.
+    /// vmedge patch: called for every data packet received on `channel`, before
+    /// deciding on a window adjust. Return this channel's target window (`current`
+    /// is the configured one): an adjust goes out when the peer's window is under
+    /// half of it. Return 0 to withhold credit, then give it back with
+    /// `ChannelWriteHalf::grant_window` once the data has been consumed.
     #[allow(unused_variables)]
     fn adjust_window(&mut self, channel: ChannelId, current: u32) -> u32 {
         current
