@@ -191,11 +191,14 @@ fn main() {
         for _ in 0..idle {
             let child = w
                 .command("sh")
-                .args(["-c", &r.command("'sleep 600'")])
+                // exec: the TERM that ends the session reaches ssh itself.
+                .args(["-c", &format!("exec {}", r.command("'sleep 600'"))])
                 .stdin(Stdio::null())
                 .spawn()
                 .unwrap();
             sessions.push(Process::new(child, "idle session"));
+            // Spread out a little: a burst of logins times out at the jump host's sshd.
+            std::thread::sleep(Duration::from_millis(20));
         }
         // Measured once every session is logged in (the VM's sshd runs each `sleep`).
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -212,6 +215,8 @@ fn main() {
             (after.saturating_sub(before)) as f64 / idle as f64
         );
         drop(sessions);
+        // Without a pty nothing tells the remote `sleep` its session is gone.
+        shell(&vm.ns, "pkill -f '^sleep 600' || true");
     }
     println!();
 

@@ -756,3 +756,150 @@ fn a_reader_that_stops_holds_back_its_own_channel_only_and_sigterm_lets_sessions
         "the gateway did not exit after its sessions ended"
     );
 }
+
+#[test]
+fn static_key_login_exit_signal_idle_timeout_and_limits() {
+    // One VM whose sshd knows no CA, only the gateway's static key.
+    let lab = Lab::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let user = keygen(d, "id_ed25519", "ed25519", None);
+    let stranger = keygen(d, "id_stranger", "ed25519", None);
+    let static_key = keygen(d, "gateway_static", "ed25519", None);
+    let vm = &lab.vms[0];
+    let sshd = Sshd::start(
+        &vm.ns,
+        &d.join("vm"),
+        &[vm.ipv6],
+        SshdOptions {
+            authorized_keys: vec![static_key.public.clone()],
+            ..SshdOptions::default()
+        },
+    );
+    let state = json!({
+        "users": [{"id": "u-1", "org_ids": ["o"], "ssh_keys": [{"name": "k", "public_key": user.public}]}],
+        "vms": [{"id": vm_id(0), "org_id": "o", "worker": "w", "public_ipv6": vm.ipv6.to_string(),
+                 "status": "running", "ssh_host_keys": [sshd.host_key.public]}]});
+    write_state(d, &state);
+    let n = lab.id();
+    std::fs::write(
+        d.join("vmedge.toml"),
+        format!(
+            "registry = \"file:state.json\"\nstate_dir = \"state\"\n\
+             vm_prefixes = [\"fd5e:ed00:{n:x}::/48\"]\n\
+             [ssh]\nlisten = [\"{LISTEN}\"]\nadmin = \"{ADMIN}\"\nstatic_key = \"{}\"\n\
+             idle_timeout = \"3s\"\nmax_sessions_per_user = 2\nauth_failures_per_minute = 3\n",
+            static_key.private.display()
+        ),
+    )
+    .unwrap();
+    let _gateway = gateway(
+        BIN,
+        &lab.worker,
+        &d.join("vmedge.toml"),
+        LISTEN.parse().unwrap(),
+    );
+    let known = d.join("known_hosts");
+    let target = format!("{}@127.0.0.1", vm_id(0));
+    let run = |key: &KeyPair, remote: &str| {
+        ssh(
+            &lab.worker,
+            &client_options(&key.private, 2222, &known),
+            &target,
+            &[remote],
+        )
+    };
+
+    // The static key logs in (the VM's sshd has no CA to trust).
+    let ok = run(&user, "echo static");
+    assert_eq!(text(&ok.stdout), "static\n", "{ok:?}");
+
+    // A command killed by a signal: the client hears exit-signal (OpenSSH's client says so
+    // only in its debug log), not an exit status.
+    let mut verbose = client_options(&user.private, 2222, &known);
+    let at = verbose.iter().position(|o| o == "LogLevel=ERROR").unwrap();
+    verbose[at] = "LogLevel=DEBUG1".into();
+    let killed = ssh(&lab.worker, &verbose, &target, &["kill -TERM $$"]);
+    assert_eq!(killed.status.code(), Some(255), "{killed:?}");
+    let log = text(&killed.stderr);
+    assert!(log.contains("rtype exit-signal"), "{log}");
+    assert!(!log.contains("rtype exit-status"), "{log}");
+
+    // Idle: no channel data for 3 s and the connection is closed (keepalives do not count).
+    let started = Instant::now();
+    let idle = run(&user, "sleep 30; echo late");
+    assert!(text(&idle.stdout).is_empty(), "{idle:?}");
+    assert!(text(&idle.stderr).contains("idle timeout"), "{idle:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "not closed for idleness"
+    );
+    // Output keeps a session alive past the idle timeout.
+    let busy = run(&user, "for i in 1 2 3 4 5 6; do echo $i; sleep 1; done");
+    assert_eq!(text(&busy.stdout), "1\n2\n3\n4\n5\n6\n", "{busy:?}");
+
+    // Two connections per user at most: the third is refused like any other refusal.
+    let opts = client_options(&user.private, 2222, &known).join(" ");
+    let open: Vec<Process> = (0..2)
+        .map(|_| {
+            let mut child = lab
+                .worker
+                .command("sh")
+                .args([
+                    "-c",
+                    &format!("exec ssh {opts} {target} 'echo up; sleep 60'"),
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            let stdout = child.stdout.take().unwrap();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+            assert_eq!(line, "up\n");
+            Process::new(child, "open session")
+        })
+        .collect();
+    let third = run(&user, "true");
+    assert_eq!(third.status.code(), Some(255));
+    assert!(
+        text(&third.stderr).contains("Permission denied"),
+        "{third:?}"
+    );
+    drop(open);
+
+    // Failures per source address: three refused keys use the allowance, then even the
+    // right key is turned away at the door until it refills.
+    for _ in 0..3 {
+        let refused = run(&stranger, "true");
+        assert!(
+            text(&refused.stderr).contains("Permission denied"),
+            "{refused:?}"
+        );
+    }
+    let blocked = run(&user, "true");
+    assert_eq!(blocked.status.code(), Some(255), "{blocked:?}");
+    assert!(
+        !text(&blocked.stderr).contains("Permission denied"),
+        "{blocked:?}"
+    );
+    let m = http_get(&lab.worker, ADMIN.parse().unwrap(), "admin", "/metrics");
+    assert!(
+        metric(
+            &m,
+            r#"vmedge_ssh_refused_connections_total{reason="auth_failures"}"#
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"vmedge_ssh_auth_failures_total{reason="session_limit"}"#
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+}
