@@ -10,14 +10,16 @@
 //!   full queue (two such loops in a bridge would deadlock: each one's window adjusts would
 //!   sit behind the other). The bytes spooled and not yet written on are the channel's
 //!   [`Backlog`]. The handlers' `adjust_window`, asked by russh for every data packet,
-//!   answers from that channel's backlog: the full [`WINDOW`], or no new credit while the
-//!   backlog is over [`BACKLOG_LIMIT`]. When the pump writes the backlog back under the
-//!   limit it grants the window again (`ChannelWriteHalf::grant_window`).
+//!   answers from that channel's backlog: the window less the backlog, so what the peer may
+//!   still send plus what waits here stays within one window ([`USER_WINDOW`] from users,
+//!   [`VM_WINDOW`] from VMs). Under half a window free it gives nothing (no dribbles of
+//!   tiny adjusts); when the pump has written the backlog under half a window it grants
+//!   the rest (`ChannelWriteHalf::grant_window`).
 //!
 //! So a slow destination slows its own source channel and nothing else: memory per channel
-//! and direction stays under [`BACKLOG_LIMIT`] plus one window, the other channels of the
-//! connection, keepalives and rekeying go on. [`SPOOL_BYTES`] is a hard stop for a peer
-//! that ignores its window (only that connection then stalls).
+//! and direction stays within one window, and the other channels of the connection,
+//! keepalives and rekeying go on. [`SPOOL_BYTES`] is a hard stop for a peer that ignores
+//! its window (only that connection then stalls).
 //!
 //! Requests keep their order relative to data because russh puts them on the same queue.
 //! The user's requests were answered when they arrived (see `session`); the VM is asked for
@@ -79,38 +81,67 @@ pub struct PumpContext {
     pub from_vm: Arc<Backlogs>,
 }
 
-/// The window russh grants peers on both sides (its default, and OpenSSH's).
-pub const WINDOW: u32 = 2 << 20;
+/// The window granted to users on each channel (russh's default, and OpenSSH's).
+pub const USER_WINDOW: u32 = 2 << 20;
 
-/// Spooled bytes of one channel and direction over which no new window is granted.
-pub const BACKLOG_LIMIT: usize = 1 << 20;
+/// The window granted to VMs on each channel. The hop is short, so less covers its
+/// round trip; and every byte in it queues ahead of the VM's bytes on the connection's
+/// other channels (an interactive session beside a bulk one).
+pub const VM_WINDOW: u32 = 1 << 20;
 
-/// Hard stop for one channel's spool: a peer that ignored its window. Far above
-/// [`BACKLOG_LIMIT`] plus the window already granted, so honest peers never reach it.
+/// Hard stop for one channel's spool: a peer that ignored its window. Far above a window,
+/// so honest peers never reach it.
 pub const SPOOL_BYTES: usize = 16 << 20;
 
 /// Bytes of one channel, in one direction, spooled and not yet written on.
-#[derive(Debug, Default)]
-pub struct Backlog(AtomicUsize);
+#[derive(Debug)]
+pub struct Backlog {
+    bytes: AtomicUsize,
+    window: u32,
+}
 
 impl Backlog {
-    /// The channel's window target: the full window, or 0 (no new credit) while the
-    /// backlog is over its limit.
-    pub fn window(&self) -> u32 {
-        if self.0.load(Ordering::Relaxed) > BACKLOG_LIMIT {
+    fn new(window: u32) -> Self {
+        Backlog {
+            bytes: AtomicUsize::new(0),
+            window,
+        }
+    }
+
+    /// The channel's window target for a backlog of `bytes`: what the window leaves free,
+    /// or 0 (no new credit) while that is under half of it.
+    fn target(&self, bytes: usize) -> u32 {
+        let free = (self.window as usize).saturating_sub(bytes);
+        if free < self.window as usize / 2 {
             0
         } else {
-            WINDOW
+            free as u32
         }
+    }
+
+    /// The channel's window target now.
+    pub fn window(&self) -> u32 {
+        self.target(self.bytes.load(Ordering::Relaxed))
     }
 }
 
-/// The backlogs of one connection's channels, by the number of the channel id russh gives
-/// the handler.
-#[derive(Debug, Default)]
-pub struct Backlogs(Mutex<HashMap<u32, Arc<Backlog>>>);
+/// The backlogs of one connection's channels in one direction, by the number of the
+/// channel id russh gives the handler.
+#[derive(Debug)]
+pub struct Backlogs {
+    window: u32,
+    channels: Mutex<HashMap<u32, Arc<Backlog>>>,
+}
 
 impl Backlogs {
+    /// For channels granted `window` bytes.
+    pub fn new(window: u32) -> Self {
+        Backlogs {
+            window,
+            channels: Mutex::default(),
+        }
+    }
+
     /// The window target for `channel` (see [`Backlog::window`]); a channel not bridged
     /// (yet) holds nothing back.
     pub fn window(&self, channel: ChannelId) -> u32 {
@@ -118,13 +149,13 @@ impl Backlogs {
     }
 
     fn window_of(&self, channel: u32) -> u32 {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&channel).map_or(WINDOW, |b| b.window())
+        let map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&channel).map_or(self.window, |b| b.window())
     }
 
     fn register(self: &Arc<Self>, channel: u32) -> Registration {
-        let backlog = Arc::new(Backlog::default());
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let backlog = Arc::new(Backlog::new(self.window));
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(channel, backlog.clone());
         Registration {
             backlogs: self.clone(),
@@ -143,7 +174,7 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut map = self.backlogs.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = (self.backlogs.channels.lock()).unwrap_or_else(|e| e.into_inner());
         map.remove(&self.channel);
     }
 }
@@ -156,18 +187,20 @@ pub struct Held {
 }
 
 impl Held {
-    /// Gives the space back once the message is written on; true when that brought the
-    /// backlog back under its limit, so the peer is owed the window withheld from it.
-    fn release(mut self) -> bool {
+    /// Gives the space back once the message is written on. When that ends a stretch in
+    /// which the channel got no new credit, the window target to grant the peer now.
+    fn release(mut self) -> Option<u32> {
         let cost = std::mem::take(&mut self.cost);
-        let before = self.backlog.0.fetch_sub(cost, Ordering::Relaxed);
-        before > BACKLOG_LIMIT && before - cost <= BACKLOG_LIMIT
+        let before = self.backlog.bytes.fetch_sub(cost, Ordering::Relaxed);
+        let after = before.saturating_sub(cost);
+        let target = self.backlog.target(after);
+        (self.backlog.target(before) == 0 && target > 0).then_some(target)
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.backlog.0.fetch_sub(self.cost, Ordering::Relaxed);
+        self.backlog.bytes.fetch_sub(self.cost, Ordering::Relaxed);
     }
 }
 
@@ -199,7 +232,7 @@ impl Spool {
                 let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
                     return;
                 };
-                backlog.0.fetch_add(cost as usize, Ordering::Relaxed);
+                backlog.bytes.fetch_add(cost as usize, Ordering::Relaxed);
                 let held = Held {
                     _permit: permit,
                     backlog: backlog.clone(),
@@ -334,8 +367,10 @@ async fn user_to_vm(
         if sent.is_err() {
             break;
         }
-        if held.release() && credit.grant_window(WINDOW).await.is_err() {
-            break;
+        if let Some(target) = held.release() {
+            if credit.grant_window(target).await.is_err() {
+                break;
+            }
         }
     }
     // The user's connection is gone (or the VM's): close the VM's side.
@@ -389,8 +424,10 @@ async fn vm_to_user(
         if sent.is_err() {
             break;
         }
-        if held.release() && credit.grant_window(WINDOW).await.is_err() {
-            break;
+        if let Some(target) = held.release() {
+            if credit.grant_window(target).await.is_err() {
+                break;
+            }
         }
     }
     let _ = to.close().await;
@@ -412,7 +449,7 @@ mod tests {
 
     fn hold(backlog: &Arc<Backlog>, cost: usize) -> Held {
         let permit = Arc::new(Semaphore::new(cost)).try_acquire_many_owned(cost as u32);
-        backlog.0.fetch_add(cost, Ordering::Relaxed);
+        backlog.bytes.fetch_add(cost, Ordering::Relaxed);
         Held {
             _permit: permit.unwrap(),
             backlog: backlog.clone(),
@@ -421,37 +458,37 @@ mod tests {
     }
 
     #[test]
-    fn a_channel_over_its_limit_gets_no_window_until_written_down_and_others_keep_theirs() {
-        let backlogs = Arc::new(Backlogs::default());
+    fn credit_follows_consumption_per_channel() {
+        let backlogs = Arc::new(Backlogs::new(1000));
         let (slow, busy) = (1, 2);
         let slow_entry = backlogs.register(slow);
         let _busy_entry = backlogs.register(busy);
+        let b = &slow_entry.backlog;
 
-        let first = hold(&slow_entry.backlog, BACKLOG_LIMIT);
-        assert_eq!(
-            backlogs.window_of(slow),
-            WINDOW,
-            "at the limit, not over it"
-        );
-        let second = hold(&slow_entry.backlog, 32 << 10);
+        // Unconsumed bytes come off the window; past half of it, no new credit at all.
+        let first = hold(b, 400);
+        assert_eq!(backlogs.window_of(slow), 600);
+        let second = hold(b, 200);
         assert_eq!(backlogs.window_of(slow), 0);
         assert_eq!(
             backlogs.window_of(busy),
-            WINDOW,
-            "another channel is not held back"
+            1000,
+            "another channel keeps its window"
         );
 
-        // Written down under the limit: the pump is told to grant the window again, once.
-        assert!(second.release());
-        assert_eq!(backlogs.window_of(slow), WINDOW);
-        assert!(!first.release(), "already under the limit");
+        // Written down to half a window or less: the pump grants what is free, once.
+        assert_eq!(second.release(), Some(600));
+        assert_eq!(first.release(), None, "credit was already flowing");
+        assert_eq!(backlogs.window_of(slow), 1000);
 
-        // A dropped message gives its space back too; an unregistered channel is not held.
-        let dropped = hold(&slow_entry.backlog, 2 * BACKLOG_LIMIT);
+        // A dropped message gives its space back too; past the window is no credit.
+        let dropped = hold(b, 5000);
+        assert_eq!(backlogs.window_of(slow), 0);
         drop(dropped);
-        assert_eq!(backlogs.window_of(slow), WINDOW);
+        assert_eq!(backlogs.window_of(slow), 1000);
+        // A channel that is done holds nothing back.
         drop(slow_entry);
-        assert_eq!(backlogs.window_of(slow), WINDOW);
-        assert_eq!(backlogs.0.lock().unwrap().len(), 1);
+        assert_eq!(backlogs.window_of(slow), 1000);
+        assert_eq!(backlogs.channels.lock().unwrap().len(), 1);
     }
 }

@@ -274,6 +274,42 @@ mod tests {
             .contains("TrustedUserCAKeys"));
     }
 
+    /// Security keys sign `sha256(application) || flags || counter || sha256(message)`
+    /// (OpenSSH PROTOCOL.u2f); no authenticator here, so the test plays one with a plain
+    /// ed25519 key, and checks the verifier russh calls on a user's signature.
+    #[test]
+    fn security_key_signatures_are_verified() {
+        use russh::keys::signature::{Signer, Verifier};
+        use ssh_key::private::Ed25519Keypair;
+        use ssh_key::public::{KeyData, SkEd25519};
+        use ssh_key::Signature;
+
+        let authenticator = Ed25519Keypair::random(&mut rand::rng());
+        let public = PublicKey::new(
+            KeyData::SkEd25519(SkEd25519::new(authenticator.public, "ssh:")),
+            "",
+        );
+        assert!(user_algorithm_accepted(&public.algorithm()));
+        let message = b"session id || SSH_MSG_USERAUTH_REQUEST ...";
+        let sign = |flags_and_counter: [u8; 5]| {
+            let mut signed = HashAlg::Sha256.digest(b"ssh:");
+            signed.extend(flags_and_counter);
+            signed.extend(HashAlg::Sha256.digest(message));
+            let raw: Signature = authenticator.sign(&signed);
+            let mut data = raw.as_bytes().to_vec();
+            data.extend(flags_and_counter);
+            Signature::new(Algorithm::SkEd25519, data).unwrap()
+        };
+        let good = sign([0x01, 0, 0, 0, 7]);
+        assert!(Verifier::verify(&public, message, &good).is_ok());
+        // The counter (or presence flag) is covered by the signature.
+        let mut tampered = good.as_bytes().to_vec();
+        *tampered.last_mut().unwrap() = 8;
+        let tampered = Signature::new(Algorithm::SkEd25519, tampered).unwrap();
+        assert!(Verifier::verify(&public, message, &tampered).is_err());
+        assert!(Verifier::verify(&public, b"another message", &good).is_err());
+    }
+
     #[test]
     fn sha1_rsa_signatures_are_not_accepted() {
         assert!(!user_algorithm_accepted(&Algorithm::Rsa { hash: None }));

@@ -236,7 +236,7 @@ impl SshGateway {
             keepalive_interval: Some(settings.keepalive_interval),
             keepalive_max: 3,
             channel_buffer_size: CHANNEL_QUEUE,
-            window_size: crate::bridge::WINDOW,
+            window_size: crate::bridge::VM_WINDOW,
             nodelay: true,
             ..Default::default()
         };
@@ -268,7 +268,7 @@ impl SshGateway {
                 ..Preferred::DEFAULT
             },
             channel_buffer_size: CHANNEL_QUEUE,
-            window_size: crate::bridge::WINDOW,
+            window_size: crate::bridge::USER_WINDOW,
             // The idle timeout is kept here, on channel data: keepalives do not count.
             inactivity_timeout: None,
             keepalive_interval: Some(settings.keepalive_interval),

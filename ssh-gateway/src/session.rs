@@ -33,7 +33,6 @@ pub enum Link {
 }
 
 /// What outlives the handler: the connection task reads it when the user has gone.
-#[derive(Default)]
 pub struct ConnectionState {
     /// The accepted user and VM, once authenticated.
     pub grant: std::sync::Mutex<Option<Grant>>,
@@ -45,6 +44,18 @@ pub struct ConnectionState {
     pub to_vm: Arc<Backlogs>,
     /// Backlogs of the VM's channels (bytes on their way to the user), for their windows.
     pub from_vm: Arc<Backlogs>,
+}
+
+impl Default for ConnectionState {
+    fn default() -> Self {
+        ConnectionState {
+            grant: Default::default(),
+            link: Default::default(),
+            activity: Default::default(),
+            to_vm: Arc::new(Backlogs::new(bridge::USER_WINDOW)),
+            from_vm: Arc::new(Backlogs::new(bridge::VM_WINDOW)),
+        }
+    }
 }
 
 /// russh's server handler for one connection.

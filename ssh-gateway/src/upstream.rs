@@ -351,7 +351,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             refusal: Arc::default(),
-            from_vm: Arc::default(),
+            from_vm: Arc::new(Backlogs::new(crate::bridge::VM_WINDOW)),
             forwards: Arc::new(NoForwards),
         }
     }
