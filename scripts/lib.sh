@@ -26,8 +26,8 @@ ensure_cargo() {
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"
 }
 
-# What building needs: a C toolchain for -sys crates, cmake (pingora's zlib-ng), protoc (etcd-client).
-BUILD_PACKAGES=(build-essential pkg-config cmake protobuf-compiler)
+# What building needs: a C toolchain for -sys crates, cmake (pingora's zlib-ng), protoc and the well-known .proto files (etcd-client).
+BUILD_PACKAGES=(build-essential pkg-config cmake protobuf-compiler libprotobuf-dev)
 
 # Installs the Python modules given as IMPORT_NAME:PIP_NAME that do not import yet (pip,
 # into the python3 on PATH; Debian's own Python needs --break-system-packages for that).

@@ -23,6 +23,8 @@ pub struct RegistryGauges {
     users: Gauge,
     refusals: Gauge,
     quarantined: Gauge,
+    source_up: Gauge,
+    resyncs: Gauge,
 }
 
 impl RegistryGauges {
@@ -34,6 +36,8 @@ impl RegistryGauges {
             users: Gauge::default(),
             refusals: Gauge::default(),
             quarantined: Gauge::default(),
+            source_up: Gauge::default(),
+            resyncs: Gauge::default(),
         };
         let sub = metrics.sub_registry_with_prefix("vmedge_registry");
         sub.register(
@@ -53,6 +57,16 @@ impl RegistryGauges {
             "VMs whose object in the state in force is invalid (served as last good, fenced or not at all)",
             g.quarantined.clone(),
         );
+        sub.register(
+            "source_up",
+            "1 while the state source answers (etcd: a member is followed); 0 while the last good state serves without it",
+            g.source_up.clone(),
+        );
+        sub.register(
+            "resyncs",
+            "Full re-reads of the source after a lost watch",
+            g.resyncs.clone(),
+        );
         g
     }
 
@@ -63,6 +77,8 @@ impl RegistryGauges {
         self.users.set(status.users as i64);
         self.refusals.set(status.refusals as i64);
         self.quarantined.set(status.quarantined.len() as i64);
+        self.source_up.set(i64::from(status.source_up));
+        self.resyncs.set(status.resyncs as i64);
     }
 }
 
@@ -171,10 +187,16 @@ async fn respond(
         }
         "/healthz" => {
             let status = admin.registry.status();
-            let body = format!(
+            let mut body = format!(
                 "ok: state generation {} from {}\n",
                 status.generation, status.source
             );
+            if let Some(error) = &status.source_error {
+                // Still serving: a source outage is not the server's failure.
+                body.push_str(&format!(
+                    "source down, serving the last good state: {error}\n"
+                ));
+            }
             reply(StatusCode::OK, "text/plain", body)
         }
         path => match admin.pages.iter().find(|p| p.path == path) {

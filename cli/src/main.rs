@@ -110,6 +110,21 @@ enum StateCommand {
         /// The state file (JSON); "-" reads standard input.
         file: PathBuf,
     },
+    /// Write a state file into etcd in one transaction (validated first: nothing is
+    /// written on error); objects no longer in the file are deleted, equal ones untouched.
+    Push {
+        /// The state file (JSON); "-" reads standard input.
+        file: PathBuf,
+        /// etcd endpoints, comma-separated (http://host:2379,...).
+        #[arg(long, env = "VMEDGE_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+    },
+    /// Print the state held in etcd as a state file.
+    Pull {
+        /// etcd endpoints, comma-separated (http://host:2379,...).
+        #[arg(long, env = "VMEDGE_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +181,8 @@ fn main() -> ExitCode {
         },
         Command::Dns { worker, config } => cmd::dns::run(config.as_deref(), worker),
         Command::State(StateCommand::Check { file }) => cmd::state::check(&file),
+        Command::State(StateCommand::Push { file, etcd }) => cmd::state::push(&file, etcd),
+        Command::State(StateCommand::Pull { etcd }) => cmd::state::pull(etcd),
         Command::Firewall(FirewallCommand::Check { policy, print }) => {
             cmd::firewall::check(&policy, print)
         }

@@ -41,8 +41,9 @@ pub use policy::{
 pub use rate::{RateLimit, TokenBucket};
 pub use service::{Service, ServiceName, ServiceNameError};
 pub use state::{
-    parse_policy, parse_state, parse_state_isolating, parse_user, parse_vm, state_from_value,
-    Parsed, PartialState, Quarantined, RejectedVm, Resolved, StandIn, State,
+    parse_policy, parse_state, parse_state_isolating, parse_user, parse_vm, parse_vm_checked,
+    state_from_value, InvalidVm, Parsed, PartialState, Quarantined, RejectedVm, Resolved, StandIn,
+    State,
 };
 pub use user::{Fingerprint, KeyAlgorithm, SshKey, SshKeyError, User};
 pub use vm::{Vm, VmId, VmStatus};

@@ -235,6 +235,32 @@ pub fn parse_vm(text: &str) -> Result<Parsed<Vm>, ModelError> {
     finish(vm, report)
 }
 
+/// A VM object that failed validation, as [`parse_vm_checked`] reports it.
+#[derive(Debug, Clone)]
+pub struct InvalidVm {
+    /// Every error, with its JSON path inside the object.
+    pub error: ModelError,
+    /// The VM with [`FirewallPolicy::closed`], when only its policy is invalid (boxed:
+    /// the error path should not make every `Result` this large).
+    pub fenced: Option<Box<Vm>>,
+}
+
+/// [`parse_vm`], telling a VM whose only fault is its policy (it can be served fenced,
+/// as [`parse_state_isolating`] does) from a broken one.
+pub fn parse_vm_checked(text: &str) -> Result<Parsed<Vm>, InvalidVm> {
+    let node = parse_json(text).map_err(|error| InvalidVm {
+        error,
+        fenced: None,
+    })?;
+    let mut report = Report::default();
+    let (vm, fenced) = match decode_vm_checked(&node, &Path::Root, &mut report) {
+        DecodedVm::Valid(vm) => (Some(vm), None),
+        DecodedVm::Fenced(vm) => (None, Some(Box::new(vm))),
+        DecodedVm::Invalid(_) => (None, None),
+    };
+    finish(vm, report).map_err(|error| InvalidVm { error, fenced })
+}
+
 /// Parses and validates one user object (as stored per key in etcd).
 pub fn parse_user(text: &str) -> Result<Parsed<User>, ModelError> {
     let mut report = Report::default();

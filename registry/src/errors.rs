@@ -1,4 +1,4 @@
-//! Errors of the registry: each names the source (file path) it is about.
+//! Errors of the registry: each names the source (file path, etcd endpoints) it is about.
 
 use std::path::PathBuf;
 
@@ -34,6 +34,14 @@ pub enum RegistryError {
         path: PathBuf,
         /// Every error of the document.
         errors: vmedge_model::FieldErrors,
+    },
+    /// No etcd member could be read from (or the watch could not be started).
+    #[error("etcd {endpoints}: {message}")]
+    Etcd {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// What went wrong, per endpoint.
+        message: String,
     },
     /// The file watcher could not be set up.
     #[error("{}: cannot watch the state file: {source}", path.display())]

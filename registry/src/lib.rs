@@ -10,13 +10,19 @@
 //! - [`file`]: [`FileRegistry`], a JSON state file, reloaded when it changes (notify). An
 //!   invalid document is refused as a whole and the last good snapshot keeps serving,
 //!   except that an error confined to one VM object quarantines that VM only.
+//! - [`keyed`]: [`keyed::KeyedState`], the state as one object per key (etcd's layout),
+//!   changed key by key: a refused value keeps its key's last good object.
+//! - [`etcd`]: [`EtcdRegistry`], the keys under `/vmedge/` read at one revision and
+//!   watched from the next; a lost watch is a full resync; an outage serves the last state.
 //! - [`errors`]: [`RegistryError`], naming the file it is about.
 //!
 //! A request's path: `Registry::load()` -> `Snapshot::route_host()` -> `Route::target()`.
 
 pub mod errors;
+pub mod etcd;
 pub mod file;
 pub mod index;
+pub mod keyed;
 pub mod memory;
 
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use std::time::SystemTime;
 
 pub use arc_swap::Guard;
 pub use errors::RegistryError;
+pub use etcd::{EtcdRegistry, EtcdWatcher};
 pub use file::{FileRegistry, FileWatcher, Reload};
 pub use index::{Route, RouteError, Snapshot};
 pub use memory::MemoryRegistry;
@@ -67,6 +74,13 @@ pub struct Status {
     /// VMs of the state in force whose own object was invalid: each is served as its
     /// last good version, fenced, or not at all (see [`vmedge_model::StandIn`]).
     pub quarantined: Vec<vmedge_model::VmId>,
+    /// The source answers (etcd: a member is followed). While it does not, the snapshot
+    /// in force keeps serving.
+    pub source_up: bool,
+    /// Why the source last failed, while it is down.
+    pub source_error: Option<String>,
+    /// Full re-reads of the source after a lost watch.
+    pub resyncs: u64,
 }
 
 impl Status {
@@ -80,6 +94,9 @@ impl Status {
             refusals: 0,
             last_refusal: None,
             quarantined: Vec::new(),
+            source_up: true,
+            source_error: None,
+            resyncs: 0,
         };
         status.published(snapshot);
         status

@@ -52,6 +52,26 @@ impl MemoryRegistry {
         status.quarantined = quarantined;
     }
 
+    /// Records that the source stopped answering; true when it was up until now.
+    pub fn set_source_down(&self, why: String) -> bool {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.source_error = Some(why);
+        std::mem::replace(&mut status.source_up, false)
+    }
+
+    /// Records that the source answers again; true when it was down until now.
+    pub fn set_source_up(&self) -> bool {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.source_error = None;
+        !std::mem::replace(&mut status.source_up, true)
+    }
+
+    /// Records a full re-read of the source.
+    pub fn resynced(&self) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.resyncs += 1;
+    }
+
     /// Records that a new state was refused; the snapshot in force stays.
     pub fn refused(&self, why: String) {
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);

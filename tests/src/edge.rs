@@ -37,6 +37,7 @@ impl Process {
     pub fn signal(&self, name: &str) {
         let _ = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
+            .stderr(Stdio::null()) // "no such process" when it is gone already
             .status();
     }
 

@@ -8,6 +8,7 @@
 //! [`peers`] has echo servers, NSD and probes that run inside namespaces; [`gate`] runs
 //! the DNS gate inside a worker namespace; [`edge`] has the edge's backends and clients
 //! (Python HTTP, WebSocket and gRPC peers, curl) and runs `vmedge edge` in a namespace;
+//! [`etcd`] runs a three-member etcd cluster on a namespace's loopback;
 //! [`alloc`] has a counting global allocator for "allocates nothing" checks.
 //!
 //! # Address plan (DESIGN.md, last section)
@@ -29,6 +30,7 @@
 
 pub mod alloc;
 pub mod edge;
+pub mod etcd;
 pub mod gate;
 pub mod peers;
 pub mod ssh;

@@ -84,7 +84,7 @@ pub fn run(config_path: Option<&Path>, worker: Option<String>) -> anyhow::Result
         let _watch = registry.watch()?;
         let mut metrics = prometheus_client::registry::Registry::default();
         let dns_metrics = Metrics::register(&mut metrics);
-        let registry: Arc<dyn Registry> = registry;
+        let registry: Arc<dyn Registry> = registry.registry();
         let (admin, listener) = Admin::listen(
             metrics,
             registry.clone(),

@@ -139,7 +139,7 @@ pub fn run(config_path: Option<&Path>, upgrade: bool) -> anyhow::Result<ExitCode
     };
     let mut metrics = prometheus_client::registry::Registry::default();
     let edge_metrics = Metrics::register(&mut metrics);
-    let shared: Arc<dyn Registry> = registry.clone();
+    let shared: Arc<dyn Registry> = registry.registry();
     let edge = start_edge(
         edge_settings(&config, upgrade),
         shared.clone(),

@@ -15,25 +15,73 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use vmedge_registry::{FileRegistry, RegistryError};
+use vmedge_registry::{
+    EtcdRegistry, EtcdWatcher, FileRegistry, FileWatcher, Registry, RegistryError,
+};
 
 use crate::config::{Config, RegistrySource};
 
-/// Opens the config's state source; `None` (errors printed) when the state is invalid.
-pub fn open_registry(config: &Config) -> anyhow::Result<Option<Arc<FileRegistry>>> {
+/// The config's state source, opened: the registry every server reads, and how to keep
+/// it following its source.
+pub struct Source {
+    registry: Arc<dyn Registry>,
+    follow: Follow,
+}
+
+enum Follow {
+    File(Arc<FileRegistry>),
+    Etcd(Arc<EtcdRegistry>),
+}
+
+/// Keeps a [`Source`]'s registry following the file or etcd; dropping it stops that.
+#[allow(dead_code)] // held for its Drop, never read
+pub enum Following {
+    /// The file watcher.
+    File(FileWatcher),
+    /// The etcd watch thread.
+    Etcd(EtcdWatcher),
+}
+
+impl Source {
+    /// The registry to read the state through.
+    pub fn registry(&self) -> Arc<dyn Registry> {
+        self.registry.clone()
+    }
+
+    /// Starts following the source (a file's changes, etcd's watch).
+    pub fn watch(&self) -> Result<Following, RegistryError> {
+        match &self.follow {
+            Follow::File(file) => file.watch().map(Following::File),
+            Follow::Etcd(etcd) => etcd.watch().map(Following::Etcd),
+        }
+    }
+}
+
+/// Opens the config's state source; `None` (errors printed) when a state file is invalid.
+/// An etcd registry opens when a member answers; its invalid keys are refused one by one.
+pub fn open_registry(config: &Config) -> anyhow::Result<Option<Source>> {
     match &config.registry {
         RegistrySource::File(path) => match FileRegistry::open(path) {
-            Ok(r) => Ok(Some(Arc::new(r))),
+            Ok(r) => {
+                let file = Arc::new(r);
+                Ok(Some(Source {
+                    registry: file.clone(),
+                    follow: Follow::File(file),
+                }))
+            }
             Err(e @ (RegistryError::Invalid { .. } | RegistryError::Syntax { .. })) => {
                 eprintln!("{e}");
                 Ok(None)
             }
             Err(e) => Err(e.into()),
         },
-        RegistrySource::Etcd(_) => anyhow::bail!(
-            "registry {}: this build reads file: registries only (etcd comes with the fleet work)",
-            config.registry
-        ),
+        RegistrySource::Etcd(endpoints) => {
+            let etcd = Arc::new(EtcdRegistry::open(endpoints.clone())?);
+            Ok(Some(Source {
+                registry: etcd.clone(),
+                follow: Follow::Etcd(etcd),
+            }))
+        }
     }
 }
 
@@ -79,15 +127,19 @@ pub fn read_input(path: &Path) -> anyhow::Result<String> {
 
 /// Reads and validates a state file; prints its warnings, or every error and `None`.
 pub fn load_state(path: &Path) -> anyhow::Result<Option<vmedge_model::State>> {
-    let text = read_input(path)?;
-    match vmedge_model::parse_state(&text) {
+    Ok(check_state(path, &read_input(path)?))
+}
+
+/// Validates a state document read from `path`; prints its warnings, or every error and `None`.
+pub fn check_state(path: &Path, text: &str) -> Option<vmedge_model::State> {
+    match vmedge_model::parse_state(text) {
         Ok(parsed) => {
             print_warnings(path, &parsed.warnings);
-            Ok(Some(parsed.value))
+            Some(parsed.value)
         }
         Err(e) => {
             print_model_error(path, &e);
-            Ok(None)
+            None
         }
     }
 }

@@ -108,7 +108,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     super::runtime()?.block_on(async {
         let signal = stop_signal()?;
         let _watch = registry.watch()?;
-        let shared: Arc<dyn Registry> = registry;
+        let shared: Arc<dyn Registry> = registry.registry();
         let mut metrics = prometheus_client::registry::Registry::default();
         let ssh_metrics = Metrics::register(&mut metrics);
         let waker = own_waker(&config, shared.clone(), &mut metrics)?;

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use vmedge_model::public_host;
-use vmedge_registry::{FileRegistry, Registry};
+use vmedge_registry::Registry;
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
@@ -36,7 +36,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
 
-    let shared: Arc<dyn Registry> = registry.clone();
+    let shared: Arc<dyn Registry> = registry.registry();
     let mut edge_metrics = prometheus_client::registry::Registry::default();
     let edge = super::edge::start_edge(
         super::edge::edge_settings(&config, false),
@@ -111,7 +111,7 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             ssh_admin,
             super::stopped(stopped),
         ));
-        print_plan(&config, &origin, registry.as_ref());
+        print_plan(&config, &origin, registry.registry().as_ref());
         shutdown.await;
         tracing::info!("shutting down");
         let _ = ssh_stop.send(vmedge_ssh_gateway::Stop::Now);
@@ -135,13 +135,13 @@ fn list(addrs: &[SocketAddr]) -> String {
         .join(" ")
 }
 
-fn print_plan(config: &Config, origin: &str, registry: &FileRegistry) {
+fn print_plan(config: &Config, origin: &str, registry: &dyn Registry) {
     let snapshot = registry.load();
     let domain = config.domain.as_str();
     println!("vmedge {} up: config {origin}", env!("CARGO_PKG_VERSION"));
     println!(
         "  state   {} (generation {}: {} VMs, {} users), watched for changes",
-        registry.path().display(),
+        registry.status().source,
         snapshot.generation(),
         snapshot.vms().len(),
         snapshot.users().len()

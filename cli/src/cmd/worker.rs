@@ -31,7 +31,7 @@ pub fn run(config_path: Option<&Path>, name: Option<String>) -> anyhow::Result<E
         let mut metrics = prometheus_client::registry::Registry::default();
         let worker_metrics = Metrics::register(&mut metrics);
         let dns_metrics = vmedge_dns::Metrics::register(&mut metrics);
-        let registry: Arc<dyn Registry> = registry;
+        let registry: Arc<dyn Registry> = registry.registry();
         let (admin, listener) =
             Admin::listen(metrics, registry.clone(), config.worker.admin, "[worker] admin", Vec::new()).await?;
         tracing::info!(worker = %config.worker.name, %version, admin = %config.worker.admin, "worker agent starting");
