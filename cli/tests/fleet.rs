@@ -171,12 +171,42 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
     assert_eq!(status_of(&lab.worker, "api"), "200");
     assert!(firewall(true));
 
-    // The leader killed, and it is the member both follow (they start with the first):
-    // they move on to another, resync, and changes still reach them.
-    etcd.make_leader(0);
-    etcd.kill_member(0);
-    etcd.wait_leader();
-    etcd.put(&key, &vm(&lab, &[("web", 8000)]).to_string());
+    // Under load (wrk on a service that stays): changes in etcd, then the leader killed,
+    // and it is the member both follow (they start with the first): they move on to
+    // another, resync, and changes still reach them. Not one request fails meanwhile.
+    let web = format!("Host: web--{}.proxy.fleet.test", VM.replace('-', ""));
+    let url = format!("http://{HTTP}/hello");
+    let mut wrk = lab.worker.command("wrk");
+    wrk.args(["-t1", "-c8", "-d5s", "-H", &web, &url]);
+    let load = std::thread::scope(|scope| {
+        let load = scope.spawn(|| wrk.output());
+        for i in 0..4 {
+            std::thread::sleep(Duration::from_millis(300));
+            let services: &[(&str, u16)] = if i % 2 == 0 {
+                &[("web", 8000)]
+            } else {
+                &[("web", 8000), ("api", 8081)]
+            };
+            etcd.put(&key, &vm(&lab, services).to_string());
+        }
+        etcd.make_leader(0);
+        etcd.kill_member(0);
+        etcd.wait_leader();
+        etcd.put(&key, &vm(&lab, &[("web", 8000)]).to_string());
+        load.join().unwrap().unwrap()
+    });
+    let report = String::from_utf8_lossy(&load.stdout);
+    assert!(load.status.success(), "{report}");
+    assert!(
+        !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "{report}"
+    );
+    let requests: u64 = report
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .map(|(n, _)| n.trim().parse().unwrap())
+        .unwrap();
+    assert!(requests > 100, "{report}");
     eventually("the edge drops the removed service", || {
         status_of(&lab.worker, "api") == "404"
     });

@@ -143,3 +143,95 @@ fn the_worker_agent_enforces_the_state_and_reports_metrics() {
         "the rules stay in the kernel after the agent stops"
     );
 }
+
+/// Starts `vmedge worker --name w` in the lab's worker namespace with `dir/vmedge.toml`.
+fn start_agent(lab: &Lab, dir: &std::path::Path) -> std::process::Child {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.worker.name(),
+            env!("CARGO_BIN_EXE_vmedge"),
+        ])
+        .args(["--log-format", "json", "worker", "--name", "w", "--config"])
+        .arg(dir.join("vmedge.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_killed_agent_leaves_its_rules_in_force_and_a_restarted_one_reconciles() {
+    let lab = Lab::new(2);
+    let (a, net) = (&lab.vms[0], &lab.vms[1]);
+    let _servers = EchoServers::start(&a.ns, &[8080, 8081], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = |ports: &[u16]| {
+        let services: Vec<serde_json::Value> = ports
+            .iter()
+            .map(|p| serde_json::json!({"name": format!("s{p}"), "port": p}))
+            .collect();
+        let vm = serde_json::json!({"id": "6f1c2d3e-0000-4000-8000-0000000000aa", "org_id": "o",
+            "worker": "w", "public_ipv6": a.ipv6.to_string(), "interface": a.interface,
+            "status": "running", "services": services});
+        let tmp = dir.path().join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::json!({"vms": [vm]}).to_string()).unwrap();
+        std::fs::rename(&tmp, dir.path().join("state.json")).unwrap();
+    };
+    state(&[8080]);
+    std::fs::write(
+        dir.path().join("vmedge.toml"),
+        format!(
+            "registry = \"file:state.json\"\n[worker]\ndns_gate = \"{}\"\nadmin = \"127.0.0.1:9183\"\n",
+            lab.worker_ipv6
+        ),
+    )
+    .unwrap();
+    let to = |port| SocketAddr::new(IpAddr::V6(a.ipv6), port);
+    let mut agent = start_agent(&lab, dir.path());
+    eventually("the first sync", || {
+        tcp_passes(&net.ns, None, to(8080)) && !tcp_passes(&net.ns, None, to(8081))
+    });
+    let mut open = vmedge_tests::peers::tcp_open(&net.ns, None, to(8080)).unwrap();
+
+    // SIGKILL: no chance to tidy up. The kernel keeps enforcing the last ruleset.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(
+        tcp_passes(&net.ns, None, to(8080)),
+        "allowed traffic still flows"
+    );
+    assert!(
+        !tcp_passes(&net.ns, None, to(8081)),
+        "denied traffic is still dropped"
+    );
+    assert!(vmedge_tests::peers::echo_round_trip(&mut open));
+
+    // The state changes while no agent runs; a new agent reconciles at start, and the
+    // connection opened under the old agent lives on.
+    state(&[8080, 8081]);
+    let agent = start_agent(&lab, dir.path());
+    eventually("the restarted agent applies the new state", || {
+        tcp_passes(&net.ns, None, to(8081))
+    });
+    assert!(
+        vmedge_tests::peers::echo_round_trip(&mut open),
+        "an open connection survives"
+    );
+
+    let pid = agent.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = agent.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("firewall synced in full"));
+}
