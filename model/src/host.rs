@@ -48,7 +48,10 @@ pub fn parse_public_host(host: &str, domain: &str) -> Result<PublicHost, HostErr
         return Err(HostError::NotUnderDomain);
     }
     let (head, suffix) = host.split_at(host.len() - suffix_len);
-    let (proxy, dom) = suffix.split_at(PROXY_LABEL.len());
+    // A multibyte character may straddle the end of "proxy" (found by fuzz/host).
+    let (proxy, dom) = suffix
+        .split_at_checked(PROXY_LABEL.len())
+        .ok_or(HostError::NotUnderDomain)?;
     if !proxy.eq_ignore_ascii_case(PROXY_LABEL)
         || !dom.starts_with('.')
         || !dom[1..].eq_ignore_ascii_case(domain)
@@ -194,6 +197,8 @@ mod tests {
             "example.dev"
         )
         .is_err());
+        // A character across the end of "proxy" (fuzz/host's first find).
+        assert!(parse_public_host(":PϹRPPPPPPϹRPPPPP2\x10RPP", "example.dev").is_err());
     }
 
     fn service_name() -> impl Strategy<Value = ServiceName> {
