@@ -410,6 +410,38 @@ fn answers_its_own_errors_as_text_and_as_grpc_status() {
         dead.contains("nothing is listening on port 8999 of the VM") && dead.ends_with(" 502"),
         "{dead}"
     );
+    // The connection stays open after an answer of the edge's own (curl sends the next
+    // request on it: 0 new connections); after a failed upstream attempt pingora closes
+    // it, and the answer says so rather than leaving it to be reset under the next one.
+    let twice = |host: &str| {
+        t.curl(&[
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}:%{num_connects} ",
+            "-H",
+            &format!("Host: {host}"),
+            &format!("http://{HTTP}/"),
+            &format!("http://{HTTP}/"),
+        ])
+    };
+    assert_eq!(twice(&host("nope", 0)), "404:1 404:0 ");
+    assert_eq!(twice(&host("web", 0x10)), "503:1 503:0 ");
+    let head = t.curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        &format!("Host: {}", host("dead", 0)),
+        &format!("http://{HTTP}/"),
+    ]);
+    assert!(
+        head.starts_with("HTTP/1.1 502") && head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     for (i, status) in [(0x10, "stopped"), (0x11, "deleting"), (0x12, "error")] {
         let page = t.get(&host("web", i), "/", &[]);
         assert!(

@@ -409,6 +409,12 @@ impl ProxyHttp for EdgeProxy {
     ) -> FailToProxy {
         let refusal = refusal_for(e, ctx.routed.as_ref());
         let written = session.response_written().is_some();
+        if e.esource() == &ErrorSource::Upstream {
+            // pingora (0.9) does not keep the client's connection after a failed proxy
+            // attempt, whatever this returns: say so in the answer, so that the client
+            // opens a new one rather than finding this one reset under its next request.
+            session.set_keepalive(None);
+        }
         let code = match (&refusal, written) {
             (_, true) => 0,
             (Some(refusal), false) => {
