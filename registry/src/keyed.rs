@@ -94,7 +94,9 @@ impl fmt::Display for Refusal {
 /// What a batch did.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// The state in force differs from before the batch.
+    /// The state after the batch (VMs and users in key order).
+    pub state: State,
+    /// It differs from the state before the batch.
     pub changed: bool,
     /// Values refused in this batch.
     pub refusals: Vec<Refusal>,
@@ -102,9 +104,11 @@ pub struct Applied {
     pub ignored: Vec<String>,
 }
 
-/// The objects in force, by key, and the keys whose stored value is refused.
+/// The keys whose stored value is refused; the objects themselves are the caller's (the
+/// snapshot in force), lent to each batch, so that a registry holds them once.
 #[derive(Debug, Default)]
 pub struct KeyedState {
+    /// The objects of the batch being applied, by key; empty between batches.
     vms: BTreeMap<VmId, Vm>,
     users: BTreeMap<String, User>,
     /// VM keys whose stored value is refused (serving last good, fenced or nothing).
@@ -150,27 +154,16 @@ impl KeyedState {
         KeyedState::default()
     }
 
-    /// The state in force, as one document (VMs and users in key order).
-    pub fn state(&self) -> State {
-        State {
-            users: self.users.values().cloned().collect(),
-            vms: self.vms.values().cloned().collect(),
-        }
-    }
-
     /// VMs whose stored value is refused.
     pub fn quarantined(&self) -> Vec<VmId> {
         self.quarantined.iter().copied().collect()
     }
 
-    /// How many VMs and users are in force.
-    pub fn len(&self) -> (usize, usize) {
-        (self.vms.len(), self.users.len())
-    }
-
-    /// Replaces everything with the full content of the store (`(key, value)` for every
-    /// key under [`PREFIX`]), as one batch: keys not listed are deleted. What a resync does.
-    pub fn replace_all(&mut self, all: Vec<(String, Vec<u8>)>) -> Applied {
+    /// Replaces everything in `current` with the full content of the store (`(key, value)`
+    /// for every key under [`PREFIX`]), as one batch: keys not listed are deleted. What a
+    /// resync does.
+    pub fn replace_all(&mut self, current: State, all: Vec<(String, Vec<u8>)>) -> Applied {
+        self.lend(current);
         let listed: BTreeSet<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
         let mut gone: Vec<Change> = Vec::new();
         let vm_keys = self.vms.keys().chain(&self.quarantined).map(vm_key);
@@ -189,11 +182,25 @@ impl KeyedState {
         let puts = all
             .into_iter()
             .map(|(key, value)| Change::Put { key, value });
-        self.apply(gone.into_iter().chain(puts))
+        self.apply_lent(gone.into_iter().chain(puts))
     }
 
-    /// Applies a batch of changes (one etcd watch response, in order).
-    pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> Applied {
+    /// Applies a batch of changes (one etcd watch response, in order) to `current`.
+    pub fn apply(&mut self, current: State, changes: impl IntoIterator<Item = Change>) -> Applied {
+        self.lend(current);
+        self.apply_lent(changes)
+    }
+
+    fn lend(&mut self, current: State) {
+        self.vms = current.vms.into_iter().map(|vm| (vm.id, vm)).collect();
+        self.users = current
+            .users
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect();
+    }
+
+    fn apply_lent(&mut self, changes: impl IntoIterator<Item = Change>) -> Applied {
         let mut applied = Applied::default();
         let mut before = Before::default();
         for change in changes {
@@ -208,6 +215,10 @@ impl KeyedState {
                 .users
                 .iter()
                 .any(|(id, old)| self.users.get(id) != old.as_ref());
+        applied.state = State {
+            users: std::mem::take(&mut self.users).into_values().collect(),
+            vms: std::mem::take(&mut self.vms).into_values().collect(),
+        };
         applied
     }
 
@@ -500,14 +511,44 @@ mod tests {
         format!("{VMS}{id}")
     }
 
-    fn addr_of(state: &KeyedState, id: &str) -> Option<String> {
+    /// A keyed state and the state it serves, as a registry keeps them.
+    #[derive(Default)]
+    struct Store {
+        keyed: KeyedState,
+        state: State,
+    }
+
+    impl Store {
+        fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> Applied {
+            let mut applied = self.keyed.apply(std::mem::take(&mut self.state), changes);
+            self.state = std::mem::take(&mut applied.state);
+            applied
+        }
+
+        fn replace_all(&mut self, all: Vec<(String, Vec<u8>)>) -> Applied {
+            let mut applied = self.keyed.replace_all(std::mem::take(&mut self.state), all);
+            self.state = std::mem::take(&mut applied.state);
+            applied
+        }
+
+        fn quarantined(&self) -> Vec<VmId> {
+            self.keyed.quarantined()
+        }
+
+        fn len(&self) -> (usize, usize) {
+            (self.state.vms.len(), self.state.users.len())
+        }
+    }
+
+    fn addr_of(store: &Store, id: &str) -> Option<String> {
         let id = VmId::parse(id).unwrap();
-        state.vms.get(&id).map(|vm| vm.public_ipv6.to_string())
+        let vm = store.state.vms.iter().find(|vm| vm.id == id);
+        vm.map(|vm| vm.public_ipv6.to_string())
     }
 
     #[test]
     fn an_invalid_value_keeps_the_last_good_object_and_names_key_and_path() {
-        let mut s = KeyedState::new();
+        let mut s = Store::default();
         let applied = s.apply([put(vmk(A), &vm(A, "fd5e:ed00::a"))]);
         assert!(applied.changed && applied.refusals.is_empty());
 
@@ -532,7 +573,7 @@ mod tests {
 
     #[test]
     fn a_new_vm_with_only_a_bad_policy_is_fenced_a_broken_one_absent() {
-        let mut s = KeyedState::new();
+        let mut s = Store::default();
         let mut policy_only = vm(A, "fd5e:ed00::a");
         policy_only["firewall"] = json!({"ingress": {"default": "maybe"}});
         let mut broken = vm(B, "fd5e:ed00::b");
@@ -547,7 +588,7 @@ mod tests {
 
     #[test]
     fn a_value_whose_id_is_not_its_key_is_refused() {
-        let mut s = KeyedState::new();
+        let mut s = Store::default();
         let applied = s.apply([put(vmk(A), &vm(B, "fd5e:ed00::b"))]);
         assert_eq!(
             applied.refusals[0].errors,
@@ -563,7 +604,7 @@ mod tests {
 
     #[test]
     fn an_address_moved_between_vms_in_one_batch_is_taken_a_stolen_one_refused() {
-        let mut s = KeyedState::new();
+        let mut s = Store::default();
         s.apply([
             put(vmk(A), &vm(A, "fd5e:ed00::1")),
             put(vmk(B), &vm(B, "fd5e:ed00::2")),
@@ -598,7 +639,7 @@ mod tests {
         let key =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
         let user = |id: &str| json!({"id": id, "org_ids": ["org-1"], "ssh_keys": [{"name": "k", "public_key": key}]});
-        let mut s = KeyedState::new();
+        let mut s = Store::default();
         s.apply([put(user_key("u-1"), &user("u-1"))]);
         let applied = s.apply([put(user_key("u-2"), &user("u-2"))]);
         assert!(!applied.changed);
@@ -609,7 +650,7 @@ mod tests {
 
     #[test]
     fn replace_all_deletes_what_is_gone_and_keeps_what_is_equal() {
-        let mut s = KeyedState::new();
+        let mut s = Store::default();
         s.apply([
             put(vmk(A), &vm(A, "fd5e:ed00::1")),
             put(vmk(B), &vm(B, "fd5e:ed00::2")),

@@ -23,8 +23,9 @@ use std::thread;
 use std::time::Duration;
 
 use arc_swap::Guard;
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions, WatchResponse};
 use tokio::sync::watch;
+use vmedge_model::State;
 
 use crate::errors::RegistryError;
 use crate::index::Snapshot;
@@ -44,7 +45,8 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::fro
 pub struct EtcdRegistry {
     endpoints: Vec<String>,
     cell: MemoryRegistry,
-    objects: Mutex<KeyedState>,
+    /// Which keys are refused; the objects are the snapshot's, lent to each batch.
+    keys: Mutex<KeyedState>,
     /// The store revision the snapshot in force reflects.
     revision: AtomicI64,
 }
@@ -58,20 +60,18 @@ impl EtcdRegistry {
         }
         let source = format!("etcd:{}", endpoints.join(","));
         let (_, all, revision) = first_answer(&endpoints).await?;
-        let mut objects = KeyedState::new();
-        let applied = objects.replace_all(all);
-        let cell = MemoryRegistry::new(source, objects.state());
+        let mut keys = KeyedState::new();
+        let mut applied = keys.replace_all(State::default(), all);
+        let (vms, users) = (applied.state.vms.len(), applied.state.users.len());
+        let cell = MemoryRegistry::new(source, std::mem::take(&mut applied.state));
         let registry = EtcdRegistry {
             endpoints,
             cell,
-            objects: Mutex::new(objects),
+            keys: Mutex::new(keys),
             revision: AtomicI64::new(revision),
         };
         registry.record(&applied);
-        registry
-            .cell
-            .set_quarantined(registry.objects().quarantined());
-        let (vms, users) = registry.objects().len();
+        registry.cell.set_quarantined(registry.keys().quarantined());
         tracing::info!(revision, vms, users, "state loaded from etcd");
         Ok(registry)
     }
@@ -112,8 +112,18 @@ impl EtcdRegistry {
         Ok(EtcdWatcher { _stop: stop })
     }
 
-    fn objects(&self) -> std::sync::MutexGuard<'_, KeyedState> {
-        self.objects.lock().unwrap_or_else(PoisonError::into_inner)
+    fn keys(&self) -> std::sync::MutexGuard<'_, KeyedState> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The objects in force, as a state a batch can change (a copy: the snapshot in force
+    /// keeps serving while the batch is applied).
+    fn current(&self) -> State {
+        let snapshot = self.cell.load();
+        State {
+            vms: snapshot.vms().to_vec(),
+            users: snapshot.users().to_vec(),
+        }
     }
 
     /// Sessions, one after another, until told to stop.
@@ -166,10 +176,11 @@ impl EtcdRegistry {
         let client = connect(endpoint).await.map_err(|e| e.to_string())?;
         if resync {
             let (all, revision) = read_all(&client).await.map_err(|e| e.to_string())?;
-            let applied = self.objects().replace_all(all);
-            self.put_in_force(&applied, revision);
+            let applied = self.keys().replace_all(self.current(), all);
+            let changed = applied.changed;
+            self.put_in_force(applied, revision);
             self.cell.resynced();
-            tracing::info!(%endpoint, revision, changed = applied.changed, "resynced from etcd");
+            tracing::info!(%endpoint, revision, changed, "resynced from etcd");
         }
         let options = WatchOptions::new()
             .with_prefix()
@@ -182,62 +193,63 @@ impl EtcdRegistry {
                 .map_err(|_| "no answer to the watch in time".to_string())?
                 .map_err(|e| e.to_string())?;
         loop {
-            let Some(response) = stream.message().await.map_err(|e| e.to_string())? else {
-                return Ok(());
-            };
-            if response.canceled() {
-                return Err(match response.compact_revision() {
-                    0 => format!("watch cancelled: {}", response.cancel_reason()),
-                    r => format!("compacted past our revision (now at {r})"),
-                });
-            }
-            if response.created() {
-                *failed_in_a_row = 0;
-                self.came_up(endpoint);
-                continue;
-            }
-            let mut revision = response.header().map_or(0, |h| h.revision());
-            let mut changes = Vec::with_capacity(response.events().len());
-            for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
-                revision = revision.max(kv.mod_revision());
-                let Ok(key) = kv.key_str() else {
-                    tracing::warn!(key = ?kv.key(), "etcd key is not UTF-8; ignored");
-                    continue;
+            // Wait for a response, then take every one already there as one batch: a bulk
+            // change (a push of many objects, a resync's worth of events) is put in force
+            // once rather than once per response.
+            let mut batch = Batch::default();
+            let mut next = Some(stream.message().await);
+            while let Some(message) = next {
+                let response = match message {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return self.end(batch, Ok(())),
+                    Err(e) => return self.end(batch, Err(e.to_string())),
                 };
-                let key = key.to_string();
-                changes.push(match event.event_type() {
-                    EventType::Put => Change::Put {
-                        key,
-                        value: kv.value().to_vec(),
-                    },
-                    EventType::Delete => Change::Delete { key },
-                });
+                if response.canceled() {
+                    let why = match response.compact_revision() {
+                        0 => format!("watch cancelled: {}", response.cancel_reason()),
+                        r => format!("compacted past our revision (now at {r})"),
+                    };
+                    return self.end(batch, Err(why));
+                }
+                if response.created() {
+                    *failed_in_a_row = 0;
+                    self.came_up(endpoint);
+                }
+                batch.absorb(&response);
+                next = tokio::time::timeout(Duration::ZERO, stream.message())
+                    .await
+                    .ok();
             }
-            if changes.is_empty() {
-                continue; // progress notification
-            }
-            let applied = self.objects().apply(changes);
-            self.put_in_force(&applied, revision);
+            self.put_batch_in_force(batch);
+        }
+    }
+
+    /// Puts what was read before the session ended in force, and says why it ended.
+    fn end(&self, batch: Batch, why: Result<(), String>) -> Result<(), String> {
+        self.put_batch_in_force(batch);
+        why
+    }
+
+    fn put_batch_in_force(&self, batch: Batch) {
+        if !batch.changes.is_empty() {
+            let applied = self.keys().apply(self.current(), batch.changes);
+            self.put_in_force(applied, batch.revision);
         }
     }
 
     /// Publishes the objects if the batch changed them, and records the revision.
-    fn put_in_force(&self, applied: &Applied, revision: i64) {
-        self.record(applied);
+    fn put_in_force(&self, applied: Applied, revision: i64) {
+        self.record(&applied);
         if applied.changed {
-            let (state, quarantined) = {
-                let objects = self.objects();
-                (objects.state(), objects.quarantined())
-            };
-            let snapshot = self.cell.publish_partial(state, quarantined);
+            let quarantined = self.keys().quarantined();
+            let snapshot = self.cell.publish_partial(applied.state, quarantined);
             tracing::debug!(
                 revision,
                 generation = snapshot.generation(),
                 "etcd change in force"
             );
         } else {
-            self.cell.set_quarantined(self.objects().quarantined());
+            self.cell.set_quarantined(self.keys().quarantined());
         }
         self.revision.fetch_max(revision, Ordering::AcqRel);
     }
@@ -293,6 +305,36 @@ impl Registry for EtcdRegistry {
 
     fn status(&self) -> Status {
         self.cell.status()
+    }
+}
+
+/// The events of one or more watch responses, in order, and the revision they reach.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<Change>,
+    revision: i64,
+}
+
+impl Batch {
+    fn absorb(&mut self, response: &WatchResponse) {
+        let header = response.header().map_or(0, |h| h.revision());
+        self.revision = self.revision.max(header);
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            self.revision = self.revision.max(kv.mod_revision());
+            let Ok(key) = kv.key_str() else {
+                tracing::warn!(key = ?kv.key(), "etcd key is not UTF-8; ignored");
+                continue;
+            };
+            let key = key.to_string();
+            self.changes.push(match event.event_type() {
+                EventType::Put => Change::Put {
+                    key,
+                    value: kv.value().to_vec(),
+                },
+                EventType::Delete => Change::Delete { key },
+            });
+        }
     }
 }
 
