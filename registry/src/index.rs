@@ -4,6 +4,7 @@
 //! snapshot: nothing on the request path allocates.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 // Keys come from the state, never from clients (a lookup cannot lengthen a probe
@@ -27,7 +28,7 @@ struct RouteEntry {
 #[derive(Debug, Clone, Copy)]
 pub struct Route<'a> {
     entry: &'a RouteEntry,
-    vms: &'a [Vm],
+    vms: &'a [Arc<Vm>],
 }
 
 impl<'a> Route<'a> {
@@ -69,7 +70,10 @@ struct WorkerIndex {
 
 /// The state in force, and its indexes.
 pub struct Snapshot {
-    state: State,
+    /// Each VM behind its own `Arc`, so that the next snapshot (an etcd change to one
+    /// VM among 100k) shares every VM it did not change instead of copying it.
+    vms: Vec<Arc<Vm>>,
+    users: Vec<User>,
     generation: u64,
     loaded_at: SystemTime,
     routes: HashMap<(VmId, ServiceName), RouteEntry>,
@@ -82,12 +86,18 @@ pub struct Snapshot {
 impl Snapshot {
     /// Indexes a validated state. `generation` counts the snapshots of one registry.
     pub fn build(state: State, generation: u64) -> Snapshot {
-        let service_count = state.vms.iter().map(|v| v.services.len()).sum();
+        let vms = state.vms.into_iter().map(Arc::new).collect();
+        Snapshot::from_parts(vms, state.users, generation)
+    }
+
+    /// [`Snapshot::build`] from VMs that may be shared with another snapshot.
+    pub fn from_parts(vms: Vec<Arc<Vm>>, users: Vec<User>, generation: u64) -> Snapshot {
+        let service_count = vms.iter().map(|v| v.services.len()).sum();
         let mut routes = HashMap::with_capacity(service_count);
-        let mut by_id = HashMap::with_capacity(state.vms.len());
-        let mut by_ipv6 = HashMap::with_capacity(state.vms.len());
+        let mut by_id = HashMap::with_capacity(vms.len());
+        let mut by_ipv6 = HashMap::with_capacity(vms.len());
         let mut workers: HashMap<Box<str>, WorkerIndex> = HashMap::new();
-        for (i, vm) in state.vms.iter().enumerate() {
+        for (i, vm) in vms.iter().enumerate() {
             let i = i as u32;
             by_id.insert(vm.id, i);
             by_ipv6.insert(vm.public_ipv6, i);
@@ -110,13 +120,14 @@ impl Snapshot {
             }
         }
         let mut by_fingerprint = HashMap::new();
-        for (u, user) in state.users.iter().enumerate() {
+        for (u, user) in users.iter().enumerate() {
             for (k, key) in user.ssh_keys.iter().enumerate() {
                 by_fingerprint.insert(key.fingerprint, (u as u32, k as u16));
             }
         }
         Snapshot {
-            state,
+            vms,
+            users,
             generation,
             loaded_at: SystemTime::now(),
             routes,
@@ -132,11 +143,6 @@ impl Snapshot {
         Snapshot::build(State::default(), 0)
     }
 
-    /// The whole state.
-    pub fn state(&self) -> &State {
-        &self.state
-    }
-
     /// Counts the snapshots of one registry, from 1; 0 is the empty snapshot.
     pub fn generation(&self) -> u64 {
         self.generation
@@ -147,14 +153,14 @@ impl Snapshot {
         self.loaded_at
     }
 
-    /// Every VM.
-    pub fn vms(&self) -> &[Vm] {
-        &self.state.vms
+    /// Every VM, in state order.
+    pub fn vms(&self) -> &[Arc<Vm>] {
+        &self.vms
     }
 
     /// Every user.
     pub fn users(&self) -> &[User] {
-        &self.state.users
+        &self.users
     }
 
     /// The service a parsed public host names.
@@ -162,7 +168,7 @@ impl Snapshot {
         let entry = self.routes.get(&(host.vm, host.service))?;
         Some(Route {
             entry,
-            vms: &self.state.vms,
+            vms: &self.vms,
         })
     }
 
@@ -177,12 +183,12 @@ impl Snapshot {
 
     /// A VM by id.
     pub fn vm(&self, id: &VmId) -> Option<&Vm> {
-        self.by_id.get(id).map(|&i| &self.state.vms[i as usize])
+        self.by_id.get(id).map(|&i| &*self.vms[i as usize])
     }
 
     /// A VM by its public IPv6 address.
     pub fn vm_by_ipv6(&self, addr: &Ipv6Addr) -> Option<&Vm> {
-        self.by_ipv6.get(addr).map(|&i| &self.state.vms[i as usize])
+        self.by_ipv6.get(addr).map(|&i| &*self.vms[i as usize])
     }
 
     /// The VM of this worker that a packet with this source address came from, if any.
@@ -201,7 +207,7 @@ impl Snapshot {
             IpAddr::V6(v6) => self.vm_by_ipv6(&v6)?,
             IpAddr::V4(v4) => {
                 let &i = self.workers.get(worker)?.by_ipv4.get(&v4)?;
-                &self.state.vms[i as usize]
+                &*self.vms[i as usize]
             }
         };
         (vm.worker == worker).then_some(vm)
@@ -210,7 +216,7 @@ impl Snapshot {
     /// The user that owns a key, and the key.
     pub fn user_by_fingerprint(&self, fingerprint: &Fingerprint) -> Option<(&User, &SshKey)> {
         let &(u, k) = self.by_fingerprint.get(fingerprint)?;
-        let user = &self.state.users[u as usize];
+        let user = &self.users[u as usize];
         Some((user, &user.ssh_keys[k as usize]))
     }
 
@@ -221,7 +227,7 @@ impl Snapshot {
             .get(worker)
             .map(|w| w.vms.as_slice())
             .unwrap_or_default();
-        indexes.iter().map(|&i| &self.state.vms[i as usize])
+        indexes.iter().map(|&i| &*self.vms[i as usize])
     }
 
     /// The names of every worker with at least one VM.
@@ -234,8 +240,8 @@ impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Snapshot")
             .field("generation", &self.generation)
-            .field("vms", &self.state.vms.len())
-            .field("users", &self.state.users.len())
+            .field("vms", &self.vms.len())
+            .field("users", &self.users.len())
             .finish()
     }
 }

@@ -13,7 +13,9 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use vmedge_model::{parse_user, parse_vm_checked, ModelError, State, User, Vm, VmId};
+use std::sync::Arc;
+
+use vmedge_model::{parse_user, parse_vm_checked, ModelError, User, Vm, VmId};
 
 /// Everything vmedge keeps in etcd lives under this prefix.
 pub const PREFIX: &str = "/vmedge/";
@@ -91,11 +93,21 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// The objects a batch changes: the VMs (each shared with the snapshot it comes from, so
+/// that a batch copies only what it changes) and the users.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    /// VMs, in key order after a batch.
+    pub vms: Vec<Arc<Vm>>,
+    /// Users, in key order after a batch.
+    pub users: Vec<User>,
+}
+
 /// What a batch did.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// The state after the batch (VMs and users in key order).
-    pub state: State,
+    /// The objects after the batch.
+    pub objects: Objects,
     /// It differs from the state before the batch.
     pub changed: bool,
     /// Values refused in this batch.
@@ -109,7 +121,7 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct KeyedState {
     /// The objects of the batch being applied, by key; empty between batches.
-    vms: BTreeMap<VmId, Vm>,
+    vms: BTreeMap<VmId, Arc<Vm>>,
     users: BTreeMap<String, User>,
     /// VM keys whose stored value is refused (serving last good, fenced or nothing).
     quarantined: BTreeSet<VmId>,
@@ -144,7 +156,7 @@ fn classify(key: &str) -> Key<'_> {
 /// The value of each key changed in a batch before the batch: what a refusal reverts to.
 #[derive(Default)]
 struct Before {
-    vms: BTreeMap<VmId, Option<Vm>>,
+    vms: BTreeMap<VmId, Option<Arc<Vm>>>,
     users: BTreeMap<String, Option<User>>,
 }
 
@@ -162,7 +174,7 @@ impl KeyedState {
     /// Replaces everything in `current` with the full content of the store (`(key, value)`
     /// for every key under [`PREFIX`]), as one batch: keys not listed are deleted. What a
     /// resync does.
-    pub fn replace_all(&mut self, current: State, all: Vec<(String, Vec<u8>)>) -> Applied {
+    pub fn replace_all(&mut self, current: Objects, all: Vec<(String, Vec<u8>)>) -> Applied {
         self.lend(current);
         let listed: BTreeSet<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
         let mut gone: Vec<Change> = Vec::new();
@@ -186,12 +198,16 @@ impl KeyedState {
     }
 
     /// Applies a batch of changes (one etcd watch response, in order) to `current`.
-    pub fn apply(&mut self, current: State, changes: impl IntoIterator<Item = Change>) -> Applied {
+    pub fn apply(
+        &mut self,
+        current: Objects,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Applied {
         self.lend(current);
         self.apply_lent(changes)
     }
 
-    fn lend(&mut self, current: State) {
+    fn lend(&mut self, current: Objects) {
         self.vms = current.vms.into_iter().map(|vm| (vm.id, vm)).collect();
         self.users = current
             .users
@@ -215,7 +231,7 @@ impl KeyedState {
                 .users
                 .iter()
                 .any(|(id, old)| self.users.get(id) != old.as_ref());
-        applied.state = State {
+        applied.objects = Objects {
             users: std::mem::take(&mut self.users).into_values().collect(),
             vms: std::mem::take(&mut self.vms).into_values().collect(),
         };
@@ -250,14 +266,14 @@ impl KeyedState {
                 };
                 match parse_vm_value(&id, &value) {
                     Ok(vm) => {
-                        self.vms.insert(id, vm);
+                        self.vms.insert(id, Arc::new(vm));
                         self.quarantined.remove(&id);
                     }
                     Err((errors, fenced)) => {
                         let serving = match (self.vms.entry(id), fenced) {
                             (Entry::Occupied(_), _) => Serving::LastGood,
                             (Entry::Vacant(slot), Some(vm)) => {
-                                slot.insert(*vm);
+                                slot.insert(Arc::new(*vm));
                                 Serving::Fenced
                             }
                             (Entry::Vacant(_), None) => Serving::Nothing,
@@ -515,19 +531,19 @@ mod tests {
     #[derive(Default)]
     struct Store {
         keyed: KeyedState,
-        state: State,
+        state: Objects,
     }
 
     impl Store {
         fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> Applied {
             let mut applied = self.keyed.apply(std::mem::take(&mut self.state), changes);
-            self.state = std::mem::take(&mut applied.state);
+            self.state = std::mem::take(&mut applied.objects);
             applied
         }
 
         fn replace_all(&mut self, all: Vec<(String, Vec<u8>)>) -> Applied {
             let mut applied = self.keyed.replace_all(std::mem::take(&mut self.state), all);
-            self.state = std::mem::take(&mut applied.state);
+            self.state = std::mem::take(&mut applied.objects);
             applied
         }
 

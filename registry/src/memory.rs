@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
-use vmedge_model::{State, VmId};
+use vmedge_model::{State, User, Vm, VmId};
 
 use crate::index::Snapshot;
 use crate::{Registry, Status};
@@ -20,7 +20,17 @@ pub struct MemoryRegistry {
 impl MemoryRegistry {
     /// A registry serving `state` as generation 1. `source` says where states come from, for logs.
     pub fn new(source: impl Into<String>, state: State) -> MemoryRegistry {
-        let snapshot = Arc::new(Snapshot::build(state, 1));
+        let vms = state.vms.into_iter().map(Arc::new).collect();
+        MemoryRegistry::from_parts(source, vms, state.users)
+    }
+
+    /// [`MemoryRegistry::new`] from VMs that may be shared with another snapshot.
+    pub fn from_parts(
+        source: impl Into<String>,
+        vms: Vec<Arc<Vm>>,
+        users: Vec<User>,
+    ) -> MemoryRegistry {
+        let snapshot = Arc::new(Snapshot::from_parts(vms, users, 1));
         let status = Status::new(source.into(), &snapshot);
         MemoryRegistry {
             current: ArcSwap::new(snapshot.clone()),
@@ -37,8 +47,20 @@ impl MemoryRegistry {
     /// [`MemoryRegistry::publish`] for a state in which `quarantined` VMs stand in for
     /// invalid objects.
     pub fn publish_partial(&self, state: State, quarantined: Vec<VmId>) -> Arc<Snapshot> {
+        let vms = state.vms.into_iter().map(Arc::new).collect();
+        self.publish_parts(vms, state.users, quarantined)
+    }
+
+    /// [`MemoryRegistry::publish_partial`] from VMs that may be shared with the snapshot
+    /// in force (only what changed is new).
+    pub fn publish_parts(
+        &self,
+        vms: Vec<Arc<Vm>>,
+        users: Vec<User>,
+        quarantined: Vec<VmId>,
+    ) -> Arc<Snapshot> {
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        let snapshot = Arc::new(Snapshot::build(state, status.generation + 1));
+        let snapshot = Arc::new(Snapshot::from_parts(vms, users, status.generation + 1));
         status.published(&snapshot);
         status.quarantined = quarantined;
         self.current.store(snapshot.clone());

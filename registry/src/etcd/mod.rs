@@ -25,11 +25,10 @@ use std::time::Duration;
 use arc_swap::Guard;
 use etcd_client::{EventType, WatchOptions, WatchResponse};
 use tokio::sync::watch;
-use vmedge_model::State;
 
 use crate::errors::RegistryError;
 use crate::index::Snapshot;
-use crate::keyed::{Applied, Change, KeyedState, PREFIX};
+use crate::keyed::{Applied, Change, KeyedState, Objects, PREFIX};
 use crate::memory::MemoryRegistry;
 use crate::{Registry, Status};
 
@@ -61,9 +60,10 @@ impl EtcdRegistry {
         let source = format!("etcd:{}", endpoints.join(","));
         let (_, all, revision) = first_answer(&endpoints).await?;
         let mut keys = KeyedState::new();
-        let mut applied = keys.replace_all(State::default(), all);
-        let (vms, users) = (applied.state.vms.len(), applied.state.users.len());
-        let cell = MemoryRegistry::new(source, std::mem::take(&mut applied.state));
+        let mut applied = keys.replace_all(Objects::default(), all);
+        let Objects { vms, users } = std::mem::take(&mut applied.objects);
+        let counts = (vms.len(), users.len());
+        let cell = MemoryRegistry::from_parts(source, vms, users);
         let registry = EtcdRegistry {
             endpoints,
             cell,
@@ -72,7 +72,12 @@ impl EtcdRegistry {
         };
         registry.record(&applied);
         registry.cell.set_quarantined(registry.keys().quarantined());
-        tracing::info!(revision, vms, users, "state loaded from etcd");
+        tracing::info!(
+            revision,
+            vms = counts.0,
+            users = counts.1,
+            "state loaded from etcd"
+        );
         Ok(registry)
     }
 
@@ -116,11 +121,11 @@ impl EtcdRegistry {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The objects in force, as a state a batch can change (a copy: the snapshot in force
-    /// keeps serving while the batch is applied).
-    fn current(&self) -> State {
+    /// The objects in force, for a batch to change: the VMs shared with the snapshot in
+    /// force (which keeps serving meanwhile), the users copied.
+    fn current(&self) -> Objects {
         let snapshot = self.cell.load();
-        State {
+        Objects {
             vms: snapshot.vms().to_vec(),
             users: snapshot.users().to_vec(),
         }
@@ -242,7 +247,8 @@ impl EtcdRegistry {
         self.record(&applied);
         if applied.changed {
             let quarantined = self.keys().quarantined();
-            let snapshot = self.cell.publish_partial(applied.state, quarantined);
+            let Objects { vms, users } = applied.objects;
+            let snapshot = self.cell.publish_parts(vms, users, quarantined);
             tracing::debug!(
                 revision,
                 generation = snapshot.generation(),
