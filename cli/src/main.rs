@@ -6,12 +6,14 @@
 //! - `config.rs`: the TOML config, every key with a default for `vmedge up`.
 //! - `logging.rs`: tracing to stderr, text or JSON.
 //! - `admin.rs`: the `/metrics` and `/healthz` endpoint of each server.
+//! - `memory.rs`: free memory handed back to the system after each state change.
 //! - `cmd/`: one file per subcommand.
 
 mod admin;
 mod cmd;
 mod config;
 mod logging;
+mod memory;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

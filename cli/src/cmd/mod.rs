@@ -48,8 +48,12 @@ impl Source {
         self.registry.clone()
     }
 
-    /// Starts following the source (a file's changes, etcd's watch).
+    /// Starts following the source (a file's changes, etcd's watch), and trimming the
+    /// heap after each change (see `memory.rs`).
     pub fn watch(&self) -> Result<Following, RegistryError> {
+        if let Err(e) = crate::memory::trim_after_changes(self.registry.subscribe()) {
+            tracing::warn!(error = %e, "cannot start the heap trimmer; memory freed by state changes may stay resident");
+        }
         match &self.follow {
             Follow::File(file) => file.watch().map(Following::File),
             Follow::Etcd(etcd) => etcd.watch().map(Following::Etcd),
