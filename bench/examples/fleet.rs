@@ -227,8 +227,10 @@ fn wait_vms(ns: &Netns, n: u32) {
     }
 }
 
-/// The resident set once it stops moving (allocator settling after the load).
+/// The resident set once it stops moving (allocator settling after the load; the edge
+/// trims its heap 2 s after a change).
 fn settled_rss(pid: u32) -> u64 {
+    std::thread::sleep(Duration::from_secs(3));
     let mut last = rss_kb(pid);
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(500));
