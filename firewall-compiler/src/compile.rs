@@ -256,12 +256,14 @@ fn element_line<'e>(
     if elements.peek().is_none() {
         return;
     }
-    let _ = write!(out.text, "{verb} element inet {} {set} {{ ", names::TABLE);
+    let _ = write!(out.text, "{verb} element inet {} ", names::TABLE);
+    set.push_name(&mut out.text);
+    out.text.push_str(" { ");
     for (i, element) in elements.enumerate() {
         if i > 0 {
             out.text.push_str(", ");
         }
-        let _ = write!(out.text, "{element}");
+        element.push_to(&mut out.text);
     }
     out.text.push_str(" }\n");
 }

@@ -12,6 +12,7 @@
 //! - [`explain`]: which rule (or default) decides a packet, evaluated in process.
 //! - [`backend`]: the [`FirewallBackend`] seam and [`NftBackend`] (`nft -f -`).
 //! - [`errors`]: [`FirewallError`], with nft's own message and the line it points at.
+//! - `text`: addresses and numbers written into the ruleset text without `fmt`.
 //!
 //! - [`netlink`]: an [`Update`] as one nf_tables batch, sent straight to the kernel.
 //!
@@ -29,6 +30,7 @@ pub mod explain;
 pub mod names;
 pub mod netlink;
 pub mod section;
+mod text;
 
 pub use compile::rule_counts;
 

@@ -54,7 +54,26 @@ pub fn vm_chain(vm: &VmId, direction: Direction) -> String {
 /// and the number of sets does not grow with the number of VMs (the kernel finds a set
 /// by name with a linear walk; nft's userspace cache grows with them too).
 pub fn block_set(direction: Direction, block: usize, kind: &str) -> String {
-    format!("{}_b{block}_{kind}", direction.prefix())
+    let mut name = String::new();
+    push_block_set(&mut name, direction, block, kind, "");
+    name
+}
+
+/// [`block_set`] written onto `out`, the kind in two parts (`tcp`, `6`): the text of a
+/// full sync names a block set once per VM, so this allocates nothing.
+pub(crate) fn push_block_set(
+    out: &mut String,
+    direction: Direction,
+    block: usize,
+    kind: &str,
+    family: &str,
+) {
+    out.push_str(direction.prefix());
+    out.push_str("_b");
+    crate::text::push_u32(out, u32::try_from(block).unwrap_or(u32::MAX));
+    out.push('_');
+    out.push_str(kind);
+    out.push_str(family);
 }
 
 /// The two dynamic sets (IPv4, IPv6) the DNS gate fills for an egress fqdn pattern of a VM.

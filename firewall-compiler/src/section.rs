@@ -18,6 +18,7 @@ use vmedge_model::{Action, DomainPattern, Ports, Protocol, Vm, VmId};
 use crate::canonical::{canonicalize, Family, PortRange, L4};
 use crate::compile::CompileOptions;
 use crate::names::{self, Direction};
+use crate::text;
 
 /// How packets find a VM's chains: by its tap, or (no tap in the state) by its address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,18 +79,23 @@ impl BlockSet {
     }
 }
 
-impl fmt::Display for BlockSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl BlockSet {
+    /// Writes its name onto `out` (what `Display` writes, without allocating).
+    pub(crate) fn push_name(&self, out: &mut String) {
         let kind = match self.l4 {
             Some(L4::Tcp) => "tcp",
             Some(L4::Udp) => "udp",
             None => "any",
         };
-        let name = names::block_set(
-            self.direction,
-            usize::from(self.block),
-            &format!("{kind}{}", suffix(self.family)),
-        );
+        let block = usize::from(self.block);
+        names::push_block_set(out, self.direction, block, kind, suffix(self.family));
+    }
+}
+
+impl fmt::Display for BlockSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut name = String::new();
+        self.push_name(&mut name);
         f.write_str(&name)
     }
 }
@@ -103,6 +109,23 @@ pub struct Element {
     pub far: IpNet,
     /// Destination ports, for tcp and udp sets.
     pub ports: Option<PortRange>,
+}
+
+impl Element {
+    /// Writes it onto `out` (what `Display` writes, without going through `fmt`).
+    pub(crate) fn push_to(&self, out: &mut String) {
+        text::push_ip(out, self.own);
+        out.push_str(" . ");
+        text::push_net(out, self.far);
+        if let Some(r) = self.ports {
+            out.push_str(" . ");
+            text::push_u32(out, u32::from(r.first));
+            if r.first != r.last {
+                out.push('-');
+                text::push_u32(out, u32::from(r.last));
+            }
+        }
+    }
 }
 
 impl fmt::Display for Element {
