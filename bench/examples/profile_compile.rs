@@ -26,9 +26,10 @@ fn main() {
         let refs: Vec<_> = sections.iter().collect();
         let ruleset = vmedge_firewall::assemble("w", &refs, &options);
         println!(
-            "{vms} VMs: sections {compiled:?}, text {:?} ({} bytes)",
+            "{vms} VMs: sections {compiled:?}, text {:?} ({} bytes, capacity {})",
             t.elapsed(),
-            ruleset.text.len()
+            ruleset.text.len(),
+            ruleset.text.capacity()
         );
     }
 }
