@@ -44,10 +44,12 @@ impl std::str::FromStr for RegistrySource {
         }
         if let Some(urls) = s.strip_prefix("etcd:") {
             let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
-            if let Some(bad) = urls
-                .iter()
-                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
-            {
+            if let Some(tls) = urls.iter().find(|u| u.starts_with("https://")) {
+                return Err(format!(
+                    "{tls:?}: TLS to etcd is not supported yet: use http:// on a private network, or a local `etcd grpc-proxy` that speaks TLS to the cluster"
+                ));
+            }
+            if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
                 return Err(format!(
                     "{bad:?} is not an etcd endpoint URL (http://host:2379)"
                 ));
@@ -490,6 +492,16 @@ mod tests {
                 "registry = \"ftp:x\"\n",
                 "line 1",
                 "expected \"file:PATH\" or \"etcd:URL[,URL...]\"",
+            ),
+            (
+                "registry = \"etcd:http://a:2379,https://b:2379\"\n",
+                "line 1",
+                "TLS to etcd is not supported yet",
+            ),
+            (
+                "registry = \"etcd:a:2379\"\n",
+                "line 1",
+                "\"a:2379\" is not an etcd endpoint URL",
             ),
             (
                 "\n[edge]\nwake_timeout = \"soon\"\n",

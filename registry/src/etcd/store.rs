@@ -29,6 +29,12 @@ pub type Keys = Vec<(String, Vec<u8>)>;
 /// A client for one member. Reads are linearizable and the watch requires a leader: a
 /// member cut off from its quorum fails rather than serving old data.
 pub async fn connect(endpoint: &str) -> Result<Client, etcd_client::Error> {
+    if endpoint.starts_with("https://") {
+        // Built without the TLS features: the client would fail later, less clearly.
+        return Err(etcd_client::Error::InvalidArgs(
+            "TLS to etcd is not supported yet (use http://, or a local etcd grpc-proxy)".into(),
+        ));
+    }
     let options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(KEEPALIVE.0, KEEPALIVE.1)
