@@ -1,6 +1,6 @@
 //! Compiles a synthetic worker over and over, for `perf record`: the sections (policy to
 //! typed rules and elements) and the text of a full transaction, timed apart.
-//! `cargo run --release -p vmedge-bench --example profile_compile [VMS] [ROUNDS]`
+//! `cargo run --release -p vmedge-bench --example profile_compile [VMS] [ROUNDS] [distinct]`
 #![allow(clippy::unwrap_used)]
 
 use std::time::Instant;
@@ -10,16 +10,27 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse::<u32>().ok());
     let (vms, rounds) = (args.next().unwrap_or(10_000), args.next().unwrap_or(5));
-    let state = vmedge_model::state_from_value(&vmedge_bench::firewall_state(vms, 20, 0))
-        .unwrap()
-        .value;
+    // `distinct`: no two VMs share a policy (one rule's ports differ), so no canonical
+    // form is reused; by default every VM has the same policy, as a template would give.
+    let distinct = std::env::args().any(|a| a == "distinct");
+    let mut doc = vmedge_bench::firewall_state(vms, 20, 0);
+    if distinct {
+        for (i, vm) in doc["vms"].as_array_mut().unwrap().iter_mut().enumerate() {
+            for direction in ["ingress", "egress"] {
+                vm["firewall"][direction]["rules"][0]["ports"] =
+                    serde_json::json!(format!("1000-{}", 1005 + i));
+            }
+        }
+    }
+    let state = vmedge_model::state_from_value(&doc).unwrap().value;
     let options = vmedge_firewall::CompileOptions::new(vec!["fd5e:ed00:ff::53".parse().unwrap()]);
     for _ in 0..rounds {
         let t = Instant::now();
+        let mut canonicals = vmedge_firewall::Canonicals::default();
         let sections: Vec<_> = state
             .vms
             .iter()
-            .map(|vm| vmedge_firewall::compile_vm(vm, &options))
+            .map(|vm| vmedge_firewall::compile_vm_with(vm, &options, &mut canonicals))
             .collect();
         let compiled = t.elapsed();
         let t = Instant::now();

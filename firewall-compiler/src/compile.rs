@@ -22,7 +22,9 @@ use vmedge_model::{Vm, VmId};
 use crate::canonical::Family;
 use crate::names;
 use crate::section::addr_type;
-pub use crate::section::{compile_vm, BlockSet, Dispatch, Element, VmRule, VmSection};
+pub use crate::section::{
+    compile_vm, compile_vm_with, BlockSet, Canonicals, Dispatch, Element, VmRule, VmSection,
+};
 
 struct Out {
     text: String,
@@ -150,7 +152,11 @@ pub fn compile<'a>(
     vms: impl IntoIterator<Item = &'a Vm>,
     options: &CompileOptions,
 ) -> Ruleset {
-    let mut sections: Vec<VmSection> = vms.into_iter().map(|vm| compile_vm(vm, options)).collect();
+    let mut canonicals = Canonicals::default();
+    let mut sections: Vec<VmSection> = vms
+        .into_iter()
+        .map(|vm| compile_vm_with(vm, options, &mut canonicals))
+        .collect();
     sections.sort_by_key(|s| s.vm);
     let sections: Vec<&VmSection> = sections.iter().collect();
     assemble(worker, &sections, options)
@@ -499,6 +505,18 @@ mod tests {
         vms.iter()
             .map(|v| (v.id, compile_vm(v, &options)))
             .collect()
+    }
+
+    #[test]
+    fn vms_compiled_together_share_canonical_forms_and_get_what_they_get_alone() {
+        let vms = vms(include_str!("../../examples/state.json"));
+        let options = CompileOptions::new(vec!["fd5e:ed00::53".parse().unwrap()]);
+        let mut canonicals = Canonicals::default();
+        // Twice over: the second round is all from the cache.
+        for vm in vms.iter().chain(&vms) {
+            let shared = compile_vm_with(vm, &options, &mut canonicals);
+            assert_eq!(shared, compile_vm(vm, &options), "{}", vm.id);
+        }
     }
 
     const TWO: &str = r#"{"vms": [

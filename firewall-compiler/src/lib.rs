@@ -39,4 +39,7 @@ pub use compile::{assemble, compile, update, CompileOptions, Op, Ruleset, Update
 pub use errors::FirewallError;
 pub use explain::{explain, Explanation, Packet, Reason};
 pub use names::{fqdn_sets, Direction, FqdnSets};
-pub use section::{compile_vm, fqdn_targets, BlockSet, Dispatch, Element, VmRule, VmSection};
+pub use section::{
+    compile_vm, compile_vm_with, fqdn_targets, BlockSet, Canonicals, Dispatch, Element, VmRule,
+    VmSection,
+};

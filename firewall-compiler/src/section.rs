@@ -11,11 +11,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
+use foldhash::HashMap;
 use ipnet::IpNet;
-use vmedge_model::{Action, DomainPattern, Ports, Protocol, Vm, VmId};
+use vmedge_model::{
+    Action, DirectionPolicy, DomainPattern, FirewallPolicy, Ports, Protocol, Vm, VmId,
+};
 
-use crate::canonical::{canonicalize, Family, PortRange, L4};
+use crate::canonical::{canonicalize, CanonicalDirection, Family, PortRange, L4};
 use crate::compile::CompileOptions;
 use crate::names::{self, Direction};
 use crate::text;
@@ -393,22 +397,56 @@ pub fn fqdn_targets(vm: &Vm) -> Vec<(DomainPattern, names::FqdnSets)> {
     targets
 }
 
+/// Canonical forms already worked out in one compile, by the (effective) direction
+/// policy they came from: VMs that share a policy (a template's, the default with the
+/// same services) share its canonical form instead of each working it out again.
+#[derive(Default)]
+pub struct Canonicals(HashMap<DirectionPolicy, Arc<CanonicalDirection>>);
+
+/// Policies remembered at most: enough for a fleet's templates. Where every VM has its
+/// own policy, remembering them all only costs (memory, and a slower text after it).
+const CANONICALS_KEPT: usize = 1024;
+
+impl Canonicals {
+    /// The canonical form of `policy` (taken, not copied, when it is new).
+    fn of(&mut self, policy: DirectionPolicy) -> Arc<CanonicalDirection> {
+        if let Some(canonical) = self.0.get(&policy) {
+            return Arc::clone(canonical);
+        }
+        let canonical = Arc::new(canonicalize(&policy));
+        if self.0.len() < CANONICALS_KEPT {
+            self.0.insert(policy, Arc::clone(&canonical));
+        }
+        canonical
+    }
+}
+
 /// One VM's chains, sets and rules.
 pub fn compile_vm(vm: &Vm, options: &CompileOptions) -> VmSection {
-    let policy = vm.effective_policy();
+    compile_vm_with(vm, options, &mut Canonicals::default())
+}
+
+/// [`compile_vm`] for one of many VMs compiled together, sharing `canonicals`.
+pub fn compile_vm_with(
+    vm: &Vm,
+    options: &CompileOptions,
+    canonicals: &mut Canonicals,
+) -> VmSection {
+    let FirewallPolicy {
+        ingress,
+        egress,
+        dns,
+    } = vm.effective_policy();
     let mut section = VmSection {
         vm: vm.id,
         org: vm.org_id.clone(),
         dispatch: Dispatch::of(vm),
         ingress: Vec::new(),
-        egress: egress_guards(vm, options, policy.dns.block_bypass),
+        egress: egress_guards(vm, options, dns.block_bypass),
         elements: BTreeMap::new(),
     };
-    for direction in [Direction::Ingress, Direction::Egress] {
-        let canonical = canonicalize(match direction {
-            Direction::Ingress => &policy.ingress,
-            Direction::Egress => &policy.egress,
-        });
+    for (direction, rules) in [(Direction::Ingress, ingress), (Direction::Egress, egress)] {
+        let canonical = canonicals.of(rules);
         // The VM's own address of each family: the key of its elements in shared sets.
         // Without an IPv4 address in the state, IPv4 cannot be attributed to the VM.
         let own = |family: Family| -> Option<IpAddr> {

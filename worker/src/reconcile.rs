@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use vmedge_firewall::compile::FORWARD_RULES;
 use vmedge_firewall::{
-    assemble, compile_vm, names, update, CompileOptions, FirewallBackend, FirewallError, VmSection,
+    assemble, compile_vm_with, names, update, Canonicals, CompileOptions, FirewallBackend,
+    FirewallError, VmSection,
 };
 use vmedge_model::{Vm, VmId};
 use vmedge_registry::Snapshot;
@@ -69,6 +70,7 @@ impl<B: FirewallBackend> Reconciler<B> {
         let started = Instant::now();
         let mut next: BTreeMap<VmId, Arc<VmSection>> = BTreeMap::new();
         let mut recompiled: Vec<&Vm> = Vec::new();
+        let mut canonicals = Canonicals::default();
         for vm in snapshot.worker_vms(&self.worker) {
             let reuse = self
                 .compiled_from
@@ -79,7 +81,7 @@ impl<B: FirewallBackend> Reconciler<B> {
                 Some(section) => section,
                 None => {
                     recompiled.push(vm);
-                    Arc::new(compile_vm(vm, &self.options))
+                    Arc::new(compile_vm_with(vm, &self.options, &mut canonicals))
                 }
             };
             next.insert(vm.id, section);
