@@ -440,7 +440,11 @@ impl Gate {
         message.metadata = Metadata::response_from_request(&request.metadata);
         message.metadata.recursion_available = true;
         message.metadata.response_code = reply.rcode;
-        message.add_queries(request.queries.iter().cloned());
+        // The question is repeated back, except to a malformed request (say 19 questions
+        // where one is allowed), which would have its bulk echoed.
+        if reply.rcode != ResponseCode::FormErr {
+            message.add_queries(request.queries.iter().cloned());
+        }
         message.insert_answers(reply.answers);
         message.insert_authorities(reply.authorities);
         if request.edns.is_some() {
@@ -461,7 +465,15 @@ impl Gate {
             return Some(bytes);
         }
         self.metrics.truncated.inc();
-        message.truncate().to_vec().ok()
+        let truncated = message.truncate();
+        let bytes = truncated.to_vec().ok()?;
+        if bytes.len() <= usize::from(limit) {
+            return Some(bytes);
+        }
+        // Even the question does not fit: the header alone, TC set (found by fuzz/dns_query).
+        let mut header = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+        header.metadata = truncated.metadata;
+        header.to_vec().ok()
     }
 }
 
@@ -561,5 +573,72 @@ pub fn is_private(addr: IpAddr) -> bool {
                 || (first & 0xfe00) == 0xfc00 // fc00::/7
                 || (first & 0xffc0) == 0xfe80 // fe80::/10
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use hickory_proto::op::Query;
+
+    use super::*;
+    use crate::sets::NoFirewall;
+
+    /// A gate for the example state's worker-1, and the address of one of its VMs.
+    fn gate() -> (Gate, IpAddr) {
+        let state = vmedge_model::parse_state(include_str!("../../examples/state.json"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .value;
+        let vm = state
+            .vms
+            .iter()
+            .find(|vm| vm.worker == "worker-1")
+            .map(|vm| vm.public_ipv6);
+        let gate = Gate::new(
+            GateConfig::default(),
+            Arc::new(NoFirewall),
+            Metrics::unregistered(),
+        );
+        gate.update(Arc::new(Snapshot::build(state, 1)));
+        (
+            gate,
+            IpAddr::V6(vm.unwrap_or_else(|| panic!("no VM on worker-1"))),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_answer_never_outgrows_udp_whatever_the_request_holds() {
+        let (gate, vm) = gate();
+        // 19 questions of 60-odd bytes: one question is allowed, so FORMERR, and the
+        // request's bulk must not come back (fuzz/dns_query found a 1.3 kB answer).
+        let mut request = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        for i in 0..19 {
+            let name = format!("{i}{}.x{i}.test.", "a".repeat(55));
+            request.add_query(Query::query(
+                Name::from_str(&name).unwrap_or_else(|e| panic!("{e}")),
+                RecordType::A,
+            ));
+        }
+        let bytes = request.to_vec().unwrap_or_else(|e| panic!("{e}"));
+        assert!(bytes.len() > 1232);
+        let answer = gate.handle(vm, &bytes, Transport::Udp).await;
+        let answer = answer.unwrap_or_else(|| panic!("no answer"));
+        assert!(answer.len() <= 512, "{} bytes", answer.len());
+        let answer = Message::from_vec(&answer).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer.metadata.id, 0x1234);
+        assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+        assert!(answer.queries.is_empty());
+
+        // Not a query (NOTIMP keeps the question): when even the question does not fit,
+        // the header alone goes back, truncated.
+        request.metadata.op_code = OpCode::Status;
+        let bytes = request.to_vec().unwrap_or_else(|e| panic!("{e}"));
+        let answer = gate.handle(vm, &bytes, Transport::Udp).await;
+        let answer = answer.unwrap_or_else(|| panic!("no answer"));
+        assert!(answer.len() <= 512, "{} bytes", answer.len());
+        let answer = Message::from_vec(&answer).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer.metadata.response_code, ResponseCode::NotImp);
+        assert!(answer.metadata.truncation && answer.queries.is_empty());
     }
 }
