@@ -26,12 +26,7 @@ fn main() {
     let options = vmedge_firewall::CompileOptions::new(vec!["fd5e:ed00:ff::53".parse().unwrap()]);
     for _ in 0..rounds {
         let t = Instant::now();
-        let mut canonicals = vmedge_firewall::Canonicals::default();
-        let sections: Vec<_> = state
-            .vms
-            .iter()
-            .map(|vm| vmedge_firewall::compile_vm_with(vm, &options, &mut canonicals))
-            .collect();
+        let sections = vmedge_firewall::compile_sections(&state.vms, &options);
         let compiled = t.elapsed();
         let t = Instant::now();
         let refs: Vec<_> = sections.iter().collect();

@@ -35,7 +35,9 @@ mod text;
 pub use compile::rule_counts;
 
 pub use backend::{FirewallBackend, LiveTable, NftBackend};
-pub use compile::{assemble, compile, update, CompileOptions, Op, Ruleset, Update};
+pub use compile::{
+    assemble, compile, compile_sections, update, CompileOptions, Op, Ruleset, Update,
+};
 pub use errors::FirewallError;
 pub use explain::{explain, Explanation, Packet, Reason};
 pub use names::{fqdn_sets, Direction, FqdnSets};
