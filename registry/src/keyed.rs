@@ -7,12 +7,14 @@
 //! objects (a VM address, tap or IPv4 address, a user's key: each belongs to one object)
 //! are checked after a whole batch is in, so that a transaction that moves an address
 //! from one VM to another is taken as one; a key whose change breaks them is refused.
-//! No I/O here: the etcd source feeds it, the unit tests below drive it directly.
+//! The objects themselves are the caller's (the snapshot in force), lent to each batch
+//! and given back changed, so a registry holds them once; a VM's `Arc` is shared with
+//! the snapshot unless the batch changed it. No I/O here: the etcd source feeds it, the
+//! unit tests below drive it directly.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-
 use std::sync::Arc;
 
 use vmedge_model::{parse_user, parse_vm_checked, ModelError, User, Vm, VmId};
@@ -161,7 +163,7 @@ struct Before {
 }
 
 impl KeyedState {
-    /// An empty state.
+    /// No key refused yet.
     pub fn new() -> KeyedState {
         KeyedState::default()
     }
