@@ -40,8 +40,7 @@ pub fn push(file: &Path, endpoints: Vec<String>) -> anyhow::Result<ExitCode> {
     let elements = |name: &str| {
         doc.get(name)
             .and_then(|v| v.as_array())
-            .cloned()
-            .unwrap_or_default()
+            .map_or(&[][..], Vec::as_slice)
     };
     for (user, raw) in state.users.iter().zip(elements("users")) {
         objects.insert(user_key(&user.id), raw.to_string().into_bytes());
