@@ -77,7 +77,7 @@ impl RegistryGauges {
         self.users.set(status.users as i64);
         self.refusals.set(status.refusals as i64);
         self.quarantined.set(status.quarantined.len() as i64);
-        self.source_up.set(i64::from(status.source_up));
+        self.source_up.set(i64::from(status.source_up()));
         self.resyncs.set(status.resyncs as i64);
     }
 }

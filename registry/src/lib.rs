@@ -74,10 +74,8 @@ pub struct Status {
     /// VMs of the state in force whose own object was invalid: each is served as its
     /// last good version, fenced, or not at all (see [`vmedge_model::StandIn`]).
     pub quarantined: Vec<vmedge_model::VmId>,
-    /// The source answers (etcd: a member is followed). While it does not, the snapshot
-    /// in force keeps serving.
-    pub source_up: bool,
-    /// Why the source last failed, while it is down.
+    /// Why the source does not answer (etcd: no member is followed), while it does not;
+    /// the snapshot in force keeps serving meanwhile. See [`Status::source_up`].
     pub source_error: Option<String>,
     /// Full re-reads of the source after a lost watch.
     pub resyncs: u64,
@@ -94,12 +92,16 @@ impl Status {
             refusals: 0,
             last_refusal: None,
             quarantined: Vec::new(),
-            source_up: true,
             source_error: None,
             resyncs: 0,
         };
         status.published(snapshot);
         status
+    }
+
+    /// The source answers.
+    pub fn source_up(&self) -> bool {
+        self.source_error.is_none()
     }
 
     fn published(&mut self, snapshot: &Snapshot) {

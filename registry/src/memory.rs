@@ -77,15 +77,13 @@ impl MemoryRegistry {
     /// Records that the source stopped answering; true when it was up until now.
     pub fn set_source_down(&self, why: String) -> bool {
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        status.source_error = Some(why);
-        std::mem::replace(&mut status.source_up, false)
+        status.source_error.replace(why).is_none()
     }
 
     /// Records that the source answers again; true when it was down until now.
     pub fn set_source_up(&self) -> bool {
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        status.source_error = None;
-        !std::mem::replace(&mut status.source_up, true)
+        status.source_error.take().is_some()
     }
 
     /// Records a full re-read of the source.

@@ -58,7 +58,7 @@ fn a_watch_that_starts_behind_a_compaction_resyncs_in_full() {
     });
     let status = registry.status();
     assert_eq!(status.resyncs, 1, "{status:?}");
-    assert!(status.source_up, "{status:?}");
+    assert!(status.source_up(), "{status:?}");
     assert_eq!(registry.revision(), revision as i64);
 }
 

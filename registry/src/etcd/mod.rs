@@ -6,7 +6,7 @@
 //! ends the session; the next one connects to the next endpoint and resyncs in full,
 //! which also catches whatever changed while nobody was listening. While no member
 //! answers, the last good snapshot keeps serving and [`Registry::status`] says so
-//! (`source_up` false, the error), and the outage is logged once, and its end.
+//! (`source_error`), and the outage is logged once, and its end.
 //!
 //! One endpoint at a time, in turn, rather than a balanced channel: a dead member is
 //! found by a refused connect or a missed HTTP/2 keepalive, and the next one is tried
