@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmedge_tests::edge::{backend, curl, edge, http_get, start_vmedge};
 use vmedge_tests::etcd::EtcdCluster;
+use vmedge_tests::eventually;
 use vmedge_tests::gate::metric;
 use vmedge_tests::peers::tcp_open;
 use vmedge_tests::{Lab, Netns};
@@ -19,13 +20,8 @@ const HTTP: &str = "127.0.0.1:8080";
 const EDGE_ADMIN: &str = "127.0.0.1:9180";
 const WORKER_ADMIN: &str = "127.0.0.1:9183";
 
-fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// The VM object with these services (name, port).
 fn vm(lab: &Lab, services: &[(&str, u16)]) -> Value {
@@ -147,17 +143,19 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
     // Does the firewall let the client VM connect to 8000 and (`open`) to 8081?
     let connects = |port| tcp_open(&client.ns, None, to(port)).is_some();
     let firewall = |open: bool| connects(8000) && connects(8081) == open;
-    eventually("the worker's first sync from etcd", || firewall(false));
+    eventually("the worker's first sync from etcd", WAIT, || {
+        firewall(false)
+    });
     assert_eq!(status_of(&lab.worker, "web"), "200");
     assert_eq!(status_of(&lab.worker, "api"), "404");
 
     // A change made in etcd reaches both.
     let key = format!("/vmedge/vms/{VM}");
     etcd.put(&key, &vm(&lab, &[("web", 8000), ("api", 8081)]).to_string());
-    eventually("the edge routes the new service", || {
+    eventually("the edge routes the new service", WAIT, || {
         status_of(&lab.worker, "api") == "200"
     });
-    eventually("the worker lets the new service's port in", || {
+    eventually("the worker lets the new service's port in", WAIT, || {
         firewall(true)
     });
 
@@ -165,7 +163,7 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
     let mut invalid = vm(&lab, &[("web", 8000)]);
     invalid["services"][0]["port"] = json!(70000);
     etcd.put(&key, &invalid.to_string());
-    eventually("the edge quarantines the refused key", || {
+    eventually("the edge quarantines the refused key", WAIT, || {
         gauge(&lab.worker, EDGE_ADMIN, "vmedge_registry_quarantined_vms") == 1.0
     });
     assert_eq!(status_of(&lab.worker, "api"), "200");
@@ -207,10 +205,10 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
         .map(|(n, _)| n.trim().parse().unwrap())
         .unwrap();
     assert!(requests > 100, "{report}");
-    eventually("the edge drops the removed service", || {
+    eventually("the edge drops the removed service", WAIT, || {
         status_of(&lab.worker, "api") == "404"
     });
-    eventually("the worker closes the removed service's port", || {
+    eventually("the worker closes the removed service's port", WAIT, || {
         firewall(false)
     });
     assert_eq!(
@@ -223,7 +221,7 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
         etcd.kill_member(i);
     }
     for (name, addr) in [("edge", EDGE_ADMIN), ("worker", WORKER_ADMIN)] {
-        eventually(&format!("the {name} says etcd is down"), || {
+        eventually(&format!("the {name} says etcd is down"), WAIT, || {
             gauge(&lab.worker, addr, "vmedge_registry_source_up") == 0.0
         });
     }
@@ -244,10 +242,10 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
     }
     etcd.wait_leader();
     etcd.put(&key, &vm(&lab, &[("web", 8000), ("api", 8081)]).to_string());
-    eventually("the edge follows etcd again", || {
+    eventually("the edge follows etcd again", WAIT, || {
         status_of(&lab.worker, "api") == "200"
     });
-    eventually("the worker follows etcd again", || firewall(true));
+    eventually("the worker follows etcd again", WAIT, || firewall(true));
     for addr in [EDGE_ADMIN, WORKER_ADMIN] {
         let metrics = admin(&lab.worker, addr, "/metrics");
         assert_eq!(

@@ -4,8 +4,9 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use vmedge_tests::eventually;
 use vmedge_tests::peers::{tcp_passes, EchoServers};
 use vmedge_tests::{Lab, Netns};
 
@@ -21,13 +22,8 @@ fn http_get(ns: &Netns, path: &str) -> String {
     text
 }
 
-fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn the_worker_agent_enforces_the_state_and_reports_metrics() {
@@ -68,7 +64,7 @@ fn the_worker_agent_enforces_the_state_and_reports_metrics() {
         .unwrap();
 
     let to = |port| SocketAddr::new(IpAddr::V6(a.ipv6), port);
-    eventually("the agent's first sync", || {
+    eventually("the agent's first sync", WAIT, || {
         tcp_passes(&net.ns, None, to(8080)) && !tcp_passes(&net.ns, None, to(8081))
     });
     let metrics = http_get(&lab.worker, "/metrics");
@@ -94,7 +90,7 @@ fn the_worker_agent_enforces_the_state_and_reports_metrics() {
 
     // A flushed table is restored within the drift interval, and counted.
     lab.worker.sh(&["nft", "flush", "table", "inet", "vmedge"]);
-    eventually("drift repaired", || {
+    eventually("drift repaired", WAIT, || {
         http_get(&lab.worker, "/metrics").contains("vmedge_worker_drift_repairs_total 1")
     });
     assert!(!tcp_passes(&net.ns, None, to(8081)));
@@ -190,7 +186,7 @@ fn a_killed_agent_leaves_its_rules_in_force_and_a_restarted_one_reconciles() {
     .unwrap();
     let to = |port| SocketAddr::new(IpAddr::V6(a.ipv6), port);
     let mut agent = start_agent(&lab, dir.path());
-    eventually("the first sync", || {
+    eventually("the first sync", WAIT, || {
         tcp_passes(&net.ns, None, to(8080)) && !tcp_passes(&net.ns, None, to(8081))
     });
     let mut open = vmedge_tests::peers::tcp_open(&net.ns, None, to(8080)).unwrap();
@@ -212,7 +208,7 @@ fn a_killed_agent_leaves_its_rules_in_force_and_a_restarted_one_reconciles() {
     // connection opened under the old agent lives on.
     state(&[8080, 8081]);
     let agent = start_agent(&lab, dir.path());
-    eventually("the restarted agent applies the new state", || {
+    eventually("the restarted agent applies the new state", WAIT, || {
         tcp_passes(&net.ns, None, to(8081))
     });
     assert!(

@@ -3,12 +3,13 @@
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use vmedge_model::VmId;
 use vmedge_registry::{EtcdRegistry, Registry, RegistryError};
 use vmedge_tests::etcd::EtcdCluster;
+use vmedge_tests::eventually;
 use vmedge_tests::{enter_netns, Lab};
 
 const A: &str = "6f1c2d3e-0000-4000-8000-0000000000aa";
@@ -20,13 +21,8 @@ fn vm(id: &str, addr: &str, port: u16) -> String {
     .to_string()
 }
 
-fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_watch_that_starts_behind_a_compaction_resyncs_in_full() {
@@ -49,7 +45,7 @@ fn a_watch_that_starts_behind_a_compaction_resyncs_in_full() {
 
     let _watch = registry.watch().unwrap();
     let a = VmId::parse(A).unwrap();
-    eventually("the registry reads everything again", || {
+    eventually("the registry reads everything again", WAIT, || {
         let snapshot = registry.load();
         snapshot.vms().len() == 2
             && snapshot

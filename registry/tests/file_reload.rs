@@ -3,10 +3,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmedge_registry::{FileRegistry, Registry, RegistryError, Reload};
+use vmedge_tests::eventually;
 
 const WEB: &str = "web--6f1c2d3e000040008000000000000001.proxy.example.dev";
 const API: &str = "api--6f1c2d3e000040008000000000000002.proxy.example.dev";
@@ -28,13 +29,8 @@ fn replace(path: &Path, text: &str) {
 }
 
 /// Waits for the watcher thread to act; the bound only keeps a broken build from hanging.
-fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(20);
 
 fn setup() -> (tempfile::TempDir, std::path::PathBuf, Arc<FileRegistry>) {
     let dir = tempfile::tempdir().unwrap();
@@ -79,7 +75,9 @@ fn a_broken_file_is_refused_and_the_old_snapshot_keeps_serving() {
     let _watch = registry.watch().unwrap();
 
     replace(&path, "{\"vms\": [\n  {\"id\": \n");
-    eventually("syntax error refused", || registry.status().refusals == 1);
+    eventually("syntax error refused", WAIT, || {
+        registry.status().refusals == 1
+    });
     let status = registry.status();
     assert_eq!(status.generation, 1);
     let why = status.last_refusal.unwrap();
@@ -98,7 +96,9 @@ fn a_broken_file_is_refused_and_the_old_snapshot_keeps_serving() {
         &path,
         &json!({"vms": [vm(1, "web"), bad, worse], "vm": []}).to_string(),
     );
-    eventually("invalid state refused", || registry.status().refusals == 2);
+    eventually("invalid state refused", WAIT, || {
+        registry.status().refusals == 2
+    });
     let why = registry.status().last_refusal.unwrap();
     assert!(why.contains("4 errors"), "every error is kept: {why}");
     assert!(why.contains("vm: unknown field"), "{why}");
@@ -116,7 +116,9 @@ fn a_broken_file_is_refused_and_the_old_snapshot_keeps_serving() {
         &path,
         &json!({"vms": [vm(1, "web"), vm(2, "api")]}).to_string(),
     );
-    eventually("fixed state loaded", || registry.load().generation() == 2);
+    eventually("fixed state loaded", WAIT, || {
+        registry.load().generation() == 2
+    });
     assert!(registry.load().route_host(API, "example.dev").is_ok());
 }
 
@@ -126,7 +128,7 @@ fn a_deleted_file_keeps_the_snapshot_and_its_return_is_loaded() {
     let _watch = registry.watch().unwrap();
 
     std::fs::remove_file(&path).unwrap();
-    eventually("deletion noticed", || registry.status().refusals == 1);
+    eventually("deletion noticed", WAIT, || registry.status().refusals == 1);
     assert!(registry
         .status()
         .last_refusal
@@ -135,7 +137,9 @@ fn a_deleted_file_keeps_the_snapshot_and_its_return_is_loaded() {
     assert!(registry.load().route_host(WEB, "example.dev").is_ok());
 
     std::fs::write(&path, json!({"vms": [vm(2, "api")]}).to_string()).unwrap();
-    eventually("restored file loaded", || registry.load().generation() == 2);
+    eventually("restored file loaded", WAIT, || {
+        registry.load().generation() == 2
+    });
     assert!(registry.load().route_host(API, "example.dev").is_ok());
     assert!(registry.load().route_host(WEB, "example.dev").is_err());
 }
@@ -176,7 +180,7 @@ fn one_vms_invalid_object_keeps_its_last_good_version_while_the_others_update() 
     let mut bad = vm(1, "web");
     bad["services"][0]["port"] = json!(80);
     replace(&path, &json!({"vms": [bad, vm(2, "api")]}).to_string());
-    eventually("the valid part published", || {
+    eventually("the valid part published", WAIT, || {
         registry.load().generation() == 2
     });
     let status = registry.status();
@@ -195,6 +199,8 @@ fn one_vms_invalid_object_keeps_its_last_good_version_while_the_others_update() 
         &path,
         &json!({"vms": [vm(1, "web"), vm(2, "api")]}).to_string(),
     );
-    eventually("fixed state loaded", || registry.load().generation() == 3);
+    eventually("fixed state loaded", WAIT, || {
+        registry.load().generation() == 3
+    });
     assert!(registry.status().quarantined.is_empty());
 }

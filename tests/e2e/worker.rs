@@ -3,11 +3,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmedge_firewall::{CompileOptions, FirewallBackend, NftBackend};
 use vmedge_registry::{FileRegistry, MemoryRegistry, Registry};
+use vmedge_tests::eventually;
 use vmedge_tests::peers::{tcp_passes, EchoServers};
 use vmedge_tests::Lab;
 use vmedge_worker::{Metrics, Reconciler, Synced};
@@ -60,13 +61,8 @@ fn write_state(path: &Path, vms: Vec<Value>) {
 }
 
 /// Waits for the agent to act; the bound only keeps a broken build from hanging.
-fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// How long a change may take to show.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// The agent as `vmedge worker` runs it: a watched state file, syncs, drift checks.
 struct Agent {
@@ -236,20 +232,20 @@ async fn the_agent_follows_the_state_file_and_repairs_drift_on_its_own() {
     write(&[8080]);
     let agent = Agent::start(&lab, &path, Duration::from_millis(200));
     let port = |p| SocketAddr::new(IpAddr::V6(a.ipv6), p);
-    eventually("start sync", || {
+    eventually("start sync", WAIT, || {
         tcp_passes(&net.ns, None, port(8080)) && !tcp_passes(&net.ns, None, port(8081))
     });
     write(&[8080, 8081]);
-    eventually("the new service's port opens", || {
+    eventually("the new service's port opens", WAIT, || {
         tcp_passes(&net.ns, None, port(8081))
     });
     write(&[8080]);
-    eventually("and closes again", || {
+    eventually("and closes again", WAIT, || {
         !tcp_passes(&net.ns, None, port(8081))
     });
     // Someone flushes the table: the agent restores it on its next check.
     lab.worker.sh(&["nft", "flush", "table", "inet", "vmedge"]);
-    eventually("drift repaired", || {
+    eventually("drift repaired", WAIT, || {
         let listing = lab
             .worker
             .sh(&["nft", "list", "chain", "inet", "vmedge", "forward"]);
@@ -283,7 +279,9 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
     write(vec![vm(&lab, 0, &[8080]), vm(&lab, 1, &[9000])]);
     let agent = Agent::start(&lab, &path, Duration::from_secs(30));
     let to = |host: &vmedge_tests::VmHost, p| SocketAddr::new(IpAddr::V6(host.ipv6), p);
-    eventually("start sync", || !tcp_passes(&net.ns, None, to(b, 9001)));
+    eventually("start sync", WAIT, || {
+        !tcp_passes(&net.ns, None, to(b, 9001))
+    });
     assert!(
         tcp_passes(&net.ns, None, to(c, 7001)),
         "C is in no state yet: unfiltered"
@@ -296,7 +294,7 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
         vm(&lab, 1, &[9000, 9001]),
         broken(vm(&lab, 2, &[7000])),
     ]);
-    eventually("B updated", || tcp_passes(&net.ns, None, to(b, 9001)));
+    eventually("B updated", WAIT, || tcp_passes(&net.ns, None, to(b, 9001)));
     assert_eq!(agent.registry.status().quarantined.len(), 2);
     assert!(
         tcp_passes(&net.ns, None, to(a, 8080)),
@@ -319,7 +317,7 @@ async fn an_invalid_policy_holds_back_only_its_own_vm() {
         vm(&lab, 1, &[9000, 9001]),
         vm(&lab, 2, &[7000]),
     ]);
-    eventually("A updated", || tcp_passes(&net.ns, None, to(a, 8081)));
+    eventually("A updated", WAIT, || tcp_passes(&net.ns, None, to(a, 8081)));
     assert!(agent.registry.status().quarantined.is_empty());
     assert!(tcp_passes(&c.ns, None, to(net, 6000)), "C's own policy now");
     agent.stop().await;

@@ -52,6 +52,18 @@ pub const TEST_IPV4: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 0, 0), 15);
 const MAX_LABS: u16 = 250;
 const MAX_VMS: usize = 62;
 
+/// Waits until `check` holds, asking every 50 ms; panics naming `what` after `within`.
+pub fn eventually(what: &str, within: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Runs a command and panics with its output if it fails: the harness cannot go on.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
