@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmedge_tests::edge::{
-    backend, curl, edge, http_get, peers_script, raw_http, wake_hook, Process,
+    backend, curl, edge, http_get, peers_script, raw_http, wake_hook, wrk_requests, Process,
 };
 use vmedge_tests::gate::metric;
 use vmedge_tests::{Lab, Netns};
@@ -646,12 +646,7 @@ fn reloads_state_and_certificate_under_load_without_failing_a_request() {
         !report.contains("Socket errors"),
         "connection errors during reloads:\n{report}"
     );
-    let requests: u64 = report
-        .lines()
-        .find_map(|l| l.trim().split_once(" requests in "))
-        .map(|(n, _)| n.trim().parse().unwrap())
-        .unwrap();
-    assert!(requests > 100, "{report}");
+    assert!(wrk_requests(&report) > 100, "{report}");
     let m = t.metrics();
     assert!(
         metric(&m, "vmedge_registry_generation").unwrap() >= 6.0,

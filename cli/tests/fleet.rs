@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmedge_tests::edge::{backend, curl, edge, http_get, start_vmedge};
+use vmedge_tests::edge::{backend, curl, edge, http_get, start_vmedge, wrk_requests};
 use vmedge_tests::etcd::EtcdCluster;
 use vmedge_tests::eventually;
 use vmedge_tests::gate::metric;
@@ -199,12 +199,7 @@ fn a_fleet_follows_etcd_through_a_leader_kill_and_a_full_outage() {
         !report.contains("Non-2xx") && !report.contains("Socket errors"),
         "{report}"
     );
-    let requests: u64 = report
-        .lines()
-        .find_map(|l| l.trim().split_once(" requests in "))
-        .map(|(n, _)| n.trim().parse().unwrap())
-        .unwrap();
-    assert!(requests > 100, "{report}");
+    assert!(wrk_requests(&report) > 100, "{report}");
     eventually("the edge drops the removed service", WAIT, || {
         status_of(&lab.worker, "api") == "404"
     });

@@ -199,6 +199,15 @@ pub fn wake_hook(
     calls
 }
 
+/// The number of requests a wrk report counts (`N requests in 4.00s, ...`).
+pub fn wrk_requests(report: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request count in the wrk report:\n{report}"))
+}
+
 /// Runs curl in `ns`: `-sS` plus `args`.
 pub fn curl(ns: &Netns, args: &[&str]) -> Output {
     ns.command("curl")
