@@ -44,24 +44,7 @@ fn the_worker_agent_enforces_the_state_and_reports_metrics() {
         ),
     )
     .unwrap();
-    let agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.worker.name(),
-            env!("CARGO_BIN_EXE_vmedge"),
-            "--log-format",
-            "json",
-            "worker",
-            "--name",
-            "w",
-            "--config",
-        ])
-        .arg(dir.path().join("vmedge.toml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = start_agent(&lab, dir.path());
 
     let to = |port| SocketAddr::new(IpAddr::V6(a.ipv6), port);
     eventually("the agent's first sync", WAIT, || {
@@ -115,21 +98,7 @@ fn the_worker_agent_enforces_the_state_and_reports_metrics() {
         "{metrics}"
     );
 
-    let pid = agent.id().to_string();
-    // `ip netns exec` execs the program, so the pid is the agent's.
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = agent.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let logs = String::from_utf8_lossy(&out.stderr);
+    let logs = stop_agent(agent);
     assert!(
         logs.contains("firewall synced in full") && logs.contains("restored"),
         "{logs}"
@@ -155,6 +124,21 @@ fn start_agent(lab: &Lab, dir: &std::path::Path) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Stops the agent with SIGTERM, checks it exits 0, and returns its log.
+fn stop_agent(agent: std::process::Child) -> String {
+    // `ip netns exec` execs the program, so the pid is the agent's.
+    let pid = agent.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = agent.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{logs}");
+    logs
 }
 
 #[test]
@@ -216,18 +200,5 @@ fn a_killed_agent_leaves_its_rules_in_force_and_a_restarted_one_reconciles() {
         "an open connection survives"
     );
 
-    let pid = agent.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let out = agent.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("firewall synced in full"));
+    assert!(stop_agent(agent).contains("firewall synced in full"));
 }
