@@ -20,6 +20,12 @@ struct Member {
     process: Option<Process>,
 }
 
+impl Member {
+    fn url(&self) -> String {
+        format!("http://{}", self.client)
+    }
+}
+
 /// Three etcd members in one namespace, each with its own data directory.
 pub struct EtcdCluster<'ns> {
     ns: &'ns Netns,
@@ -56,10 +62,18 @@ impl<'ns> EtcdCluster<'ns> {
 
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members
+        self.members.iter().map(Member::url).collect()
+    }
+
+    /// The client URLs of the members that run, comma-separated, as etcdctl takes them.
+    fn running(&self) -> String {
+        let running: Vec<String> = self
+            .members
             .iter()
-            .map(|m| format!("http://{}", m.client))
-            .collect()
+            .filter(|m| m.process.is_some())
+            .map(Member::url)
+            .collect();
+        running.join(",")
     }
 
     /// `etcd:URL,URL,URL`, as a config's `registry`.
@@ -74,7 +88,7 @@ impl<'ns> EtcdCluster<'ns> {
             .collect();
         let member = &self.members[i];
         let peer = format!("http://127.0.0.1:{}", BASE + 11 + i as u16);
-        let client = format!("http://{}", member.client);
+        let client = member.url();
         let data: PathBuf = self.dir.path().join(&member.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -150,16 +164,10 @@ impl<'ns> EtcdCluster<'ns> {
 
     /// The index of the leader, as the running members see it.
     pub fn leader(&self) -> Option<usize> {
-        let running: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.process.is_some())
-            .map(|m| format!("http://{}", m.client))
-            .collect();
         let out = self
             .ns
             .command("etcdctl")
-            .arg(format!("--endpoints={}", running.join(",")))
+            .arg(format!("--endpoints={}", self.running()))
             .args(["--command-timeout=2s", "endpoint", "status", "-w", "json"])
             .output()
             .ok()?;
@@ -188,7 +196,7 @@ impl<'ns> EtcdCluster<'ns> {
         let out = self.ctl(&["member", "list", "-w", "json"]);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("etcdctl member list: {e}"));
-        let url = format!("http://{}", self.members[i].client);
+        let url = self.members[i].url();
         let id = list["members"]
             .as_array()
             .and_then(|members| {
@@ -200,17 +208,9 @@ impl<'ns> EtcdCluster<'ns> {
             })
             .and_then(|m| m["ID"].as_u64())
             .unwrap_or_else(|| panic!("member {url} not in {list}"));
-        let on_leader = format!("--endpoints=http://{}", self.members[leader].client);
-        let out = self
-            .ns
-            .command("etcdctl")
-            .args([&on_leader, "move-leader", &format!("{id:x}")])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run etcdctl: {e}"));
-        assert!(
-            out.status.success(),
-            "etcdctl move-leader: {}",
-            String::from_utf8_lossy(&out.stderr)
+        self.ctl_on(
+            &self.members[leader].url(),
+            &["move-leader", &format!("{id:x}")],
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.leader() != Some(i) {
@@ -224,16 +224,15 @@ impl<'ns> EtcdCluster<'ns> {
 
     /// Runs `etcdctl ARGS` against every running member; panics if it fails.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        let running: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.process.is_some())
-            .map(|m| format!("http://{}", m.client))
-            .collect();
+        self.ctl_on(&self.running(), args)
+    }
+
+    /// Runs `etcdctl ARGS` against `endpoints`; panics if it fails.
+    fn ctl_on(&self, endpoints: &str, args: &[&str]) -> Output {
         let out = self
             .ns
             .command("etcdctl")
-            .arg(format!("--endpoints={}", running.join(",")))
+            .arg(format!("--endpoints={endpoints}"))
             .arg("--command-timeout=5s")
             .args(args)
             .output()
