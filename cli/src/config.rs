@@ -190,6 +190,12 @@ pub struct EdgeConfig {
     /// How long a VM may stay silent in the middle of an exchange (each read or write).
     #[serde(deserialize_with = "duration")]
     pub upstream_timeout: Duration,
+    /// How long a client connection may wait for its next request (then closed).
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// How long a client may stay silent in the middle of a request (each read).
+    #[serde(deserialize_with = "duration")]
+    pub client_timeout: Duration,
     /// Requests per second each VM may receive (bursts of twice that); 0 for no limit.
     pub rate_limit: u32,
     /// The largest request header accepted (then 431), in bytes.
@@ -316,6 +322,8 @@ impl Default for EdgeConfig {
             wake_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            client_timeout: Duration::from_secs(60),
             rate_limit: 0,
             max_header_bytes: 32 * 1024,
             threads: 0,

@@ -800,3 +800,63 @@ fn limits_each_vms_request_rate_and_the_header_size() {
         "{m}"
     );
 }
+
+/// Whether the edge closes `conn` (end of stream) within `within`.
+fn closed_within(conn: &mut std::net::TcpStream, within: Duration) -> bool {
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn closes_idle_keep_alive_connections_and_stalled_requests() {
+    let t = EdgeLab::start_with(
+        "running",
+        "idle_timeout = \"1s\"\nclient_timeout = \"1s\"\n",
+    );
+    let connect = || t.ns().enter(|| std::net::TcpStream::connect(HTTP)).unwrap();
+    let request = format!("GET /hello HTTP/1.1\r\nHost: {}\r\n\r\n", host("web", 0));
+
+    // A keep-alive connection after its request (pingora alone keeps it for ever), and
+    // one that never sends anything.
+    let mut idle = connect();
+    idle.write_all(request.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = idle.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut silent = connect();
+    // A slowloris client: half a header, then nothing.
+    let mut stalled = connect();
+    stalled.write_all(&request.as_bytes()[..20]).unwrap();
+    for (what, conn) in [
+        ("idle keep-alive", &mut idle),
+        ("silent", &mut silent),
+        ("stalled mid-header", &mut stalled),
+    ] {
+        assert!(
+            closed_within(conn, Duration::from_secs(20)),
+            "{what} connection still open"
+        );
+    }
+
+    // A connection that keeps asking stays open across the idle timeout.
+    let mut busy = connect();
+    for _ in 0..4 {
+        busy.write_all(request.as_bytes()).unwrap();
+        busy.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let n = busy.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_millis(600));
+    }
+}

@@ -8,11 +8,13 @@
 //! - [`activity`]: last network activity per VM (`/activity`), per-VM rate buckets.
 //! - [`tls`]: the `*.proxy.<domain>` certificate, self-signed when none is given, reloaded
 //!   in place.
+//! - [`idle`]: idle keep-alive connections held without the request machinery.
 //! - [`server`]: listeners, threads, shutdown and upgrade: one pingora `Server`.
 //! - [`metrics`], [`ids`]: `vmedge_edge_*` metrics; request ids.
 
 pub mod activity;
 pub mod answers;
+pub mod idle;
 pub mod ids;
 pub mod metrics;
 pub mod proxy;
@@ -56,6 +58,11 @@ pub struct EdgeSettings {
     pub connect_timeout: Duration,
     /// How long a VM may stay silent mid-exchange (each read and write).
     pub upstream_timeout: Duration,
+    /// How long a client connection may wait for its next request (then closed).
+    pub idle_timeout: Duration,
+    /// How long a client may stay silent in the middle of a request (each read of its
+    /// header or body; then closed): the bound on slowloris clients.
+    pub client_timeout: Duration,
     /// The largest request header accepted (then 431), in bytes.
     pub max_header_bytes: usize,
     /// Requests per VM per second (burst twice that); none when `None`.
@@ -92,6 +99,8 @@ impl EdgeSettings {
             wake_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            client_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
             rate_limit: None,
             h2_streams_per_connection: 128,

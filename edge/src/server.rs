@@ -9,14 +9,15 @@ use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
-use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tokio::sync::watch;
 use vmedge_registry::Registry;
 
 use crate::activity::Activity;
+use crate::idle::{ClientTimeouts, FirstBytes, IdleFirst};
 use crate::metrics::Metrics;
 use crate::proxy::EdgeProxy;
 use crate::tls::{CertStore, TlsError};
@@ -148,10 +149,16 @@ impl EdgeServer {
         );
         let mut options = HttpServerOptions::default();
         options.h2c = true;
-        let mut service = ProxyServiceBuilder::new(&conf, proxy)
-            .name("vmedge edge")
-            .server_options(options)
-            .build();
+        let timeouts = ClientTimeouts {
+            idle: settings.idle_timeout,
+            read: settings.client_timeout,
+        };
+        let mut proxy = pingora::proxy::http_proxy(&conf, proxy);
+        proxy.server_options = Some(options);
+        let mut service = Service::new(
+            "vmedge edge".to_string(),
+            FirstBytes::new(IdleFirst::new(proxy, timeouts), timeouts.idle),
+        );
         for addr in &settings.http {
             service.add_listener(
                 ListenerConfig::tcp(addr.to_string())
