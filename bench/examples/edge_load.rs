@@ -324,7 +324,7 @@ fn main() {
                  upstream grpcvm {{ server [{}]:{GRPC}; keepalive 128; keepalive_requests 1000000; }}\n\
                  server {{ listen 127.0.0.1:8182 http2; location / {{ grpc_pass grpc://grpcvm; }} }}\n\
                  server {{ listen 127.0.0.1:8180 reuseport; listen 127.0.0.1:8181 http2; listen 127.0.0.1:8543 ssl;\n\
-                 ssl_certificate {}; ssl_certificate_key {};\n\
+                 ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate {}; ssl_certificate_key {};\n\
                  location / {{ proxy_pass http://vm; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
                  proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header Host $host; }} }}",
                 vm.ipv6,
