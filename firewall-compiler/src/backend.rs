@@ -242,12 +242,16 @@ impl FirewallBackend for NftBackend {
             return result;
         }
         self.run(&update.text())?;
-        netlink
-            .known_sets
-            .extend(update.ops.iter().filter_map(|op| match op {
-                Op::AddBlockSet(set) => Some(*set),
-                _ => None,
-            }));
+        netlink.known_sets.extend(
+            update
+                .ops
+                .iter()
+                .flat_map(|op| match op {
+                    Op::AddBlockSet(set) => Some(set.all_shards()),
+                    _ => None,
+                })
+                .flatten(),
+        );
         Ok(())
     }
 

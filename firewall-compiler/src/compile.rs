@@ -214,7 +214,8 @@ fn assemble_in(
     out.text.reserve(elements + chains + 4096);
     base(&mut out, worker, sections.len(), options);
     let t = names::TABLE;
-    let sets: BTreeSet<BlockSet> = sections.iter().flat_map(|s| s.sets().copied()).collect();
+    let used: BTreeSet<BlockSet> = sections.iter().flat_map(|s| s.sets().copied()).collect();
+    let sets: BTreeSet<BlockSet> = used.iter().flat_map(BlockSet::all_shards).collect();
     if !sets.is_empty() {
         emit!(
             out,
@@ -442,7 +443,7 @@ pub struct Update<'a> {
 /// One step of an [`Update`].
 #[derive(Debug)]
 pub enum Op<'a> {
-    /// A shared block set a VM uses (a no-op when it exists).
+    /// A shared block set a VM uses, declared in every shard (a no-op when it exists).
     AddBlockSet(BlockSet),
     /// A VM's chains (added, flushed, refilled) and fqdn sets (added).
     Section(&'a VmSection),
@@ -469,7 +470,9 @@ impl Update<'_> {
         for op in &self.ops {
             match op {
                 Op::AddBlockSet(set) => {
-                    emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration())
+                    for set in set.all_shards() {
+                        emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration());
+                    }
                 }
                 Op::Section(section) => section.render(&mut out.text),
                 Op::DeleteElements(set, elements) => {
@@ -530,7 +533,13 @@ pub fn update<'a, S: Borrow<VmSection>>(
         changed += 1;
         // The shared sets may be new to the table (a VM with more blocks than any before).
         ops.extend(new.sets().map(|set| Op::AddBlockSet(*set)));
-        ops.push(Op::Section(new));
+        // Rules the chains already hold are left alone: the kernel checks the whole table
+        // (every VM's chains, O(VMs)) when a transaction adds a rule, not when it only
+        // changes set elements (a changed CIDR or port range).
+        let same_chains = old.is_some_and(|o| o.ingress == new.ingress && o.egress == new.egress);
+        if !same_chains {
+            ops.push(Op::Section(new));
+        }
         element_changes(
             &mut ops,
             old.map_or(no_elements, |o| &o.elements),
@@ -671,16 +680,36 @@ mod tests {
             "nothing changed, nothing to do"
         );
 
-        // VM 2 drops a service: its chain is rewritten, and nothing of VM 1 appears.
+        // VM 2 drops a service: its element leaves its shard's set, its chains are left
+        // alone (their rules are the same), and nothing of VM 1 appears.
         let changed = TWO.replace(r#", {"name": "udp-thing", "port": 9000}"#, "");
         let after = sections(&vms(&changed));
         let text = update(&before, &after).unwrap().text();
-        assert!(text.contains("flush chain inet vmedge in_b0000000000040008000000000000002"));
+        assert!(
+            text.contains(
+                "delete element inet vmedge in_b0_tcp6_s2 { fd5e:ed00::2 . ::/0 . 9000 }"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("chain"), "chains unchanged: {text}");
         assert!(!text.contains("00000000000040008000000000000001"), "{text}");
         assert!(
             !text.contains("add element inet vmedge ingress_by_addr"),
             "dispatch unchanged: {text}"
         );
+
+        // VM 2 gets a rule of a new shape: its chain is rewritten.
+        let changed = TWO.replace(
+            r#"{"name": "udp-thing", "port": 9000}]"#,
+            r#"{"name": "udp-thing", "port": 9000}], "firewall": {"ingress": {"default": "deny", "rules": [{"action": "allow", "kind": "cidr", "value": "2001:db8::/32", "protocol": "udp", "ports": "53"}]}}"#,
+        );
+        let after = sections(&vms(&changed));
+        let text = update(&before, &after).unwrap().text();
+        assert!(
+            text.contains("flush chain inet vmedge in_b0000000000040008000000000000002"),
+            "{text}"
+        );
+        assert!(!text.contains("00000000000040008000000000000001"), "{text}");
 
         // VM 1 leaves: its map entries, chains and sets go; VM 2 is not touched.
         let mut left = vms(TWO);
@@ -693,7 +722,9 @@ mod tests {
         );
         assert!(text.contains("delete chain inet vmedge out_00000000000040008000000000000001"));
         assert!(
-            text.contains("delete element inet vmedge in_b0_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }"),
+            text.contains(
+                "delete element inet vmedge in_b0_tcp6_s1 { fd5e:ed00::1 . ::/0 . 8080 }"
+            ),
             "its elements leave the shared set: {text}"
         );
         assert!(!text.contains("delete set"), "shared sets stay: {text}");

@@ -49,13 +49,28 @@ pub fn vm_chain(vm: &VmId, direction: Direction) -> String {
     format!("{}_{}", direction.prefix(), vm.hex())
 }
 
-/// The set shared by every VM's block `block` of a direction: `in_b<block>_<kind>`.
-/// Its elements start with the VM's own address, so VMs never see each other's rules,
-/// and the number of sets does not grow with the number of VMs (the kernel finds a set
-/// by name with a linear walk; nft's userspace cache grows with them too).
-pub fn block_set(direction: Direction, block: usize, kind: &str) -> String {
+/// How many sets each block set is split into, by VM ([`shard_of`]).
+///
+/// Taking an element out of a concatenated interval set (the kernel's pipapo) costs time
+/// linear in the set's size: with one set shared by all VMs, one VM's change cost O(VMs)
+/// (63% of a one-VM sync at 1000 VMs, bench/RESULTS.md). A shard holds about 1/64 of the
+/// VMs, while the number of sets stays independent of the number of VMs.
+pub const BLOCK_SET_SHARDS: u8 = 64;
+
+/// The shard of a VM's block set elements: from its id's last byte (random in a v4 UUID),
+/// so it never changes while the VM lives.
+pub fn shard_of(vm: &VmId) -> u8 {
+    vm.as_uuid().as_bytes()[15] % BLOCK_SET_SHARDS
+}
+
+/// The set shared by the VMs of shard `shard` for their block `block` of a direction:
+/// `in_b<block>_<kind>_s<shard>`. Its elements start with the VM's own address, so VMs
+/// never see each other's rules, and the number of sets does not grow with the number of
+/// VMs (the kernel finds a set by name with a linear walk; nft's userspace cache grows
+/// with them too).
+pub fn block_set(direction: Direction, block: usize, kind: &str, shard: u8) -> String {
     let mut name = String::new();
-    push_block_set(&mut name, direction, block, kind, "");
+    push_block_set(&mut name, direction, block, kind, "", shard);
     name
 }
 
@@ -67,6 +82,7 @@ pub(crate) fn push_block_set(
     block: usize,
     kind: &str,
     family: &str,
+    shard: u8,
 ) {
     out.push_str(direction.prefix());
     out.push_str("_b");
@@ -74,6 +90,8 @@ pub(crate) fn push_block_set(
     out.push('_');
     out.push_str(kind);
     out.push_str(family);
+    out.push_str("_s");
+    crate::text::push_u32(out, u32::from(shard));
 }
 
 /// The two dynamic sets (IPv4, IPv6) the DNS gate fills for an egress fqdn pattern of a VM.
@@ -141,7 +159,7 @@ mod tests {
         assert!(!is_managed(FORWARD_CHAIN) && !is_managed(EGRESS_BY_IF) && !is_managed(DOH_V4));
         let b_vm = VmId::parse("b2c3d4e5-7777-4000-8000-000000000022").unwrap();
         assert!(is_vm_chain(&vm_chain(&b_vm, Direction::Ingress)));
-        assert!(!is_vm_chain(&block_set(Direction::Ingress, 0, "tcp6")));
+        assert!(!is_vm_chain(&block_set(Direction::Ingress, 0, "tcp6", 3)));
         assert!(!is_vm_chain(&sets.v4));
     }
 }

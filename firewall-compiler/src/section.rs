@@ -59,7 +59,7 @@ impl Dispatch {
     }
 }
 
-/// A block set shared by every VM: `in_b<block>_<l4 or any><4|6>`.
+/// A block set shared by the VMs of a shard: `in_b<block>_<l4 or any><4|6>_s<shard>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockSet {
     /// Whose rules: the VM as destination (ingress) or source (egress).
@@ -70,6 +70,8 @@ pub struct BlockSet {
     pub family: Family,
     /// With a port (`. inet_service`) for tcp or udp; address only for `protocol any`.
     pub l4: Option<L4>,
+    /// Which VMs' elements it holds ([`names::shard_of`]).
+    pub shard: u8,
 }
 
 impl BlockSet {
@@ -80,6 +82,12 @@ impl BlockSet {
             Some(_) => format!("type {at} . {at} . inet_service; flags interval;"),
             None => format!("type {at} . {at}; flags interval;"),
         }
+    }
+
+    /// The same set in every shard, this one included: a table declares them together,
+    /// so a VM is never the first of its shard to need one.
+    pub fn all_shards(&self) -> impl Iterator<Item = BlockSet> + '_ {
+        (0..names::BLOCK_SET_SHARDS).map(|shard| BlockSet { shard, ..*self })
     }
 }
 
@@ -92,7 +100,14 @@ impl BlockSet {
             None => "any",
         };
         let block = usize::from(self.block);
-        names::push_block_set(out, self.direction, block, kind, suffix(self.family));
+        names::push_block_set(
+            out,
+            self.direction,
+            block,
+            kind,
+            suffix(self.family),
+            self.shard,
+        );
     }
 }
 
@@ -160,7 +175,7 @@ pub enum VmRule {
     DnsOverTls(L4),
     /// `ip daddr @doh_v4 drop`: public DoH resolvers, under `block_bypass`.
     DnsOverHttps(Family),
-    /// `ip6 daddr . ip6 saddr . tcp dport @in_b0_tcp6 return`: one block of the policy.
+    /// `ip6 daddr . ip6 saddr . tcp dport @in_b0_tcp6_s3 return`: one block of the policy.
     Block {
         /// The shared set holding the VM's elements.
         set: BlockSet,
@@ -445,6 +460,7 @@ pub fn compile_vm_with(
         egress: egress_guards(vm, options, dns.block_bypass),
         elements: BTreeMap::new(),
     };
+    let shard = names::shard_of(&vm.id);
     for (direction, rules) in [(Direction::Ingress, ingress), (Direction::Egress, egress)] {
         let canonical = canonicals.of(rules);
         // The VM's own address of each family: the key of its elements in shared sets.
@@ -463,6 +479,7 @@ pub fn compile_vm_with(
                 block: u16::try_from(b).unwrap_or(u16::MAX),
                 family,
                 l4,
+                shard,
             };
             for ((family, l4), elements) in &block.ported {
                 let Some(own) = own(*family) else { continue };

@@ -144,11 +144,15 @@ impl<B: FirewallBackend> Reconciler<B> {
         let live = self.backend.live_table()?;
         let mut expected_objects = std::collections::BTreeSet::new();
         let mut expected_rules = BTreeMap::new();
+        let mut block_sets = std::collections::BTreeSet::new();
         for section in applied.values() {
             expected_objects.extend(section.objects());
-            expected_objects.extend(section.sets().map(|s| s.to_string()));
+            block_sets.extend(section.sets().copied());
             expected_rules.extend(section.rule_counts());
         }
+        // A table declares each block set in every shard.
+        let all_shards = block_sets.iter().flat_map(|s| s.all_shards());
+        expected_objects.extend(all_shards.map(|s| s.to_string()));
         expected_rules.insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
         let drift = if live.objects != expected_objects {
             let missing = expected_objects.difference(&live.objects).count();
