@@ -1,4 +1,5 @@
-//! How nft's time grows with the table: a full apply of N VMs, then one VM changed.
+//! How nft's time grows with the table: a full apply of N VMs, then one VM changed (its
+//! ports; one rule more), each change applied and undone `VMEDGE_SCALE_FLIPS` times.
 //! `cargo run --release -p vmedge-bench --example firewall_scale -- 100 500 1000` (root)
 #![allow(clippy::unwrap_used)]
 
@@ -12,6 +13,11 @@ fn main() {
         .filter_map(|a| a.parse().ok())
         .collect();
     let options = CompileOptions::new(vec!["fd5e:ed00:ff::53".parse().unwrap()]);
+    // VMEDGE_SCALE_FLIPS=N: each change applied and undone N times (default 5).
+    let flips: usize = std::env::var("VMEDGE_SCALE_FLIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     for n in sizes {
         let lab = vmedge_tests::Lab::new(0);
         let nft = NftBackend::in_netns(lab.worker.name());
@@ -29,36 +35,43 @@ fn main() {
         let t = Instant::now();
         nft.apply(&ruleset).unwrap();
         let applied = t.elapsed();
-        let mut changed = state.clone();
-        changed.vms[0] = vmedge_model::state_from_value(&vmedge_bench::firewall_state(1, 20, 1))
-            .unwrap()
-            .value
-            .vms[0]
-            .clone();
+        // One VM's change, two kinds: its port ranges (set elements only), and one rule
+        // more (its chains rewritten too). Each flipped back and forth; the median.
         let before: std::collections::BTreeMap<_, _> = state
             .vms
             .iter()
             .map(|v| (v.id, vmedge_firewall::compile_vm(v, &options)))
             .collect();
-        let after: std::collections::BTreeMap<_, _> = changed
-            .vms
-            .iter()
-            .map(|v| (v.id, vmedge_firewall::compile_vm(v, &options)))
-            .collect();
-        let update = vmedge_firewall::update(&before, &after).unwrap();
-        let t = Instant::now();
-        nft.apply_update(&update).unwrap();
-        let one = t.elapsed();
-        // VMEDGE_SCALE_REPEAT=N: flip the VM back and forth N more times (for perf).
-        let repeat: u32 = std::env::var("VMEDGE_SCALE_REPEAT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let back = vmedge_firewall::update(&after, &before).unwrap();
-        for _ in 0..repeat {
-            nft.apply_update(&back).unwrap();
-            nft.apply_update(&update).unwrap();
+        let mut one_vm = Vec::new();
+        for (rules, variant) in [(20, 1), (21, 0)] {
+            let mut changed = before.clone();
+            let vm =
+                vmedge_model::state_from_value(&vmedge_bench::firewall_state(1, rules, variant))
+                    .unwrap()
+                    .value
+                    .vms[0]
+                    .clone();
+            changed.insert(vm.id, vmedge_firewall::compile_vm(&vm, &options));
+            let there = vmedge_firewall::update(&before, &changed).unwrap();
+            let back = vmedge_firewall::update(&changed, &before).unwrap();
+            let mut times = Vec::new();
+            for _ in 0..flips {
+                for update in [&there, &back] {
+                    let t = Instant::now();
+                    nft.apply_update(update).unwrap();
+                    times.push(t.elapsed());
+                }
+            }
+            times.sort();
+            one_vm.push(times[times.len() / 2]);
         }
-        println!("{n} VMs, {sets} sets, {} lines: compile {compiled:?}, full apply {applied:?}, one VM changed {one:?}", ruleset.text.lines().count());
+        println!(
+            "{n} VMs, {sets} sets, {} lines: compile {compiled:?}, full apply {applied:?}, \
+             one VM changed (median of {}): ports {:?}, a rule more {:?}",
+            ruleset.text.lines().count(),
+            2 * flips,
+            one_vm[0],
+            one_vm[1]
+        );
     }
 }
