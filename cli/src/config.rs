@@ -196,6 +196,9 @@ pub struct EdgeConfig {
     /// How long a client may stay silent in the middle of a request (each read).
     #[serde(deserialize_with = "duration")]
     pub client_timeout: Duration,
+    /// How long a request's whole header may take to arrive.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
     /// Requests per second each VM may receive (bursts of twice that); 0 for no limit.
     pub rate_limit: u32,
     /// The largest request header accepted (then 431), in bytes.
@@ -324,6 +327,7 @@ impl Default for EdgeConfig {
             upstream_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             client_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(60),
             rate_limit: 0,
             max_header_bytes: 32 * 1024,
             threads: 0,

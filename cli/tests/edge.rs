@@ -819,7 +819,7 @@ fn closed_within(conn: &mut std::net::TcpStream, within: Duration) -> bool {
 fn closes_idle_keep_alive_connections_and_stalled_requests() {
     let t = EdgeLab::start_with(
         "running",
-        "idle_timeout = \"1s\"\nclient_timeout = \"1s\"\n",
+        "idle_timeout = \"1s\"\nclient_timeout = \"1s\"\nheader_timeout = \"1s\"\n",
     );
     let connect = || t.ns().enter(|| std::net::TcpStream::connect(HTTP)).unwrap();
     let request = format!("GET /hello HTTP/1.1\r\nHost: {}\r\n\r\n", host("web", 0));
@@ -848,6 +848,23 @@ fn closes_idle_keep_alive_connections_and_stalled_requests() {
             "{what} connection still open"
         );
     }
+
+    // A header trickling in, each byte in time for the read timeout: cut off at the
+    // header timeout.
+    let mut trickle = connect();
+    let cut = request.bytes().any(|byte| {
+        std::thread::sleep(Duration::from_millis(300));
+        trickle.write_all(&[byte]).is_err()
+    });
+    assert!(
+        cut || closed_within(&mut trickle, Duration::from_secs(1)),
+        "a header trickling in for {} s was taken",
+        request.len() * 3 / 10
+    );
+    // A request whose header is in may take longer than that: the VM's silence ends it
+    // (upstream_timeout, 2 s: 504), not the header timeout.
+    let slow = t.get(&host("web", 0), "/slow", &[]);
+    assert!(slow.ends_with(" 504"), "{slow}");
 
     // A connection that keeps asking stays open across the idle timeout.
     let mut busy = connect();

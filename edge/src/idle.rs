@@ -10,10 +10,12 @@
 //! - [`FirstBytes`] bounds the wait for a new connection's first bytes by the idle timeout.
 //! - [`IdleFirst`] waits for the first byte of each next request with nothing but the
 //!   connection, under the idle timeout, then hands the session to the proxy with each read
-//!   of the request bounded by the read timeout; the request machinery is allocated only
-//!   while a request is under way (nginx, likewise, frees its buffers between requests).
-//!   Streams that cannot be peeked at (TLS) wait in the proxy, under the idle timeout; h2
-//!   sessions go straight to the proxy.
+//!   of the request bounded by the read timeout and the whole header by the header timeout
+//!   (a client trickling a header in, a byte at a time, is cut off, as nginx's
+//!   `client_header_timeout` does); the request machinery is allocated only while a
+//!   request is under way (nginx, likewise, frees its buffers between requests). Streams
+//!   that cannot be peeked at (TLS) wait in the proxy, under the idle timeout; h2 sessions
+//!   go straight to the proxy.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerAp
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 /// How long a client connection may wait for its next request, and how long a client
 /// may stay silent in the middle of one.
@@ -34,6 +36,21 @@ pub struct ClientTimeouts {
     pub idle: Duration,
     /// Each read of a request's header or body.
     pub read: Duration,
+    /// The whole header of a request, from its first byte.
+    pub header: Duration,
+}
+
+/// Handed to the proxy with each HTTP/1 session (as its connection context), to be
+/// [`done`](HeaderRead::done) once the request's header is in: until then, the session
+/// runs under the header timeout. The edge's proxy does it in `on_connection_reuse`,
+/// which pingora calls right after reading a header when a session carries a context.
+pub struct HeaderRead(oneshot::Sender<()>);
+
+impl HeaderRead {
+    /// The header is in.
+    pub fn done(self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// The length of the HTTP/2 connection preface pingora looks for on a plain connection.
@@ -104,23 +121,24 @@ impl<A> IdleFirst<A> {
         }
     }
 
-    /// The session once its next request has begun to arrive; `None` when the client
-    /// closed, stayed silent past the idle timeout, or the server is stopping.
+    /// The session once its next request has begun to arrive, and whether that was seen
+    /// (a TLS stream cannot be peeked at); `None` when the client closed, stayed silent
+    /// past the idle timeout, or the server is stopping.
     ///
     /// pingora keeps an HTTP/1.1 connection alive with no timeout at all after its first
     /// request, and then reads the next request's header with none either; here the wait
     /// is bounded by the idle timeout and each read of the request by the read timeout.
-    async fn next_request(&self, session: ServerSession) -> Option<ServerSession> {
-        let ServerSession::H1(mut h1) = session else {
-            return Some(session);
+    async fn next_request(&self, session: ServerSession) -> Option<(ServerSession, bool)> {
+        let ServerSession::H1(h1) = session else {
+            return Some((session, true));
         };
         if h1.pipelining_enabled() {
             // The previous request may have left the next one in the session's buffer.
-            return Some(ServerSession::H1(h1));
+            return Some((ServerSession::H1(h1), true));
         }
-        // What a new session would not know (pingora's own settings carried across reuse).
+        // What a new session would not know (pingora's own settings carried across reuse;
+        // the connection context is the edge's, set per request).
         let reuses = h1.get_keepalive_reuses_remaining();
-        let context = h1.take_connection_user_context();
         let mut stream = h1.into_inner();
         let peeked = self.first_byte(&mut stream).await?;
         let mut session = ServerSession::new_http1(stream);
@@ -131,8 +149,7 @@ impl<A> IdleFirst<A> {
         session.set_keepalive(keepalive);
         session.set_read_timeout(Some(self.timeouts.read));
         session.set_keepalive_reuses_remaining(reuses);
-        session.set_connection_user_context(context);
-        Some(session)
+        Some((session, peeked))
     }
 
     /// Waits until `stream` has a byte to read, left unread (`Some(false)`: a stream that
@@ -162,8 +179,31 @@ where
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let session = self.next_request(session).await?;
-        self.app.process_new_http(session, shutdown).await
+        if !matches!(session, ServerSession::H1(_)) {
+            return self.app.process_new_http(session, shutdown).await;
+        }
+        let (mut session, seen) = self.next_request(session).await?;
+        let (read, header) = oneshot::channel();
+        session.set_connection_user_context(Some(Box::new(HeaderRead(read))));
+        // From the first byte, or (when that could not be seen) after the idle wait.
+        let limit = if seen {
+            self.timeouts.header
+        } else {
+            self.timeouts.idle + self.timeouts.header
+        };
+        let mut proxied = self.app.process_new_http(session, shutdown);
+        tokio::select! {
+            biased;
+            done = &mut proxied => return done,
+            read = tokio::time::timeout(limit, header) => {
+                if read.is_err() {
+                    // Dropping the request closes the connection (nginx: client_header_timeout).
+                    tracing::debug!(?limit, "request header not in within the header timeout: connection closed");
+                    return None;
+                }
+            }
+        }
+        proxied.await
     }
 
     fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
@@ -206,7 +246,9 @@ mod tests {
     /// the error reading it.
     type Seen = Result<(String, Option<u32>), String>;
 
-    /// An app that reads each session's request and reports what it saw.
+    /// An app that reads each session's request, says so as the edge's proxy does, takes
+    /// a while over a path starting `/busy` (longer than the header timeout), and reports
+    /// what it saw.
     struct Recorder(mpsc::UnboundedSender<Seen>);
 
     #[async_trait]
@@ -216,14 +258,21 @@ mod tests {
             mut session: ServerSession,
             _shutdown: &ShutdownWatch,
         ) -> Option<ReusedHttpStream> {
-            let seen = match session.read_request().await {
-                Ok(_) => Ok((
-                    session.req_header().uri.path().to_string(),
-                    session.get_keepalive_reuses_remaining(),
-                )),
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = self.0.send(seen);
+            if let Err(e) = session.read_request().await {
+                let _ = self.0.send(Err(e.to_string()));
+                return None;
+            }
+            if let Some(read) = session.take_connection_user_context() {
+                if let Ok(read) = read.downcast::<HeaderRead>() {
+                    read.done();
+                }
+            }
+            let path = session.req_header().uri.path().to_string();
+            if path.starts_with("/busy") {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            let reuses = session.get_keepalive_reuses_remaining();
+            let _ = self.0.send(Ok((path, reuses)));
             None
         }
     }
@@ -235,8 +284,8 @@ mod tests {
         session: ServerSession,
     }
 
-    /// A connection from `client` to an [`IdleFirst`] with 1 s timeouts; its session says
-    /// 7 reuses are left.
+    /// A connection from `client` to an [`IdleFirst`] with 1 s idle and read timeouts and
+    /// a 2 s header timeout; its session says 7 reuses are left.
     async fn rig() -> Rig {
         let (tx, seen) = mpsc::unbounded_channel();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -247,6 +296,7 @@ mod tests {
         let timeouts = ClientTimeouts {
             idle: Duration::from_secs(1),
             read: Duration::from_secs(1),
+            header: Duration::from_secs(2),
         };
         let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(server));
         let mut session = ServerSession::new_http1(stream);
@@ -334,6 +384,44 @@ mod tests {
             "{seen:?}"
         );
         assert!(serving.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_header_trickling_in_is_cut_off_and_a_long_request_is_not() {
+        let Rig {
+            app,
+            mut seen,
+            mut client,
+            session,
+        } = rig().await;
+        let serving = serve(&app, session);
+        // A byte every 300 ms: each read is in time, the whole header is not.
+        let mut cut = false;
+        for byte in b"GET /trickle HTTP/1.1\r\nHost: a\r\n\r\n" {
+            if client.write_all(&[*byte]).await.is_err() {
+                cut = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(cut, "the whole header went in");
+        assert!(serving.await.unwrap());
+        assert!(seen.try_recv().is_err(), "the app saw a request");
+
+        // A request whose header is in runs as long as it takes.
+        let Rig {
+            app,
+            mut seen,
+            mut client,
+            session,
+        } = rig().await;
+        let serving = serve(&app, session);
+        client
+            .write_all(b"GET /busy HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(serving.await.unwrap());
+        assert_eq!(seen.recv().await, Some(Ok(("/busy".to_string(), Some(7)))));
     }
 
     #[tokio::test]

@@ -63,6 +63,9 @@ pub struct EdgeSettings {
     /// How long a client may stay silent in the middle of a request (each read of its
     /// header or body; then closed): the bound on slowloris clients.
     pub client_timeout: Duration,
+    /// How long a request's whole header may take to arrive, from its first byte (then the
+    /// connection is closed): the bound on clients that trickle a header in.
+    pub header_timeout: Duration,
     /// The largest request header accepted (then 431), in bytes.
     pub max_header_bytes: usize,
     /// Requests per VM per second (burst twice that); none when `None`.
@@ -101,6 +104,7 @@ impl EdgeSettings {
             upstream_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             client_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
             rate_limit: None,
             h2_streams_per_connection: 128,

@@ -21,6 +21,7 @@ use vmedge_registry::{Registry, RouteError};
 
 use crate::activity::{Activity, VmActivity};
 use crate::answers::{self, Refusal};
+use crate::idle::HeaderRead;
 use crate::ids::RequestIds;
 use crate::metrics::Metrics;
 use crate::wake::{WakeError, Waker};
@@ -261,6 +262,19 @@ impl ProxyHttp for EdgeProxy {
             peer_chosen: None,
             sent: None,
             open: false,
+        }
+    }
+
+    /// pingora calls this right after reading a request's header, when the session
+    /// carries a connection context: the edge's is the header timeout's signal.
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        prev_ctx: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(read) = prev_ctx.downcast::<HeaderRead>() {
+            read.done();
         }
     }
 

@@ -152,6 +152,7 @@ impl EdgeServer {
         let timeouts = ClientTimeouts {
             idle: settings.idle_timeout,
             read: settings.client_timeout,
+            header: settings.header_timeout,
         };
         let mut proxy = pingora::proxy::http_proxy(&conf, proxy);
         proxy.server_options = Some(options);

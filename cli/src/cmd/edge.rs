@@ -38,6 +38,7 @@ pub fn edge_settings(config: &Config, upgrade: bool) -> EdgeSettings {
     s.upstream_timeout = config.edge.upstream_timeout;
     s.idle_timeout = config.edge.idle_timeout;
     s.client_timeout = config.edge.client_timeout;
+    s.header_timeout = config.edge.header_timeout;
     s.rate_limit = RateLimit::per_second_burst_twice(config.edge.rate_limit);
     s.threads = config.edge.threads;
     s.max_header_bytes = config.edge.max_header_bytes;
