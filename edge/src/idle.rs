@@ -277,16 +277,19 @@ mod tests {
         }
     }
 
-    struct Rig {
+    /// A connection being served by an [`IdleFirst`] (1 s idle and read timeouts, a 2 s
+    /// header timeout) on a task; its session said 7 reuses were left.
+    struct Served {
         app: Arc<IdleFirst<Recorder>>,
+        /// What the app saw.
         seen: mpsc::UnboundedReceiver<Seen>,
+        /// The client's end.
         client: TcpStream,
-        session: ServerSession,
+        /// Ends with whether the session ended without a reusable stream.
+        serving: tokio::task::JoinHandle<bool>,
     }
 
-    /// A connection from `client` to an [`IdleFirst`] with 1 s idle and read timeouts and
-    /// a 2 s header timeout; its session says 7 reuses are left.
-    async fn rig() -> Rig {
+    async fn served() -> Served {
         let (tx, seen) = mpsc::unbounded_channel();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
@@ -300,142 +303,107 @@ mod tests {
         };
         let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(server));
         let mut session = ServerSession::new_http1(stream);
+        // pingora's own settings after an HTTP/1.1 request: keep-alive with no timeout.
         session.set_keepalive(Some(0));
         session.set_keepalive_reuses_remaining(Some(7));
-        Rig {
-            app: Arc::new(IdleFirst::new(Recorder(tx), timeouts)),
+        let app = Arc::new(IdleFirst::new(Recorder(tx), timeouts));
+        let serving = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let (_tx, shutdown) = tokio::sync::watch::channel(false);
+                app.process_new_http(session, &shutdown).await.is_none()
+            })
+        };
+        Served {
+            app,
             seen,
             client,
-            session,
+            serving,
         }
-    }
-
-    /// Serves the rig's session on a task; whether it ended without a reusable stream.
-    fn serve(
-        app: &Arc<IdleFirst<Recorder>>,
-        session: ServerSession,
-    ) -> tokio::task::JoinHandle<bool> {
-        let app = app.clone();
-        tokio::spawn(async move {
-            let (_tx, shutdown) = tokio::sync::watch::channel(false);
-            app.process_new_http(session, &shutdown).await.is_none()
-        })
     }
 
     #[tokio::test]
     async fn a_request_arriving_later_reaches_the_app_whole_with_its_settings() {
-        let Rig {
-            app,
-            mut seen,
-            mut client,
-            session,
-        } = rig().await;
-        let serving = serve(&app, session);
+        let mut s = served().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(seen.try_recv().is_err(), "the app ran before any byte came");
-        client
+        assert!(
+            s.seen.try_recv().is_err(),
+            "the app ran before any byte came"
+        );
+        s.client
             .write_all(b"GET /later HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();
-        assert_eq!(seen.recv().await, Some(Ok(("/later".to_string(), Some(7)))));
-        assert!(serving.await.unwrap());
+        let seen = s.seen.recv().await;
+        assert_eq!(seen, Some(Ok(("/later".to_string(), Some(7)))));
+        assert!(s.serving.await.unwrap());
     }
 
     #[tokio::test]
     async fn a_closed_or_silent_connection_never_reaches_the_app() {
-        let Rig {
-            app,
-            mut seen,
-            client,
-            session,
-        } = rig().await;
-        drop(client);
-        assert!(serve(&app, session).await.unwrap());
-        assert!(seen.try_recv().is_err());
+        let mut closed = served().await;
+        drop(closed.client);
+        assert!(closed.serving.await.unwrap());
+        assert!(closed.seen.try_recv().is_err());
 
-        // pingora would wait for ever: the session says keep-alive with no timeout.
-        let Rig {
-            app,
-            mut seen,
-            client: _client,
-            session,
-        } = rig().await;
+        // pingora alone would wait for ever.
         let started = Instant::now();
-        assert!(serve(&app, session).await.unwrap());
+        let mut silent = served().await;
+        assert!(silent.serving.await.unwrap());
         assert!(started.elapsed() >= Duration::from_secs(1));
-        assert!(seen.try_recv().is_err());
+        assert!(silent.seen.try_recv().is_err());
     }
 
     #[tokio::test]
     async fn a_request_stalling_mid_header_times_out() {
-        let Rig {
-            app,
-            mut seen,
-            mut client,
-            session,
-        } = rig().await;
-        let serving = serve(&app, session);
-        client.write_all(b"GET /slow HTTP/1.1\r\nHo").await.unwrap();
-        let seen = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+        let mut s = served().await;
+        s.client
+            .write_all(b"GET /slow HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(30), s.seen.recv())
             .await
             .expect("the header read never timed out");
         assert!(
             matches!(&seen, Some(Err(e)) if e.contains("timeout")),
             "{seen:?}"
         );
-        assert!(serving.await.unwrap());
+        assert!(s.serving.await.unwrap());
     }
 
     #[tokio::test]
     async fn a_header_trickling_in_is_cut_off_and_a_long_request_is_not() {
-        let Rig {
-            app,
-            mut seen,
-            mut client,
-            session,
-        } = rig().await;
-        let serving = serve(&app, session);
+        let mut trickle = served().await;
         // A byte every 300 ms: each read is in time, the whole header is not.
         let mut cut = false;
         for byte in b"GET /trickle HTTP/1.1\r\nHost: a\r\n\r\n" {
-            if client.write_all(&[*byte]).await.is_err() {
+            if trickle.client.write_all(&[*byte]).await.is_err() {
                 cut = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         assert!(cut, "the whole header went in");
-        assert!(serving.await.unwrap());
-        assert!(seen.try_recv().is_err(), "the app saw a request");
+        assert!(trickle.serving.await.unwrap());
+        assert!(trickle.seen.try_recv().is_err(), "the app saw a request");
 
         // A request whose header is in runs as long as it takes.
-        let Rig {
-            app,
-            mut seen,
-            mut client,
-            session,
-        } = rig().await;
-        let serving = serve(&app, session);
-        client
+        let mut busy = served().await;
+        busy.client
             .write_all(b"GET /busy HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();
-        assert!(serving.await.unwrap());
-        assert_eq!(seen.recv().await, Some(Ok(("/busy".to_string(), Some(7)))));
+        assert!(busy.serving.await.unwrap());
+        let seen = busy.seen.recv().await;
+        assert_eq!(seen, Some(Ok(("/busy".to_string(), Some(7)))));
     }
 
     #[tokio::test]
     async fn stopping_ends_the_wait() {
-        let Rig {
-            app,
-            mut seen,
-            client: _client,
-            session,
-        } = rig().await;
-        let serving = serve(&app, session);
+        let mut s = served().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        app.http_cleanup().await;
-        assert!(serving.await.unwrap());
-        assert!(seen.try_recv().is_err());
+        s.app.http_cleanup().await;
+        assert!(s.serving.await.unwrap());
+        assert!(s.seen.try_recv().is_err());
     }
 }
