@@ -242,16 +242,11 @@ impl FirewallBackend for NftBackend {
             return result;
         }
         self.run(&update.text())?;
-        netlink.known_sets.extend(
-            update
-                .ops
-                .iter()
-                .flat_map(|op| match op {
-                    Op::AddBlockSet(set) => Some(set.all_shards()),
-                    _ => None,
-                })
-                .flatten(),
-        );
+        for op in &update.ops {
+            if let Op::AddBlockSet(set) = op {
+                netlink.known_sets.extend(set.all_shards());
+            }
+        }
         Ok(())
     }
 

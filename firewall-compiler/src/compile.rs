@@ -467,10 +467,12 @@ impl Update<'_> {
         let t = names::TABLE;
         let mut out = Out::new();
         emit!(out, "# vmedge: {} VMs changed", self.changed);
+        // Every changed VM names the sets it uses; each is declared (in every shard) once.
+        let mut declared = BTreeSet::new();
         for op in &self.ops {
             match op {
                 Op::AddBlockSet(set) => {
-                    for set in set.all_shards() {
+                    for set in set.all_shards().filter(|s| declared.insert(*s)) {
                         emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration());
                     }
                 }
@@ -739,6 +741,25 @@ mod tests {
             )),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_update_declares_each_block_set_once_in_every_shard() {
+        // Both VMs use the ingress tcp6 set of block 0, in shards 1 and 2.
+        let text = update(&BTreeMap::new(), &sections(&vms(TWO)))
+            .unwrap()
+            .text();
+        let declared: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add set inet vmedge in_b0_tcp6_s"))
+            .collect();
+        assert_eq!(
+            declared.len(),
+            usize::from(names::BLOCK_SET_SHARDS),
+            "{text}"
+        );
+        let distinct: BTreeSet<&str> = declared.iter().copied().collect();
+        assert_eq!(distinct.len(), declared.len());
     }
 
     #[test]
