@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::v1::server::HttpSession as Http1Session;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
@@ -128,10 +129,7 @@ impl<A> IdleFirst<A> {
     /// pingora keeps an HTTP/1.1 connection alive with no timeout at all after its first
     /// request, and then reads the next request's header with none either; here the wait
     /// is bounded by the idle timeout and each read of the request by the read timeout.
-    async fn next_request(&self, session: ServerSession) -> Option<(ServerSession, bool)> {
-        let ServerSession::H1(h1) = session else {
-            return Some((session, true));
-        };
+    async fn next_request(&self, h1: Http1Session) -> Option<(ServerSession, bool)> {
         if h1.pipelining_enabled() {
             // The previous request may have left the next one in the session's buffer.
             return Some((ServerSession::H1(h1), true));
@@ -179,10 +177,10 @@ where
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        if !matches!(session, ServerSession::H1(_)) {
+        let ServerSession::H1(h1) = session else {
             return self.app.process_new_http(session, shutdown).await;
-        }
-        let (mut session, seen) = self.next_request(session).await?;
+        };
+        let (mut session, seen) = self.next_request(h1).await?;
         let (read, header) = oneshot::channel();
         session.set_connection_user_context(Some(Box::new(HeaderRead(read))));
         // From the first byte, or (when that could not be seen) after the idle wait.
