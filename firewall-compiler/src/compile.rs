@@ -190,6 +190,18 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
     assemble_in(worker, sections, options, chunks_for(sections.len()))
 }
 
+/// The block sets a table holding `sections` declares: each one they use, in every shard,
+/// so that no VM is ever the first of its shard to need a set.
+pub fn declared_block_sets<'a>(
+    sections: impl IntoIterator<Item = &'a VmSection>,
+) -> BTreeSet<BlockSet> {
+    let used: BTreeSet<BlockSet> = sections
+        .into_iter()
+        .flat_map(|s| s.sets().copied())
+        .collect();
+    used.into_iter().flat_map(BlockSet::all_shards).collect()
+}
+
 /// [`assemble`] with the VMs' text written in `chunks` parts (one thread each).
 fn assemble_in(
     worker: &str,
@@ -214,8 +226,7 @@ fn assemble_in(
     out.text.reserve(elements + chains + 4096);
     base(&mut out, worker, sections.len(), options);
     let t = names::TABLE;
-    let used: BTreeSet<BlockSet> = sections.iter().flat_map(|s| s.sets().copied()).collect();
-    let sets: BTreeSet<BlockSet> = used.iter().flat_map(BlockSet::all_shards).collect();
+    let sets = declared_block_sets(sections.iter().copied());
     if !sets.is_empty() {
         emit!(
             out,

@@ -84,10 +84,10 @@ impl BlockSet {
         }
     }
 
-    /// The same set in every shard, this one included: a table declares them together,
-    /// so a VM is never the first of its shard to need one.
-    pub fn all_shards(&self) -> impl Iterator<Item = BlockSet> + '_ {
-        (0..names::BLOCK_SET_SHARDS).map(|shard| BlockSet { shard, ..*self })
+    /// The same set in every shard, this one included (see
+    /// [`declared_block_sets`](crate::compile::declared_block_sets)).
+    pub fn all_shards(self) -> impl Iterator<Item = BlockSet> {
+        (0..names::BLOCK_SET_SHARDS).map(move |shard| BlockSet { shard, ..self })
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmedge_firewall::compile::FORWARD_RULES;
+use vmedge_firewall::compile::{declared_block_sets, FORWARD_RULES};
 use vmedge_firewall::{
     assemble, compile_vm_with, names, update, Canonicals, CompileOptions, FirewallBackend,
     FirewallError, VmSection,
@@ -144,15 +144,12 @@ impl<B: FirewallBackend> Reconciler<B> {
         let live = self.backend.live_table()?;
         let mut expected_objects = std::collections::BTreeSet::new();
         let mut expected_rules = BTreeMap::new();
-        let mut block_sets = std::collections::BTreeSet::new();
         for section in applied.values() {
             expected_objects.extend(section.objects());
-            block_sets.extend(section.sets().copied());
             expected_rules.extend(section.rule_counts());
         }
-        // A table declares each block set in every shard.
-        let all_shards = block_sets.iter().flat_map(|s| s.all_shards());
-        expected_objects.extend(all_shards.map(|s| s.to_string()));
+        let block_sets = declared_block_sets(applied.values().map(Arc::as_ref));
+        expected_objects.extend(block_sets.iter().map(ToString::to_string));
         expected_rules.insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
         let drift = if live.objects != expected_objects {
             let missing = expected_objects.difference(&live.objects).count();
