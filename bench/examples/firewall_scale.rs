@@ -40,7 +40,7 @@ fn main() {
         let before: std::collections::BTreeMap<_, _> = state
             .vms
             .iter()
-            .map(|v| (v.id, vmedge_firewall::compile_vm(v, &options)))
+            .map(|v| (v.id, vmedge_firewall::compile_vm(v)))
             .collect();
         let mut one_vm = Vec::new();
         for (rules, variant) in [(20, 1), (21, 0)] {
@@ -51,9 +51,9 @@ fn main() {
                     .value
                     .vms[0]
                     .clone();
-            changed.insert(vm.id, vmedge_firewall::compile_vm(&vm, &options));
-            let there = vmedge_firewall::update(&before, &changed).unwrap();
-            let back = vmedge_firewall::update(&changed, &before).unwrap();
+            changed.insert(vm.id, vmedge_firewall::compile_vm(&vm));
+            let there = vmedge_firewall::update(&before, &changed, &options).unwrap();
+            let back = vmedge_firewall::update(&changed, &before, &options).unwrap();
             let mut times = Vec::new();
             for _ in 0..flips {
                 for update in [&there, &back] {

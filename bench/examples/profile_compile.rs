@@ -26,7 +26,7 @@ fn main() {
     let options = vmedge_firewall::CompileOptions::new(vec!["fd5e:ed00:ff::53".parse().unwrap()]);
     for _ in 0..rounds {
         let t = Instant::now();
-        let sections = vmedge_firewall::compile_sections(&state.vms, &options);
+        let sections = vmedge_firewall::compile_sections(&state.vms);
         let compiled = t.elapsed();
         let t = Instant::now();
         let refs: Vec<_> = sections.iter().collect();

@@ -11,7 +11,6 @@ use crate::compile::{Op, Ruleset, Update};
 use crate::errors::FirewallError;
 use crate::names;
 use crate::netlink::{encode_update, NetlinkSocket, MAX_BATCH};
-use crate::section::BlockSet;
 
 /// The oldest nftables whose syntax and features the generated text needs.
 pub const NFT_MIN_VERSION: (u32, u32, u32) = (1, 0, 0);
@@ -64,8 +63,6 @@ struct Netlink {
     netns: Option<String>,
     /// Opened on first use, dropped after an I/O error.
     socket: Option<NetlinkSocket>,
-    /// Shared block sets the live table has (set by full applies and text updates).
-    known_sets: BTreeSet<BlockSet>,
     /// Updates committed over netlink.
     committed: u64,
 }
@@ -203,16 +200,11 @@ fn refusal(stderr: &str, text: &str) -> FirewallError {
 impl FirewallBackend for NftBackend {
     fn apply(&self, ruleset: &Ruleset) -> Result<(), FirewallError> {
         let live = self.live_objects()?;
-        self.run(&ruleset.with_deletions(&live))?;
-        if let Some(netlink) = &self.netlink {
-            let mut netlink = netlink.lock().unwrap_or_else(PoisonError::into_inner);
-            netlink.known_sets.clone_from(&ruleset.block_sets);
-        }
-        Ok(())
+        self.run(&ruleset.with_deletions(&live))
     }
 
-    /// One netlink batch when it can (its cost does not grow with the table), else
-    /// `nft -f` with the update's text.
+    /// One netlink batch (its cost does not grow with the table), or `nft -f` with the
+    /// update's text when there is no socket or the batch is too large.
     fn apply_update(&self, update: &Update<'_>) -> Result<(), FirewallError> {
         let Some(netlink) = &self.netlink else {
             return self.run(&update.text());
@@ -224,15 +216,25 @@ impl FirewallBackend for NftBackend {
                 None => NetlinkSocket::open().ok(),
             };
         }
-        let Netlink {
-            socket, known_sets, ..
-        } = &mut *netlink;
-        let batch = socket.as_ref().and_then(|s| {
-            encode_update(update, known_sets, s.next_seq())
-                .ok()
+        let batch = netlink.socket.as_mut().and_then(|s| {
+            // The live handles of the chains it edits: a chain it cannot read is
+            // rewritten whole.
+            let mut handles = BTreeMap::new();
+            for op in &update.ops {
+                if let Op::Chain {
+                    direction, shard, ..
+                } = op
+                {
+                    let chain = names::shard_chain(*direction, *shard);
+                    if let Ok(h) = s.rule_handles(&chain) {
+                        handles.insert(chain, h);
+                    }
+                }
+            }
+            Some(encode_update(update, s.next_seq(), &handles))
                 .filter(|batch| batch.size_bytes() <= MAX_BATCH)
         });
-        if let (Some(batch), Some(socket)) = (batch, socket.as_mut()) {
+        if let (Some(batch), Some(socket)) = (batch, netlink.socket.as_mut()) {
             let result = socket.commit(batch);
             match result {
                 Ok(()) => netlink.committed += 1,
@@ -241,13 +243,7 @@ impl FirewallBackend for NftBackend {
             }
             return result;
         }
-        self.run(&update.text())?;
-        for op in &update.ops {
-            if let Op::AddBlockSet(set) = op {
-                netlink.known_sets.extend(set.all_shards());
-            }
-        }
-        Ok(())
+        self.run(&update.text())
     }
 
     /// `nft -f -` with `text`; a refusal is mapped to the generated line it names.

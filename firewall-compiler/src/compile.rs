@@ -7,9 +7,11 @@
 //! stays. Deleting the objects of VMs that left needs the live table: see `backend`.
 //!
 //! The forward hook: established/related accepted, invalid dropped, essential ICMPv6
-//! accepted; then the VM's egress chain (by tap, else by IPv6 source) and the VM's
-//! ingress chain (by tap, else by IPv6 destination). VM chains `return` on allow and
-//! `drop` on deny, so traffic between two VMs of a worker passes both policies.
+//! accepted, a VM behind a tap may send only from its own addresses; then the egress
+//! chain of the VM's shard (by tap, else by IPv6 source) and the ingress chain of the
+//! destination VM's shard (by tap, else by IPv6 destination). Shard chains `return` on
+//! allow and `drop` on deny, so traffic between two VMs of a worker passes both policies.
+//! What a shard chain holds: see `shard`.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,11 +23,12 @@ use ipnet::IpNet;
 use vmedge_model::{Vm, VmId};
 
 use crate::canonical::Family;
-use crate::names;
+use crate::names::{self, Direction};
 use crate::section::addr_type;
 pub use crate::section::{
-    compile_vm, compile_vm_with, BlockSet, Canonicals, Dispatch, Element, VmRule, VmSection,
+    compile_vm, compile_vm_with, BlockMap, Canonicals, Dispatch, Element, Member, VmSection,
 };
+use crate::shard::{render_chain, shard_rules, shard_uses, ShardRule};
 
 struct Out {
     text: String,
@@ -88,20 +91,24 @@ pub fn parse_address_list(text: &str) -> Vec<IpNet> {
         .collect()
 }
 
-/// A compiled transaction, and the per-VM objects it defines.
+/// A compiled transaction, and the objects it defines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     /// The `nft -f` text.
     pub text: String,
-    /// Names of the per-VM chains and sets the text defines (what a sync keeps). A hash
-    /// set: 10k VMs name 60k objects, and ordered inserts were a tenth of a compile.
+    /// Names of the managed objects the text defines (what a sync keeps): shard chains,
+    /// block maps and fqdn sets. A hash set: 10k VMs name 20k fqdn sets, and ordered
+    /// inserts were a tenth of a compile.
     pub objects: HashSet<String>,
-    /// The shared block sets it defines.
-    pub block_sets: BTreeSet<BlockSet>,
+    /// The block maps it defines.
+    pub maps: BTreeSet<BlockMap>,
+    /// How many VMs it holds.
+    pub vms: usize,
 }
 
 impl Ruleset {
-    /// The text plus the deletion of live per-VM objects this ruleset no longer has.
+    /// The text plus the deletion of live managed objects this ruleset no longer has
+    /// (including the per-VM chains and block sets of older versions).
     pub fn with_deletions(&self, live: &BTreeSet<String>) -> String {
         let mut out = Out::new();
         out.text = self.text.clone();
@@ -131,7 +138,7 @@ const ICMPV6_ESSENTIAL: &[&str] = &[
 ];
 
 /// The number of rules the base chain holds after a full sync.
-pub const FORWARD_RULES: usize = 7;
+pub const FORWARD_RULES: usize = 9;
 
 /// Rules per chain that a transaction text adds (`add rule inet vmedge CHAIN ...`).
 pub fn rule_counts(text: &str) -> BTreeMap<String, usize> {
@@ -154,27 +161,24 @@ pub fn compile<'a>(
     vms: impl IntoIterator<Item = &'a Vm>,
     options: &CompileOptions,
 ) -> Ruleset {
-    let sections = compile_sections(vms, options);
+    let sections = compile_sections(vms);
     let sections: Vec<&VmSection> = sections.iter().collect();
     assemble(worker, &sections, options)
 }
 
 /// Each VM's section (a chunk of VMs per core), sorted by VM id.
-pub fn compile_sections<'a>(
-    vms: impl IntoIterator<Item = &'a Vm>,
-    options: &CompileOptions,
-) -> Vec<VmSection> {
+pub fn compile_sections<'a>(vms: impl IntoIterator<Item = &'a Vm>) -> Vec<VmSection> {
     let vms: Vec<&Vm> = vms.into_iter().collect();
-    compile_sections_in(&vms, options, chunks_for(vms.len()))
+    compile_sections_in(&vms, chunks_for(vms.len()))
 }
 
 /// [`compile_sections`] in `chunks` parts (one thread each).
-fn compile_sections_in(vms: &[&Vm], options: &CompileOptions, chunks: usize) -> Vec<VmSection> {
+fn compile_sections_in(vms: &[&Vm], chunks: usize) -> Vec<VmSection> {
     let mut sections: Vec<VmSection> = in_parallel(vms, chunks, |chunk| {
         let mut canonicals = Canonicals::default();
         let compiled: Vec<VmSection> = chunk
             .iter()
-            .map(|vm| compile_vm_with(vm, options, &mut canonicals))
+            .map(|vm| compile_vm_with(vm, &mut canonicals))
             .collect();
         compiled
     })
@@ -190,16 +194,48 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
     assemble_in(worker, sections, options, chunks_for(sections.len()))
 }
 
-/// The block sets a table holding `sections` declares: each one they use, in every shard,
-/// so that no VM is ever the first of its shard to need a set.
-pub fn declared_block_sets<'a>(
-    sections: impl IntoIterator<Item = &'a VmSection>,
-) -> BTreeSet<BlockSet> {
-    let used: BTreeSet<BlockSet> = sections
+/// What a table holding some sections has, as a listing shows it: what a drift check
+/// compares with the live table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// Managed objects: shard chains, block maps and fqdn sets.
+    pub objects: BTreeSet<String>,
+    /// Rules per chain, the base chain's included.
+    pub rules: BTreeMap<String, usize>,
+}
+
+/// The [`TableShape`] of a table holding `sections`.
+pub fn table_shape<'a>(
+    sections: impl IntoIterator<Item = &'a VmSection> + Clone,
+    options: &CompileOptions,
+) -> TableShape {
+    let mut shape = TableShape::default();
+    for section in sections.clone() {
+        shape.objects.extend(section.objects());
+    }
+    let maps = declared_maps(sections.clone());
+    shape.objects.extend(maps.iter().map(ToString::to_string));
+    let uses = shard_uses(sections, None);
+    for (shard, shard_use) in (0..names::SHARDS).zip(&uses) {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let chain = names::shard_chain(direction, shard);
+            let rules = shard_rules(direction, shard, shard_use, &options.dns_gates);
+            shape.rules.insert(chain.clone(), rules.len());
+            shape.objects.insert(chain);
+        }
+    }
+    shape
+        .rules
+        .insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
+    shape
+}
+
+/// The block maps a table holding `sections` has: each map a VM of a shard uses.
+pub fn declared_maps<'a>(sections: impl IntoIterator<Item = &'a VmSection>) -> BTreeSet<BlockMap> {
+    sections
         .into_iter()
-        .flat_map(|s| s.sets().copied())
-        .collect();
-    used.into_iter().flat_map(BlockSet::all_shards).collect()
+        .flat_map(|s| s.maps().copied())
+        .collect()
 }
 
 /// [`assemble`] with the VMs' text written in `chunks` parts (one thread each).
@@ -212,69 +248,96 @@ fn assemble_in(
     let mut out = Out::new();
     // One allocation for each text: growing a large string by doubling copies it over
     // and over (this was a tenth of a 10k-VM compile).
-    let size = |sections: &[&VmSection]| -> (usize, usize) {
+    let size = |sections: &[&VmSection]| -> usize {
         let elements = sections
             .iter()
             .map(|s| s.elements.values().map(BTreeSet::len).sum::<usize>());
-        let rules = sections.iter().map(|s| s.ingress.len() + s.egress.len());
-        (
-            64 * elements.sum::<usize>(),
-            sections.len() * 1024 + 160 * rules.sum::<usize>(),
-        )
+        64 * elements.sum::<usize>() + sections.len() * 256
     };
-    let (elements, chains) = size(sections);
-    out.text.reserve(elements + chains + 4096);
+    out.text.reserve(size(sections) + 256 * 1024);
     base(&mut out, worker, sections.len(), options);
     let t = names::TABLE;
-    let sets = declared_block_sets(sections.iter().copied());
-    if !sets.is_empty() {
+    let maps = declared_maps(sections.iter().copied());
+    if !maps.is_empty() {
         emit!(
             out,
-            "# -- block sets shared by the VMs: elements are <vm address> . <far side> [. <ports>]"
+            "# -- block maps of the shards: <vm address> . <far side> [. <ports>] : verdict"
         );
     }
-    for set in &sets {
-        emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration());
-        emit!(out, "flush set inet {t} {set}");
-        out.objects.insert(set.to_string());
+    for map in &maps {
+        emit!(out, "add map inet {t} {map} {{ {} }}", map.declaration());
+        emit!(out, "flush map inet {t} {map}");
+        out.objects.insert(map.to_string());
     }
-    // The VMs' own text (their elements, then their chains) is most of a ruleset: written
-    // a chunk of VMs per core, then joined in order.
+    // The VMs' own text (fqdn sets, then elements) is most of a ruleset: written a chunk
+    // of VMs per core, then joined in order.
     let parts = in_parallel(sections, chunks, |chunk| {
-        let (elements, chains) = size(chunk);
         let mut part = Part {
-            elements: String::with_capacity(elements),
-            chains: String::with_capacity(chains),
-            objects: Vec::with_capacity(chunk.len() * 4),
+            text: String::with_capacity(size(chunk)),
+            objects: Vec::new(),
         };
         for section in chunk {
-            for (set, elements) in &section.elements {
-                element_line(&mut part.elements, "add", set, elements.iter());
+            if !section.fqdn_sets.is_empty() {
+                part.text.push_str(&section.comment());
+                part.text.push('\n');
             }
-            section.render(&mut part.chains);
-            part.objects.extend(section.chains());
-            let fqdn_sets = section.fqdn_sets().map(|(set, _)| set.to_string());
-            part.objects.extend(fqdn_sets);
+            for (set, family) in &section.fqdn_sets {
+                // Added, never flushed: the DNS gate's entries survive every sync.
+                let _ = writeln!(
+                    part.text,
+                    "add set inet {t} {set} {{ type {}; flags timeout; }}",
+                    addr_type(*family)
+                );
+                part.objects.push(set.clone());
+            }
+            for (map, elements) in &section.elements {
+                element_line(&mut part.text, "add", map, elements.iter());
+            }
         }
         part
     });
-    for part in &parts {
-        out.text.push_str(&part.elements);
-    }
     for part in parts {
-        out.text.push_str(&part.chains);
+        out.text.push_str(&part.text);
         out.objects.extend(part.objects);
+    }
+    let mut members: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for section in sections {
+        for member in &section.members {
+            members
+                .entry(member.set())
+                .or_default()
+                .push(member.to_text());
+        }
+    }
+    if !members.is_empty() {
+        emit!(out, "# -- the VMs in the worker-wide sets");
+    }
+    for (set, elements) in &members {
+        emit!(
+            out,
+            "add element inet {t} {set} {{ {} }}",
+            elements.join(", ")
+        );
+    }
+    emit!(out, "# -- the shards' chains");
+    let uses = shard_uses(sections.iter().copied(), None);
+    for (shard, shard_use) in (0..names::SHARDS).zip(&uses) {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let rules = shard_rules(direction, shard, shard_use, &options.dns_gates);
+            render_chain(&mut out.text, direction, shard, &rules);
+            out.objects.insert(names::shard_chain(direction, shard));
+        }
     }
     let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for section in sections {
-        for ((map, key), chain) in section.dispatch.entries().into_iter().zip(section.chains()) {
+        for (map, key, chain) in dispatch_entries(&section.dispatch, section.shard()) {
             map_elements
                 .entry(map)
                 .or_default()
                 .push(format!("{key} : jump {chain}"));
         }
     }
-    emit!(out, "# -- dispatch to the VMs' chains");
+    emit!(out, "# -- dispatch to the shards' chains");
     for (map, elements) in &map_elements {
         emit!(
             out,
@@ -282,7 +345,18 @@ fn assemble_in(
             elements.join(", ")
         );
     }
-    let f = names::FORWARD_CHAIN;
+    forward_rules(&mut out);
+    Ruleset {
+        text: out.text,
+        objects: out.objects,
+        maps,
+        vms: sections.len(),
+    }
+}
+
+/// The base chain's rules ([`FORWARD_RULES`] of them).
+fn forward_rules(out: &mut Out) {
+    let (t, f) = (names::TABLE, names::FORWARD_CHAIN);
     emit!(
         out,
         "add rule inet {t} {f} ct state established,related accept"
@@ -293,37 +367,43 @@ fn assemble_in(
         "add rule inet {t} {f} icmpv6 type @{} accept",
         names::ICMPV6_ESSENTIAL
     );
-    emit!(
-        out,
-        "add rule inet {t} {f} iifname vmap @{}",
-        names::EGRESS_BY_IF
-    );
-    emit!(
-        out,
-        "add rule inet {t} {f} ip6 saddr vmap @{}",
-        names::EGRESS_BY_ADDR
-    );
-    emit!(
-        out,
-        "add rule inet {t} {f} oifname vmap @{}",
-        names::INGRESS_BY_IF
-    );
-    emit!(
-        out,
-        "add rule inet {t} {f} ip6 daddr vmap @{}",
-        names::INGRESS_BY_ADDR
-    );
-    Ruleset {
-        text: out.text,
-        objects: out.objects,
-        block_sets: sets,
+    for (ip, set) in [("ip6", names::TAP_SRC6), ("ip", names::TAP_SRC4)] {
+        emit!(
+            out,
+            "add rule inet {t} {f} iifname @{} iifname . {ip} saddr != @{set} drop comment \"anti-spoof\"",
+            names::TAP_VMS
+        );
     }
+    for (key, map) in [
+        ("iifname", names::EGRESS_BY_IF),
+        ("ip6 saddr", names::EGRESS_BY_ADDR),
+        ("oifname", names::INGRESS_BY_IF),
+        ("ip6 daddr", names::INGRESS_BY_ADDR),
+    ] {
+        emit!(out, "add rule inet {t} {f} {key} vmap @{map}");
+    }
+}
+
+/// A VM's two dispatch entries, egress first: (map, key as nft writes it, shard chain).
+pub fn dispatch_entries(dispatch: &Dispatch, shard: u8) -> [(&'static str, String, String); 2] {
+    let [(egress_map, key), (ingress_map, _)] = dispatch.entries();
+    [
+        (
+            egress_map,
+            key.clone(),
+            names::shard_chain(Direction::Egress, shard),
+        ),
+        (
+            ingress_map,
+            key,
+            names::shard_chain(Direction::Ingress, shard),
+        ),
+    ]
 }
 
 /// The text of a chunk of VMs, written apart from the others.
 struct Part {
-    elements: String,
-    chains: String,
+    text: String,
     objects: Vec<String>,
 }
 
@@ -365,11 +445,12 @@ fn in_parallel<T: Sync, R: Send>(
     })
 }
 
-/// `<verb> element inet vmedge <set> { a, b, ... }` (nothing for no elements).
+/// `add element inet vmedge <map> { k : v, ... }`, or `delete element ... { k, ... }`
+/// (nothing for no elements).
 fn element_line<'e>(
     out: &mut String,
     verb: &str,
-    set: &BlockSet,
+    map: &BlockMap,
     elements: impl Iterator<Item = &'e Element>,
 ) {
     let mut elements = elements.peekable();
@@ -377,18 +458,23 @@ fn element_line<'e>(
         return;
     }
     let _ = write!(out, "{verb} element inet {} ", names::TABLE);
-    set.push_name(out);
+    map.push_name(out);
     out.push_str(" { ");
     for (i, element) in elements.enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
-        element.push_to(out);
+        if verb == "delete" {
+            element.push_key(out);
+        } else {
+            element.push_to(out);
+        }
     }
     out.push_str(" }\n");
 }
 
-/// The table, base chain, maps and shared sets, flushed: what every full sync starts with.
+/// The table, base chain, maps and worker-wide sets, flushed: what every full sync
+/// starts with.
 fn base(out: &mut Out, worker: &str, vm_count: usize, options: &CompileOptions) {
     let t = names::TABLE;
     emit!(
@@ -410,6 +496,21 @@ fn base(out: &mut Out, worker: &str, vm_count: usize, options: &CompileOptions) 
     ] {
         emit!(out, "add map inet {t} {map} {{ type {key} : verdict; }}");
         emit!(out, "flush map inet {t} {map}");
+    }
+    let mut worker_sets = vec![
+        (names::TAP_VMS, "ifname"),
+        (names::TAP_SRC6, "ifname . ipv6_addr"),
+        (names::TAP_SRC4, "ifname . ipv4_addr"),
+        (names::BLOCK_BYPASS6, "ipv6_addr"),
+        (names::BLOCK_BYPASS4, "ipv4_addr"),
+    ];
+    for direction in [Direction::Ingress, Direction::Egress] {
+        worker_sets.push((names::default_deny(direction, true), "ifname"));
+        worker_sets.push((names::default_deny(direction, false), "ipv6_addr"));
+    }
+    for (set, key) in worker_sets {
+        emit!(out, "add set inet {t} {set} {{ type {key}; }}");
+        emit!(out, "flush set inet {t} {set}");
     }
     emit!(
         out,
@@ -454,22 +555,38 @@ pub struct Update<'a> {
 /// One step of an [`Update`].
 #[derive(Debug)]
 pub enum Op<'a> {
-    /// A shared block set a VM uses, declared in every shard (a no-op when it exists).
-    AddBlockSet(BlockSet),
-    /// A VM's chains (added, flushed, refilled) and fqdn sets (added).
-    Section(&'a VmSection),
-    /// A VM's elements leaving a shared set.
-    DeleteElements(BlockSet, Vec<&'a Element>),
-    /// A VM's elements entering a shared set.
-    AddElements(BlockSet, Vec<&'a Element>),
-    /// A chain of a VM that is gone: flushed (its rules hold sets), then deleted.
-    DeleteChain(String),
-    /// An fqdn set of a VM that is gone, or of a rule that is gone.
-    DeleteSet(String),
-    /// The map entries that lead to a VM's chains.
+    /// A block map new to its shard.
+    AddMap(BlockMap),
+    /// An fqdn set (a no-op when it exists; never flushed).
+    AddFqdnSet(&'a str, Family),
+    /// A VM's elements leaving a block map.
+    DeleteElements(BlockMap, Vec<&'a Element>),
+    /// A VM's elements entering a block map.
+    AddElements(BlockMap, Vec<&'a Element>),
+    /// A VM's entry leaving a worker-wide set.
+    DeleteMember(&'a Member),
+    /// A VM's entry entering a worker-wide set.
+    AddMember(&'a Member),
+    /// The map entries that lead a VM's packets to its shard's chains.
     AddDispatch(&'a VmSection),
     /// The map entries of a VM that is gone or moved.
     DeleteDispatch(&'a Dispatch),
+    /// A shard chain whose rules change from `was` to `is`: written as a flush and
+    /// refill, or (over netlink) as the rules deleted and inserted in place.
+    Chain {
+        /// Its direction.
+        direction: Direction,
+        /// Its shard.
+        shard: u8,
+        /// The rules it has.
+        was: Vec<ShardRule<'a>>,
+        /// The rules it gets.
+        is: Vec<ShardRule<'a>>,
+    },
+    /// A block map no VM of its shard uses any more.
+    DeleteMap(BlockMap),
+    /// An fqdn set of a VM that is gone, or of a rule that is gone.
+    DeleteSet(&'a str),
 }
 
 impl Update<'_> {
@@ -478,30 +595,36 @@ impl Update<'_> {
         let t = names::TABLE;
         let mut out = Out::new();
         emit!(out, "# vmedge: {} VMs changed", self.changed);
-        // Every changed VM names the sets it uses; each is declared (in every shard) once.
-        let mut declared = BTreeSet::new();
         for op in &self.ops {
             match op {
-                Op::AddBlockSet(set) => {
-                    for set in set.all_shards().filter(|s| declared.insert(*s)) {
-                        emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration());
-                    }
+                Op::AddMap(map) => {
+                    emit!(out, "add map inet {t} {map} {{ {} }}", map.declaration())
                 }
-                Op::Section(section) => section.render(&mut out.text),
-                Op::DeleteElements(set, elements) => {
-                    element_line(&mut out.text, "delete", set, elements.iter().copied())
+                Op::AddFqdnSet(set, family) => emit!(
+                    out,
+                    "add set inet {t} {set} {{ type {}; flags timeout; }}",
+                    addr_type(*family)
+                ),
+                Op::DeleteElements(map, elements) => {
+                    element_line(&mut out.text, "delete", map, elements.iter().copied())
                 }
-                Op::AddElements(set, elements) => {
-                    element_line(&mut out.text, "add", set, elements.iter().copied())
+                Op::AddElements(map, elements) => {
+                    element_line(&mut out.text, "add", map, elements.iter().copied())
                 }
-                Op::DeleteChain(chain) => {
-                    emit!(out, "flush chain inet {t} {chain}");
-                    emit!(out, "delete chain inet {t} {chain}");
-                }
-                Op::DeleteSet(set) => emit!(out, "delete set inet {t} {set}"),
+                Op::DeleteMember(member) => emit!(
+                    out,
+                    "delete element inet {t} {} {{ {} }}",
+                    member.set(),
+                    member.to_text()
+                ),
+                Op::AddMember(member) => emit!(
+                    out,
+                    "add element inet {t} {} {{ {} }}",
+                    member.set(),
+                    member.to_text()
+                ),
                 Op::AddDispatch(section) => {
-                    let entries = section.dispatch.entries();
-                    for ((map, key), chain) in entries.into_iter().zip(section.chains()) {
+                    for (map, key, chain) in dispatch_entries(&section.dispatch, section.shard()) {
                         emit!(out, "add element inet {t} {map} {{ {key} : jump {chain} }}");
                     }
                 }
@@ -510,6 +633,14 @@ impl Update<'_> {
                         emit!(out, "delete element inet {t} {map} {{ {key} }}");
                     }
                 }
+                Op::Chain {
+                    direction,
+                    shard,
+                    is,
+                    ..
+                } => render_chain(&mut out.text, *direction, *shard, is),
+                Op::DeleteMap(map) => emit!(out, "delete map inet {t} {map}"),
+                Op::DeleteSet(set) => emit!(out, "delete set inet {t} {set}"),
             }
         }
         out.text
@@ -517,24 +648,31 @@ impl Update<'_> {
 }
 
 /// The change that turns a table holding `previous` into one holding `next`, touching
-/// only the VMs that differ; `None` when nothing does. Both are keyed by VM id. The
-/// base objects must already be in place (a full sync made them). Sections may be
-/// shared (`Arc`): one that is the same object on both sides is not even compared.
+/// only the VMs that differ and the chains of their shards where what those look up
+/// changed; `None` when nothing does. Both are keyed by VM id. The base objects must
+/// already be in place (a full sync made them). Sections may be shared (`Arc`): one that
+/// is the same object on both sides is not even compared.
 pub fn update<'a, S: Borrow<VmSection>>(
     previous: &'a BTreeMap<VmId, S>,
     next: &'a BTreeMap<VmId, S>,
+    options: &CompileOptions,
 ) -> Option<Update<'a>> {
-    static NO_ELEMENTS: BTreeMap<BlockSet, BTreeSet<Element>> = BTreeMap::new();
-    let no_elements = &NO_ELEMENTS;
-    let mut ops = Vec::new();
+    static NO_ELEMENTS: BTreeMap<BlockMap, BTreeSet<Element>> = BTreeMap::new();
+    static NO_MEMBERS: BTreeSet<Member> = BTreeSet::new();
+    let mut changes = Vec::new();
     let mut changed = 0;
+    let mut dirty = BTreeSet::new();
+    let mut fqdn_sets_gone: Vec<&'a str> = Vec::new();
+    let mut fqdn_sets_new: Vec<(&'a str, Family)> = Vec::new();
     for (id, old) in previous {
         let old = old.borrow();
         if !next.contains_key(id) {
             changed += 1;
-            ops.push(Op::DeleteDispatch(&old.dispatch));
-            element_changes(&mut ops, &old.elements, no_elements);
-            delete_objects(&mut ops, &old.objects(), &BTreeSet::new());
+            dirty.insert(old.shard());
+            changes.push(Op::DeleteDispatch(&old.dispatch));
+            element_changes(&mut changes, &old.elements, &NO_ELEMENTS);
+            member_changes(&mut changes, &old.members, &NO_MEMBERS);
+            fqdn_sets_gone.extend(old.fqdn_sets.iter().map(|(set, _)| set.as_str()));
         }
     }
     for (id, new) in next {
@@ -544,75 +682,123 @@ pub fn update<'a, S: Borrow<VmSection>>(
             continue;
         }
         changed += 1;
-        // The shared sets may be new to the table (a VM with more blocks than any before).
-        ops.extend(new.sets().map(|set| Op::AddBlockSet(*set)));
-        // Rules the chains already hold are left alone: the kernel checks the whole table
-        // (every VM's chains, O(VMs)) when a transaction adds a rule, not when it only
-        // changes set elements (a changed CIDR or port range).
-        let same_chains = old.is_some_and(|o| o.ingress == new.ingress && o.egress == new.egress);
-        if !same_chains {
-            ops.push(Op::Section(new));
-        }
-        element_changes(
-            &mut ops,
-            old.map_or(no_elements, |o| &o.elements),
-            &new.elements,
-        );
-        if let Some(old) = old {
-            delete_objects(&mut ops, &old.objects(), &new.objects());
-            if old.dispatch != new.dispatch {
-                ops.push(Op::DeleteDispatch(&old.dispatch));
+        dirty.insert(new.shard());
+        let had = |set: &str| old.is_some_and(|o| o.fqdn_sets.iter().any(|(s, _)| s == set));
+        for (set, family) in &new.fqdn_sets {
+            if !had(set) {
+                fqdn_sets_new.push((set, *family));
             }
         }
+        if let Some(old) = old {
+            for (set, _) in &old.fqdn_sets {
+                if !new.fqdn_sets.iter().any(|(s, _)| s == set) {
+                    fqdn_sets_gone.push(set);
+                }
+            }
+            if old.dispatch != new.dispatch {
+                changes.push(Op::DeleteDispatch(&old.dispatch));
+            }
+        }
+        element_changes(
+            &mut changes,
+            old.map_or(&NO_ELEMENTS, |o| &o.elements),
+            &new.elements,
+        );
+        member_changes(
+            &mut changes,
+            old.map_or(&NO_MEMBERS, |o| &o.members),
+            &new.members,
+        );
         if old.map(|o| &o.dispatch) != Some(&new.dispatch) {
-            ops.push(Op::AddDispatch(new));
+            changes.push(Op::AddDispatch(new));
         }
     }
-    (changed > 0).then_some(Update { changed, ops })
+    if dirty.is_empty() {
+        return None;
+    }
+    // What the changed VMs' shards look up, before and after: one pass over the VMs.
+    let was = shard_uses(previous.values().map(Borrow::borrow), Some(&dirty));
+    let is = shard_uses(next.values().map(Borrow::borrow), Some(&dirty));
+    let mut ops = Vec::new();
+    for &shard in &dirty {
+        let (was, is) = (&was[usize::from(shard)], &is[usize::from(shard)]);
+        let old_maps: BTreeSet<BlockMap> = was.maps(shard).collect();
+        ops.extend(
+            is.maps(shard)
+                .filter(|m| !old_maps.contains(m))
+                .map(Op::AddMap),
+        );
+    }
+    ops.extend(fqdn_sets_new.into_iter().map(|(s, f)| Op::AddFqdnSet(s, f)));
+    ops.extend(changes);
+    for &shard in &dirty {
+        let (was, is) = (&was[usize::from(shard)], &is[usize::from(shard)]);
+        for direction in [Direction::Ingress, Direction::Egress] {
+            if was.differs_for(is, direction) {
+                ops.push(Op::Chain {
+                    direction,
+                    shard,
+                    was: shard_rules(direction, shard, was, &options.dns_gates),
+                    is: shard_rules(direction, shard, is, &options.dns_gates),
+                });
+            }
+        }
+        let new_maps: BTreeSet<BlockMap> = is.maps(shard).collect();
+        ops.extend(
+            was.maps(shard)
+                .filter(|m| !new_maps.contains(m))
+                .map(Op::DeleteMap),
+        );
+    }
+    ops.extend(fqdn_sets_gone.into_iter().map(Op::DeleteSet));
+    Some(Update { changed, ops })
 }
 
-/// Deletes the elements only in `old` and adds those only in `new`, set by set.
+/// Deletes the elements only in `old` and adds those only in `new`, map by map.
 fn element_changes<'a>(
     ops: &mut Vec<Op<'a>>,
-    old: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
-    new: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
+    old: &'a BTreeMap<BlockMap, BTreeSet<Element>>,
+    new: &'a BTreeMap<BlockMap, BTreeSet<Element>>,
 ) {
     static EMPTY: BTreeSet<Element> = BTreeSet::new();
     let empty = &EMPTY;
-    let sets: BTreeSet<&BlockSet> = old.keys().chain(new.keys()).collect();
-    for set in sets {
-        let (was, is) = (old.get(set).unwrap_or(empty), new.get(set).unwrap_or(empty));
+    let maps: BTreeSet<&BlockMap> = old.keys().chain(new.keys()).collect();
+    for map in maps {
+        let (was, is) = (old.get(map).unwrap_or(empty), new.get(map).unwrap_or(empty));
         let gone: Vec<&Element> = was.difference(is).collect();
         let added: Vec<&Element> = is.difference(was).collect();
         if !gone.is_empty() {
-            ops.push(Op::DeleteElements(*set, gone));
+            ops.push(Op::DeleteElements(*map, gone));
         }
         if !added.is_empty() {
-            ops.push(Op::AddElements(*set, added));
+            ops.push(Op::AddElements(*map, added));
         }
     }
 }
 
-/// Deletes the objects of `old` that `new` does not have: chains first (their rules
-/// hold the sets), then sets.
-fn delete_objects(ops: &mut Vec<Op<'_>>, old: &BTreeSet<String>, new: &BTreeSet<String>) {
-    let stale = old.difference(new);
-    let (chains, sets): (Vec<&String>, Vec<&String>) = stale.partition(|o| names::is_vm_chain(o));
-    ops.extend(chains.into_iter().map(|c| Op::DeleteChain(c.clone())));
-    ops.extend(sets.into_iter().map(|s| Op::DeleteSet(s.clone())));
+/// Deletes the members only in `old` and adds those only in `new`.
+fn member_changes<'a>(ops: &mut Vec<Op<'a>>, old: &'a BTreeSet<Member>, new: &'a BTreeSet<Member>) {
+    ops.extend(old.difference(new).map(Op::DeleteMember));
+    ops.extend(new.difference(old).map(Op::AddMember));
 }
 
-/// Deletes chains (flushed first: their rules hold the sets) and then sets, as text.
+/// Deletes chains (flushed first: their rules hold the maps and sets), then maps, then
+/// sets, as text.
 fn delete_objects_text<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) {
     let t = names::TABLE;
-    let (chain_names, set_names): (Vec<&String>, Vec<&String>) =
-        objects.partition(|o| names::is_vm_chain(o));
+    let (chain_names, others): (Vec<&String>, Vec<&String>) =
+        objects.partition(|o| names::is_managed_chain(o));
     for chain in &chain_names {
         emit!(out, "flush chain inet {t} {chain}");
         emit!(out, "delete chain inet {t} {chain}");
     }
-    for set in set_names {
-        emit!(out, "delete set inet {t} {set}");
+    for name in others {
+        let kind = if names::is_block_map(name) {
+            "map"
+        } else {
+            "set"
+        };
+        emit!(out, "delete {kind} inet {t} {name}");
     }
 }
 
@@ -625,10 +811,11 @@ mod tests {
     }
 
     fn sections(vms: &[Vm]) -> BTreeMap<VmId, VmSection> {
-        let options = CompileOptions::new(vec![]);
-        vms.iter()
-            .map(|v| (v.id, compile_vm(v, &options)))
-            .collect()
+        vms.iter().map(|v| (v.id, compile_vm(v))).collect()
+    }
+
+    fn options() -> CompileOptions {
+        CompileOptions::new(vec!["fd5e:ed00::53".parse().unwrap()])
     }
 
     #[test]
@@ -647,9 +834,9 @@ mod tests {
                 all.push(vm);
             }
         }
-        let options = CompileOptions::new(vec!["fd5e:ed00::53".parse().unwrap()]);
+        let options = options();
         let all: Vec<&Vm> = all.iter().collect();
-        let sections = compile_sections_in(&all, &options, 3);
+        let sections = compile_sections_in(&all, 3);
         let sections: Vec<&VmSection> = sections.iter().collect();
         let one = assemble_in("w", &sections, &options, 1);
         for chunks in [2, 3, 7] {
@@ -658,7 +845,7 @@ mod tests {
                 "{chunks} parts"
             );
         }
-        let alone: Vec<VmSection> = all.iter().map(|vm| compile_vm(vm, &options)).collect();
+        let alone: Vec<VmSection> = all.iter().map(|vm| compile_vm(vm)).collect();
         let mut alone: Vec<&VmSection> = alone.iter().collect();
         alone.sort_by_key(|s| s.vm);
         assert!(
@@ -670,15 +857,15 @@ mod tests {
     #[test]
     fn vms_compiled_together_share_canonical_forms_and_get_what_they_get_alone() {
         let vms = vms(include_str!("../../examples/state.json"));
-        let options = CompileOptions::new(vec!["fd5e:ed00::53".parse().unwrap()]);
         let mut canonicals = Canonicals::default();
         // Twice over: the second round is all from the cache.
         for vm in vms.iter().chain(&vms) {
-            let shared = compile_vm_with(vm, &options, &mut canonicals);
-            assert_eq!(shared, compile_vm(vm, &options), "{}", vm.id);
+            let shared = compile_vm_with(vm, &mut canonicals);
+            assert_eq!(shared, compile_vm(vm), "{}", vm.id);
         }
     }
 
+    // VM 1 is in shard 1, VM 2 in shard 2.
     const TWO: &str = r#"{"vms": [
         {"id": "00000000-0000-4000-8000-000000000001", "org_id": "o", "worker": "w", "public_ipv6": "fd5e:ed00::1", "status": "running", "interface": "tap1",
          "services": [{"name": "web", "port": 8080}]},
@@ -687,109 +874,137 @@ mod tests {
 
     #[test]
     fn an_update_touches_only_what_changed() {
+        let options = options();
         let before = sections(&vms(TWO));
         assert!(
-            update(&before, &before).is_none(),
+            update(&before, &before, &options).is_none(),
             "nothing changed, nothing to do"
         );
 
-        // VM 2 drops a service: its element leaves its shard's set, its chains are left
-        // alone (their rules are the same), and nothing of VM 1 appears.
+        // VM 2 drops a service: its element leaves its shard's map, and that is all.
         let changed = TWO.replace(r#", {"name": "udp-thing", "port": 9000}"#, "");
         let after = sections(&vms(&changed));
-        let text = update(&before, &after).unwrap().text();
-        assert!(
-            text.contains(
-                "delete element inet vmedge in_b0_tcp6_s2 { fd5e:ed00::2 . ::/0 . 9000 }"
-            ),
+        let text = update(&before, &after, &options).unwrap().text();
+        assert_eq!(
+            text.lines().skip(1).collect::<Vec<_>>(),
+            ["delete element inet vmedge in_s2_b0_tcp6 { fd5e:ed00::2 . ::/0 . 9000 }"],
             "{text}"
         );
-        assert!(!text.contains("chain"), "chains unchanged: {text}");
-        assert!(!text.contains("00000000000040008000000000000001"), "{text}");
-        assert!(
-            !text.contains("add element inet vmedge ingress_by_addr"),
-            "dispatch unchanged: {text}"
-        );
 
-        // VM 2 gets a rule of a new shape: its chain is rewritten.
+        // VM 2 gets a rule of a shape new to its shard: the map is added and the shard's
+        // ingress chain rewritten; nothing of shard 1 or of egress.
         let changed = TWO.replace(
             r#"{"name": "udp-thing", "port": 9000}]"#,
             r#"{"name": "udp-thing", "port": 9000}], "firewall": {"ingress": {"default": "deny", "rules": [{"action": "allow", "kind": "cidr", "value": "2001:db8::/32", "protocol": "udp", "ports": "53"}]}}"#,
         );
         let after = sections(&vms(&changed));
-        let text = update(&before, &after).unwrap().text();
-        assert!(
-            text.contains("flush chain inet vmedge in_b0000000000040008000000000000002"),
-            "{text}"
-        );
-        assert!(!text.contains("00000000000040008000000000000001"), "{text}");
-
-        // VM 1 leaves: its map entries, chains and sets go; VM 2 is not touched.
-        let mut left = vms(TWO);
-        let gone = left.remove(0);
-        let after = sections(&left);
-        let text = update(&before, &after).unwrap().text();
-        assert!(
-            text.contains(r#"delete element inet vmedge egress_by_if { "tap1" }"#),
-            "{text}"
-        );
-        assert!(text.contains("delete chain inet vmedge out_00000000000040008000000000000001"));
+        let text = update(&before, &after, &options).unwrap().text();
+        assert!(text.contains("add map inet vmedge in_s2_b0_udp6"), "{text}");
+        assert!(text.contains("flush chain inet vmedge in_s2\n"), "{text}");
         assert!(
             text.contains(
-                "delete element inet vmedge in_b0_tcp6_s1 { fd5e:ed00::1 . ::/0 . 8080 }"
+                "add rule inet vmedge in_s2 ip6 daddr . ip6 saddr . udp dport vmap @in_s2_b0_udp6"
             ),
-            "its elements leave the shared set: {text}"
+            "{text}"
         );
-        assert!(!text.contains("delete set"), "shared sets stay: {text}");
-        assert!(!text.contains("b0000000000040008000000000000002"), "{text}");
+        assert!(!text.contains("_s1") && !text.contains("out_s2"), "{text}");
+
+        // VM 1 leaves: its map entries, elements and members go, and with them the maps
+        // its shard no longer uses; VM 2 is not touched.
+        let mut left = vms(TWO);
+        left.remove(0);
+        let after = sections(&left);
+        let text = update(&before, &after, &options).unwrap().text();
+        for line in [
+            r#"delete element inet vmedge egress_by_if { "tap1" }"#,
+            "delete element inet vmedge in_s1_b0_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }",
+            r#"delete element inet vmedge tap_src6 { "tap1" . fd5e:ed00::1 }"#,
+            r#"delete element inet vmedge default_deny_in_if { "tap1" }"#,
+            "delete map inet vmedge in_s1_b0_tcp6",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        assert!(!text.contains("_s2"), "{text}");
 
         // ...and comes back: added with its map entries.
-        let text = update(&after, &before).unwrap().text();
+        let text = update(&after, &before, &options).unwrap().text();
         assert!(
-            text.contains(&format!(
-                r#"add element inet vmedge egress_by_if {{ "tap1" : jump out_{} }}"#,
-                gone.id.hex()
-            )),
+            text.contains(r#"add element inet vmedge egress_by_if { "tap1" : jump out_s1 }"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "add element inet vmedge in_s1_b0_tcp6 { fd5e:ed00::1 . ::/0 . 8080 : return }"
+            ),
             "{text}"
         );
     }
 
     #[test]
-    fn an_update_declares_each_block_set_once_in_every_shard() {
-        // Both VMs use the ingress tcp6 set of block 0, in shards 1 and 2.
-        let text = update(&BTreeMap::new(), &sections(&vms(TWO)))
-            .unwrap()
-            .text();
-        let declared: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("add set inet vmedge in_b0_tcp6_s"))
-            .collect();
-        assert_eq!(
-            declared.len(),
-            usize::from(names::BLOCK_SET_SHARDS),
-            "{text}"
-        );
-        let distinct: BTreeSet<&str> = declared.iter().copied().collect();
-        assert_eq!(distinct.len(), declared.len());
+    fn an_update_writes_each_chain_it_rewrites_as_a_full_compile_does() {
+        let options = options();
+        let example = vms(include_str!("../../examples/state.json"));
+        let before = sections(&example);
+        let mut changed = example.clone();
+        // Every VM loses its egress policy: fqdn rules and blocks go from their shards.
+        for vm in &mut changed {
+            vm.firewall.egress = vmedge_model::FirewallPolicy::default().egress;
+        }
+        let after = sections(&changed);
+        let update = update(&before, &after, &options).unwrap();
+        let full = compile("w", &changed, &options).text;
+        let mut rewritten = 0;
+        for op in &update.ops {
+            if let Op::Chain {
+                direction,
+                shard,
+                is,
+                ..
+            } = op
+            {
+                rewritten += 1;
+                let mut text = String::new();
+                render_chain(&mut text, *direction, *shard, is);
+                assert!(full.contains(&text), "{text}");
+            }
+        }
+        assert!(rewritten > 0, "the change reaches some chains");
+    }
+
+    #[test]
+    fn the_shape_a_drift_check_expects_is_the_one_the_text_makes() {
+        let options = options();
+        let vms = vms(include_str!("../../examples/state.json"));
+        let sections = compile_sections(&vms);
+        let ruleset = assemble("w", &sections.iter().collect::<Vec<_>>(), &options);
+        let shape = table_shape(&sections, &options);
+        assert_eq!(shape.rules, rule_counts(&ruleset.text));
+        let objects: BTreeSet<String> = ruleset.objects.iter().cloned().collect();
+        assert_eq!(shape.objects, objects);
     }
 
     #[test]
     fn a_full_ruleset_deletes_what_the_live_table_has_beyond_it() {
-        let ruleset = compile("w", vms(TWO).iter().skip(1), &CompileOptions::new(vec![]));
+        let ruleset = compile("w", vms(TWO).iter().skip(1), &options());
         let live: BTreeSet<String> = [
+            // An older version's per-VM chain and block set.
             "in_00000000000040008000000000000001",
-            "in_00000000000040008000000000000001_b0_tcp6",
-            "in_b0000000000040008000000000000002",
+            "in_b0_tcp6_s1",
+            // A map its shard no longer uses.
+            "in_s9_b3_tcp6",
+            "in_s2_b0_tcp6",
+            "in_s2",
             "forward",
         ]
         .map(String::from)
         .into();
         let text = ruleset.with_deletions(&live);
-        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        let tail: Vec<&str> = text.lines().rev().take(4).collect();
         assert_eq!(
             tail,
             [
-                "delete set inet vmedge in_00000000000040008000000000000001_b0_tcp6",
+                "delete map inet vmedge in_s9_b3_tcp6",
+                "delete set inet vmedge in_b0_tcp6_s1",
                 "delete chain inet vmedge in_00000000000040008000000000000001",
                 "flush chain inet vmedge in_00000000000040008000000000000001",
             ]

@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`canonical`]: one direction of an effective policy, merged into blocks of
 //!   same-action set elements, first-match order kept, dead rules dropped.
-//! - [`section`]: one VM's effective policy to its typed rules and set elements
+//! - [`section`]: one VM's effective policy to its typed set elements and fqdn rules
 //!   ([`VmSection`]), rendered as nft text or netlink messages.
+//! - [`shard`]: the chains the VMs of a shard share, and the closed set of rule forms
+//!   they hold.
 //! - [`compile`]: a worker's sections to the text of one transaction on `table inet
 //!   vmedge` (pure: no I/O, deterministic), and [`update`]: what changed between two.
 //! - [`names`]: every nftables name, including the fqdn set names the DNS gate fills.
@@ -19,7 +21,7 @@
 //! A full sync's path: `compile()` -> `backend.apply()` (`nft -f`; stale per-VM objects
 //! found in the live table are deleted in the same transaction). An incremental sync's:
 //! `compile_vm()` for the VMs that changed -> `update()` -> `backend.apply_update()`
-//! (netlink; `nft -f` for a shared set the table does not have yet).
+//! (netlink; `nft -f` for a block map the table does not have yet).
 
 pub mod backend;
 pub mod canonical;
@@ -30,6 +32,7 @@ pub mod explain;
 pub mod names;
 pub mod netlink;
 pub mod section;
+pub mod shard;
 mod text;
 
 pub use compile::rule_counts;
@@ -42,6 +45,6 @@ pub use errors::FirewallError;
 pub use explain::{explain, Explanation, Packet, Reason};
 pub use names::{fqdn_sets, Direction, FqdnSets};
 pub use section::{
-    compile_vm, compile_vm_with, fqdn_targets, BlockSet, Canonicals, Dispatch, Element, VmRule,
-    VmSection,
+    compile_vm, compile_vm_with, fqdn_targets, BlockKind, BlockMap, Canonicals, Dispatch, Element,
+    FqdnRule, Member, VmSection,
 };

@@ -44,54 +44,56 @@ impl Direction {
     }
 }
 
-/// The chain that holds one VM's rules for one direction.
-pub fn vm_chain(vm: &VmId, direction: Direction) -> String {
-    format!("{}_{}", direction.prefix(), vm.hex())
-}
-
-/// How many sets each block set is split into, by VM ([`shard_of`]).
+/// How many shards the VMs are split into, by id ([`shard_of`]). Each shard has a chain
+/// per direction and its own block maps.
 ///
 /// Taking an element out of a concatenated interval set (the kernel's pipapo) costs time
-/// linear in the set's size: with one set shared by all VMs, one VM's change cost O(VMs)
+/// linear in the set's size: with one map shared by all VMs, one VM's change cost O(VMs)
 /// (63% of a one-VM sync at 1000 VMs, bench/RESULTS.md). A shard holds about 1/64 of the
-/// VMs, while the number of sets stays independent of the number of VMs.
-pub const BLOCK_SET_SHARDS: u8 = 64;
+/// VMs, while the number of chains and maps stays independent of the number of VMs
+/// (the kernel checks every chain a transaction can reach when it adds a rule).
+pub const SHARDS: u8 = 64;
 
-/// The shard of a VM's block set elements: from its id's last byte (random in a v4 UUID),
-/// so it never changes while the VM lives.
+/// The shard of a VM: from its id's last byte (random in a v4 UUID), so it never changes
+/// while the VM lives.
 pub fn shard_of(vm: &VmId) -> u8 {
-    vm.as_uuid().as_bytes()[15] % BLOCK_SET_SHARDS
+    vm.as_uuid().as_bytes()[15] % SHARDS
 }
 
-/// The set shared by the VMs of shard `shard` for their block `block` of a direction:
-/// `in_b<block>_<kind>_s<shard>`. Its elements start with the VM's own address, so VMs
-/// never see each other's rules, and the number of sets does not grow with the number of
-/// VMs (the kernel finds a set by name with a linear walk; nft's userspace cache grows
-/// with them too).
-pub fn block_set(direction: Direction, block: usize, kind: &str, shard: u8) -> String {
+/// The chain of a shard for a direction: `in_s<shard>`, `out_s<shard>`. The dispatch maps
+/// send each VM's packets to its shard's chain.
+pub fn shard_chain(direction: Direction, shard: u8) -> String {
     let mut name = String::new();
-    push_block_set(&mut name, direction, block, kind, "", shard);
+    push_shard_chain(&mut name, direction, shard);
     name
 }
 
-/// [`block_set`] written onto `out`, the kind in two parts (`tcp`, `6`): the text of a
-/// full sync names a block set once per VM, so this allocates nothing.
-pub(crate) fn push_block_set(
-    out: &mut String,
-    direction: Direction,
-    block: usize,
-    kind: &str,
-    family: &str,
-    shard: u8,
-) {
+/// [`shard_chain`] written onto `out` (block map names start with it).
+pub(crate) fn push_shard_chain(out: &mut String, direction: Direction, shard: u8) {
     out.push_str(direction.prefix());
-    out.push_str("_b");
-    crate::text::push_u32(out, u32::try_from(block).unwrap_or(u32::MAX));
-    out.push('_');
-    out.push_str(kind);
-    out.push_str(family);
     out.push_str("_s");
     crate::text::push_u32(out, u32::from(shard));
+}
+
+/// VMs with a tap: their packets' sources are checked.
+pub const TAP_VMS: &str = "tap_vms";
+/// `tap . IPv6 address` a VM with a tap may send from.
+pub const TAP_SRC6: &str = "tap_src6";
+/// `tap . IPv4 address` a VM with a tap may send from.
+pub const TAP_SRC4: &str = "tap_src4";
+/// IPv6 addresses of VMs under `block_bypass` (DoT and DoH dropped).
+pub const BLOCK_BYPASS6: &str = "block_bypass6";
+/// IPv4 addresses of VMs under `block_bypass`.
+pub const BLOCK_BYPASS4: &str = "block_bypass4";
+
+/// The set of VMs whose default in `direction` is deny, keyed by tap or by address.
+pub fn default_deny(direction: Direction, by_tap: bool) -> &'static str {
+    match (direction, by_tap) {
+        (Direction::Ingress, true) => "default_deny_in_if",
+        (Direction::Ingress, false) => "default_deny_in_addr",
+        (Direction::Egress, true) => "default_deny_out_if",
+        (Direction::Egress, false) => "default_deny_out_addr",
+    }
 }
 
 /// The two dynamic sets (IPv4, IPv6) the DNS gate fills for an egress fqdn pattern of a VM.
@@ -112,18 +114,38 @@ pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
     }
 }
 
-/// True for the objects a sync creates and may delete: VM chains, fqdn sets and the shared
-/// block sets (not the table's fixed objects: base chain, maps, ICMPv6 and DoH sets).
+/// True for the objects a sync creates and may delete: shard chains, block maps and fqdn
+/// sets (and the per-VM chains of older versions), not the table's fixed objects.
 pub fn is_managed(name: &str) -> bool {
     ["in_", "out_", "fq_"].iter().any(|p| name.starts_with(p))
 }
 
-/// True for a VM's chain (`in_<32 hex>` or `out_<32 hex>`), not one of its sets.
-pub fn is_vm_chain(name: &str) -> bool {
-    let hex = name
+/// True for a chain a sync manages (a shard's, or a VM's of an older version), not a map
+/// or set.
+pub fn is_managed_chain(name: &str) -> bool {
+    let Some(rest) = name
         .strip_prefix("in_")
-        .or_else(|| name.strip_prefix("out_"));
-    hex.is_some_and(|h| h.len() == 32 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+        .or_else(|| name.strip_prefix("out_"))
+    else {
+        return false;
+    };
+    let shard = rest
+        .strip_prefix('s')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
+    let vm = rest.len() == 32 && rest.bytes().all(|c| c.is_ascii_hexdigit());
+    shard || vm
+}
+
+/// True for a block map (`in_s3_b0_tcp6`): deleted with `delete map`.
+pub fn is_block_map(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("in_s")
+        .or_else(|| name.strip_prefix("out_s"))
+    else {
+        return false;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0 && rest[digits..].starts_with("_b")
 }
 
 /// FNV-1a: stable across builds and versions (the names outlive the process).
@@ -140,10 +162,8 @@ mod tests {
     #[test]
     fn names_are_stable_and_per_vm() {
         let vm = VmId::parse("6f1c2d3e-0000-4000-8000-0000000000aa").unwrap();
-        assert_eq!(
-            vm_chain(&vm, Direction::Ingress),
-            "in_6f1c2d3e0000400080000000000000aa"
-        );
+        assert_eq!(shard_of(&vm), 0xaa % SHARDS);
+        assert_eq!(shard_chain(Direction::Ingress, 42), "in_s42");
         let sets = fqdn_sets(&vm, &DomainPattern::parse("*.pypi.org").unwrap());
         // Fixed forever: the DNS gate and running tables depend on it.
         assert_eq!(
@@ -155,11 +175,17 @@ mod tests {
             sets,
             "case and dot do not matter"
         );
-        assert!(is_managed(&sets.v6) && is_managed(&vm_chain(&vm, Direction::Egress)));
+        assert!(is_managed(&sets.v6) && is_managed(&shard_chain(Direction::Egress, 3)));
         assert!(!is_managed(FORWARD_CHAIN) && !is_managed(EGRESS_BY_IF) && !is_managed(DOH_V4));
-        let b_vm = VmId::parse("b2c3d4e5-7777-4000-8000-000000000022").unwrap();
-        assert!(is_vm_chain(&vm_chain(&b_vm, Direction::Ingress)));
-        assert!(!is_vm_chain(&block_set(Direction::Ingress, 0, "tcp6", 3)));
-        assert!(!is_vm_chain(&sets.v4));
+        assert!(!is_managed(TAP_SRC6) && !is_managed(default_deny(Direction::Ingress, true)));
+        assert!(is_managed_chain(&shard_chain(Direction::Egress, 63)));
+        assert!(
+            is_managed_chain("in_6f1c2d3e0000400080000000000000aa"),
+            "an older version's"
+        );
+        assert!(!is_managed_chain("in_s3_b0_tcp6"));
+        assert!(is_block_map("in_s3_b0_tcp6") && is_block_map("out_s63_b12_any4"));
+        assert!(!is_block_map("in_b0_tcp6_s3") && !is_block_map("in_s3"));
+        assert!(!is_managed_chain(&sets.v4));
     }
 }

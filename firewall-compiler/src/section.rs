@@ -1,16 +1,15 @@
-//! One VM's part of the table, as typed rules and set elements.
+//! One VM's part of the table, as typed set elements.
 //!
-//! A [`VmSection`] is what a VM's effective policy compiles to: its two chains (a
-//! closed set of rule forms, [`VmRule`]), its fqdn sets, and its elements in the block
-//! sets shared by all VMs. It is rendered two ways from the same values: as `nft -f`
-//! text ([`VmSection::render`], for full syncs, the CLI and golden tests) and as
-//! netlink messages (`netlink`, for incremental syncs), so the two cannot disagree on
-//! what a policy means, only on spelling, which an end-to-end test compares.
+//! A [`VmSection`] is what a VM's effective policy compiles to: its elements in its
+//! shard's block maps (with their verdicts), its entries in the worker-wide sets
+//! (anti-spoof, `block_bypass`, default deny), and its fqdn sets and rules. It is written
+//! two ways from the same values: as `nft -f` text (full syncs, the CLI and golden
+//! tests) and as netlink messages (`netlink`, for incremental syncs), so the two cannot
+//! disagree on what a policy means, only on spelling, which an end-to-end test compares.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use foldhash::HashMap;
@@ -20,7 +19,6 @@ use vmedge_model::{
 };
 
 use crate::canonical::{canonicalize, CanonicalDirection, Family, PortRange, L4};
-use crate::compile::CompileOptions;
 use crate::names::{self, Direction};
 use crate::text;
 
@@ -59,9 +57,10 @@ impl Dispatch {
     }
 }
 
-/// A block set shared by the VMs of a shard: `in_b<block>_<l4 or any><4|6>_s<shard>`.
+/// What a block map holds, whatever the shard: one direction's block of one kind.
+/// Ordered as a shard chain looks them up: by direction, then block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BlockSet {
+pub struct BlockKind {
     /// Whose rules: the VM as destination (ingress) or source (egress).
     pub direction: Direction,
     /// The block's position in the canonical policy.
@@ -70,48 +69,52 @@ pub struct BlockSet {
     pub family: Family,
     /// With a port (`. inet_service`) for tcp or udp; address only for `protocol any`.
     pub l4: Option<L4>,
+}
+
+impl BlockKind {
+    /// The kind as it appears in names: `tcp6`, `any4`.
+    fn push_kind(&self, out: &mut String) {
+        out.push_str(match self.l4 {
+            Some(L4::Tcp) => "tcp",
+            Some(L4::Udp) => "udp",
+            None => "any",
+        });
+        out.push_str(suffix(self.family));
+    }
+}
+
+/// A verdict map shared by the VMs of a shard for one [`BlockKind`]:
+/// `in_s<shard>_b<block>_<kind>`. Its keys start with the VM's own address, so VMs never
+/// see each other's rules; its values are the block's verdict (`return` or `drop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockMap {
+    /// What it holds.
+    pub kind: BlockKind,
     /// Which VMs' elements it holds ([`names::shard_of`]).
     pub shard: u8,
 }
 
-impl BlockSet {
-    /// Its declaration: `type ipv6_addr . ipv6_addr . inet_service; flags interval;`.
+impl BlockMap {
+    /// Its declaration: `type ipv6_addr . ipv6_addr . inet_service : verdict; flags interval;`.
     pub fn declaration(&self) -> String {
-        let at = addr_type(self.family);
-        match self.l4 {
-            Some(_) => format!("type {at} . {at} . inet_service; flags interval;"),
-            None => format!("type {at} . {at}; flags interval;"),
+        let at = addr_type(self.kind.family);
+        match self.kind.l4 {
+            Some(_) => format!("type {at} . {at} . inet_service : verdict; flags interval;"),
+            None => format!("type {at} . {at} : verdict; flags interval;"),
         }
     }
 
-    /// The same set in every shard, this one included (see
-    /// [`declared_block_sets`](crate::compile::declared_block_sets)).
-    pub fn all_shards(self) -> impl Iterator<Item = BlockSet> {
-        (0..names::BLOCK_SET_SHARDS).map(move |shard| BlockSet { shard, ..self })
-    }
-}
-
-impl BlockSet {
     /// Writes its name onto `out` (what `Display` writes, without allocating).
     pub(crate) fn push_name(&self, out: &mut String) {
-        let kind = match self.l4 {
-            Some(L4::Tcp) => "tcp",
-            Some(L4::Udp) => "udp",
-            None => "any",
-        };
-        let block = usize::from(self.block);
-        names::push_block_set(
-            out,
-            self.direction,
-            block,
-            kind,
-            suffix(self.family),
-            self.shard,
-        );
+        names::push_shard_chain(out, self.kind.direction, self.shard);
+        out.push_str("_b");
+        text::push_u32(out, u32::from(self.kind.block));
+        out.push('_');
+        self.kind.push_kind(out);
     }
 }
 
-impl fmt::Display for BlockSet {
+impl fmt::Display for BlockMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut name = String::new();
         self.push_name(&mut name);
@@ -119,20 +122,22 @@ impl fmt::Display for BlockSet {
     }
 }
 
-/// One element of a block set: `<vm address> . <far side> [. <ports>]`.
+/// One element of a block map: `<vm address> . <far side> [. <ports>] : <verdict>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Element {
     /// The VM's own address (destination for ingress, source for egress).
     pub own: IpAddr,
     /// The other side.
     pub far: IpNet,
-    /// Destination ports, for tcp and udp sets.
+    /// Destination ports, for tcp and udp maps.
     pub ports: Option<PortRange>,
+    /// The block's verdict.
+    pub action: Action,
 }
 
 impl Element {
-    /// Writes it onto `out` (what `Display` writes, without going through `fmt`).
-    pub(crate) fn push_to(&self, out: &mut String) {
+    /// Writes its key onto `out` (what `Display` writes, without going through `fmt`).
+    pub(crate) fn push_key(&self, out: &mut String) {
         text::push_ip(out, self.own);
         out.push_str(" . ");
         text::push_net(out, self.far);
@@ -145,251 +150,126 @@ impl Element {
             }
         }
     }
+
+    /// Writes it, key and verdict, onto `out`.
+    pub(crate) fn push_to(&self, out: &mut String) {
+        self.push_key(out);
+        out.push_str(" : ");
+        out.push_str(verdict(self.action));
+    }
 }
 
 impl fmt::Display for Element {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} . {}", self.own, self.far)?;
-        match self.ports {
-            Some(r) if r.first == r.last => write!(f, " . {}", r.first),
-            Some(r) => write!(f, " . {}-{}", r.first, r.last),
-            None => Ok(()),
-        }
+        let mut text = String::new();
+        self.push_to(&mut text);
+        f.write_str(&text)
     }
 }
 
-/// The rules a VM chain can hold: every form the compiler emits, and only those.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmRule {
-    /// `ip6 saddr != A drop`: a VM with a tap sends only from its own address.
-    AntiSpoof6(Ipv6Addr),
-    /// `ip saddr != A drop`, the same for its IPv4 address.
-    AntiSpoof4(Ipv4Addr),
-    /// `meta nfproto ipv4 drop`: a VM with a tap and no IPv4 address sends no IPv4.
-    NoIpv4,
-    /// `ip6 daddr G udp dport 53 return`: DNS to the worker's gate.
-    DnsGate(IpAddr, L4),
-    /// `udp dport 53 drop`: DNS anywhere else.
-    DnsElsewhere(L4),
-    /// `tcp dport 853 drop`: DNS over TLS, under `block_bypass`.
-    DnsOverTls(L4),
-    /// `ip daddr @doh_v4 drop`: public DoH resolvers, under `block_bypass`.
-    DnsOverHttps(Family),
-    /// `ip6 daddr . ip6 saddr . tcp dport @in_b0_tcp6_s3 return`: one block of the policy.
-    Block {
-        /// The shared set holding the VM's elements.
-        set: BlockSet,
-        /// The block's verdict.
-        action: Action,
-    },
-    /// `ip daddr @fq_..._4 tcp dport 443 return`: an egress fqdn rule, one per family.
-    Fqdn {
-        /// The set the DNS gate fills (added by the section, never flushed).
-        set: String,
-        /// Which of the rule's two sets this is.
-        family: Family,
-        /// The rule's protocol.
-        protocol: Protocol,
-        /// The rule's ports.
-        ports: Ports,
-        /// The rule's verdict.
-        action: Action,
-        /// The name or wildcard, for the rule's comment.
-        pattern: String,
-    },
-    /// `counter drop`: the direction's default is deny.
-    DefaultDeny,
+/// A VM's entry in one of the worker-wide sets the base and shard chains look up.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Member {
+    /// In `tap_vms`: a VM with a tap, whose source addresses are checked.
+    Tap(String),
+    /// In `tap_src6` / `tap_src4`: an address the VM behind a tap may send from.
+    TapSource(String, IpAddr),
+    /// In `block_bypass6` / `block_bypass4`: a VM address whose DoT and DoH are dropped.
+    BlockBypass(IpAddr),
+    /// In `default_deny_<in|out>_<if|addr>`: a VM whose default in a direction is deny.
+    DefaultDeny(Direction, Dispatch),
 }
 
-impl VmRule {
-    /// The rule as nft writes it, after `add rule inet vmedge <chain> `.
-    pub(crate) fn write_body(&self, out: &mut String) {
-        let _ = match self {
-            VmRule::AntiSpoof6(a) => write!(out, "ip6 saddr != {a} drop comment \"anti-spoof\""),
-            VmRule::AntiSpoof4(a) => write!(out, "ip saddr != {a} drop comment \"anti-spoof\""),
-            VmRule::NoIpv4 => {
-                write!(
-                    out,
-                    "meta nfproto ipv4 drop comment \"anti-spoof: no IPv4 address\""
-                )
-            }
-            VmRule::DnsGate(gate, l4) => write!(
-                out,
-                "{} daddr {gate} {} dport 53 return comment \"dns gate\"",
-                ip(family_of(gate)),
-                l4_name(*l4)
-            ),
-            VmRule::DnsElsewhere(l4) => write!(
-                out,
-                "{} dport 53 drop comment \"dns: only the gate\"",
-                l4_name(*l4)
-            ),
-            VmRule::DnsOverTls(l4) => write!(
-                out,
-                "{} dport 853 drop comment \"block_bypass: DoT\"",
-                l4_name(*l4)
-            ),
-            VmRule::DnsOverHttps(family) => write!(
-                out,
-                "{} daddr @{} drop comment \"block_bypass: DoH\"",
-                ip(*family),
-                doh_set(*family)
-            ),
-            VmRule::Block { set, action } => {
-                let ip = ip(set.family);
-                let (own, far) = match set.direction {
-                    Direction::Ingress => ("daddr", "saddr"),
-                    Direction::Egress => ("saddr", "daddr"),
-                };
-                match set.l4 {
-                    Some(l4) => write!(
-                        out,
-                        "{ip} {own} . {ip} {far} . {} dport @{set} {}",
-                        l4_name(l4),
-                        verdict(*action)
-                    ),
-                    None => write!(out, "{ip} {own} . {ip} {far} @{set} {}", verdict(*action)),
-                }
-            }
-            VmRule::Fqdn {
-                set,
-                family,
-                protocol,
-                ports,
-                action,
-                pattern,
-            } => {
-                let _ = write!(out, "{} daddr @{set}", ip(*family));
-                match (protocol, ports) {
-                    (Protocol::Any, _) => {}
-                    (Protocol::Tcp | Protocol::Udp, Ports::Any) => {
-                        let _ = write!(out, " meta l4proto {}", protocol_name(*protocol));
-                    }
-                    (Protocol::Tcp | Protocol::Udp, ports) => {
-                        let _ = write!(out, " {} dport {ports}", protocol_name(*protocol));
-                    }
-                }
-                write!(out, " {} comment \"fqdn {pattern}\"", verdict(*action))
-            }
-            VmRule::DefaultDeny => write!(out, "counter drop comment \"default deny\""),
-        };
-    }
-
-    /// The rule's comment, as nft stores it (rule userdata).
-    pub fn comment(&self) -> Option<String> {
+impl Member {
+    /// The set it belongs to.
+    pub fn set(&self) -> &'static str {
         match self {
-            VmRule::AntiSpoof6(_) | VmRule::AntiSpoof4(_) => Some("anti-spoof".into()),
-            VmRule::NoIpv4 => Some("anti-spoof: no IPv4 address".into()),
-            VmRule::DnsGate(..) => Some("dns gate".into()),
-            VmRule::DnsElsewhere(_) => Some("dns: only the gate".into()),
-            VmRule::DnsOverTls(_) => Some("block_bypass: DoT".into()),
-            VmRule::DnsOverHttps(_) => Some("block_bypass: DoH".into()),
-            VmRule::Block { .. } => None,
-            VmRule::Fqdn { pattern, .. } => Some(format!("fqdn {pattern}")),
-            VmRule::DefaultDeny => Some("default deny".into()),
+            Member::Tap(_) => names::TAP_VMS,
+            Member::TapSource(_, IpAddr::V6(_)) => names::TAP_SRC6,
+            Member::TapSource(_, IpAddr::V4(_)) => names::TAP_SRC4,
+            Member::BlockBypass(IpAddr::V6(_)) => names::BLOCK_BYPASS6,
+            Member::BlockBypass(IpAddr::V4(_)) => names::BLOCK_BYPASS4,
+            Member::DefaultDeny(direction, dispatch) => {
+                names::default_deny(*direction, matches!(dispatch, Dispatch::Tap(_)))
+            }
+        }
+    }
+
+    /// The element as nft writes it.
+    pub fn to_text(&self) -> String {
+        match self {
+            Member::Tap(tap) | Member::DefaultDeny(_, Dispatch::Tap(tap)) => format!("\"{tap}\""),
+            Member::TapSource(tap, addr) => format!("\"{tap}\" . {addr}"),
+            Member::BlockBypass(addr) => addr.to_string(),
+            Member::DefaultDeny(_, Dispatch::Address(addr)) => addr.to_string(),
         }
     }
 }
 
-/// One VM's part of a ruleset: self-contained (it adds and flushes its own objects).
+/// An egress fqdn rule of one VM, in its shard's egress chain at its block:
+/// `ip6 saddr <vm> ip6 daddr @fq_..._6 tcp dport 443 return`, one per family.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FqdnRule {
+    /// Its block in the VM's canonical egress policy.
+    pub block: u16,
+    /// The VM's own address of the set's family.
+    pub own: IpAddr,
+    /// The set the DNS gate fills.
+    pub set: String,
+    /// The rule's protocol.
+    pub protocol: Protocol,
+    /// The rule's ports.
+    pub ports: Ports,
+    /// The rule's verdict.
+    pub action: Action,
+    /// The name or wildcard, for the rule's comment.
+    pub pattern: String,
+}
+
+/// One VM's part of a ruleset: entries in shared maps and sets, its fqdn sets and rules.
+/// It has no chain of its own: its packets go to its shard's chains, whose lookups are
+/// keyed by the VM's own address, so a change to one VM is (nearly always) a change of
+/// set elements, whatever the number of VMs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSection {
     /// The VM.
     pub vm: VmId,
     /// Its org, for the section's comment.
     pub org: String,
-    /// How packets reach its chains.
+    /// How packets reach its shard's chains.
     pub dispatch: Dispatch,
-    /// Its ingress chain's rules, in order.
-    pub ingress: Vec<VmRule>,
-    /// Its egress chain's rules, in order.
-    pub egress: Vec<VmRule>,
-    /// Its elements in the shared block sets.
-    pub elements: BTreeMap<BlockSet, BTreeSet<Element>>,
+    /// Its elements in its shard's block maps.
+    pub elements: BTreeMap<BlockMap, BTreeSet<Element>>,
+    /// Its entries in the worker-wide sets.
+    pub members: BTreeSet<Member>,
+    /// Its fqdn sets (both families of each pattern, whether or not a rule uses both).
+    pub fqdn_sets: Vec<(String, Family)>,
+    /// Its fqdn rules, in order.
+    pub fqdn_rules: Vec<FqdnRule>,
 }
 
 impl VmSection {
-    /// The chain of a direction.
-    pub fn chain(&self, direction: Direction) -> String {
-        names::vm_chain(&self.vm, direction)
+    /// Its shard.
+    pub fn shard(&self) -> u8 {
+        names::shard_of(&self.vm)
     }
 
-    /// Its two chains, egress first (the order of [`Dispatch::entries`]).
-    pub fn chains(&self) -> [String; 2] {
-        [
-            self.chain(Direction::Egress),
-            self.chain(Direction::Ingress),
-        ]
-    }
-
-    /// Each chain with its rules: ingress, then egress.
-    pub fn rules(&self) -> [(Direction, &[VmRule]); 2] {
-        [
-            (Direction::Ingress, &self.ingress),
-            (Direction::Egress, &self.egress),
-        ]
-    }
-
-    /// The names of its own chains and fqdn sets.
+    /// The names of its own objects: its fqdn sets.
     pub fn objects(&self) -> BTreeSet<String> {
-        let mut objects: BTreeSet<String> = self.chains().into_iter().collect();
-        objects.extend(self.fqdn_sets().map(|(set, _)| set.to_string()));
-        objects
+        self.fqdn_sets.iter().map(|(set, _)| set.clone()).collect()
     }
 
-    /// Its fqdn sets with their families, in rule order.
-    pub fn fqdn_sets(&self) -> impl Iterator<Item = (&str, Family)> {
-        self.egress.iter().filter_map(|r| match r {
-            VmRule::Fqdn { set, family, .. } => Some((set.as_str(), *family)),
-            _ => None,
-        })
-    }
-
-    /// The shared block sets it uses.
-    pub fn sets(&self) -> impl Iterator<Item = &BlockSet> {
+    /// The block maps it uses.
+    pub fn maps(&self) -> impl Iterator<Item = &BlockMap> {
         self.elements.keys()
     }
 
-    /// Rules per chain this section puts in the table.
-    pub fn rule_counts(&self) -> BTreeMap<String, usize> {
-        self.rules()
-            .into_iter()
-            .map(|(direction, rules)| (self.chain(direction), rules.len()))
-            .collect()
-    }
-
-    /// Writes its chains, fqdn sets and rules as `nft -f` lines (its elements and
-    /// dispatch entries are written by the caller, which batches them across VMs).
-    pub fn render(&self, out: &mut String) {
-        let t = names::TABLE;
-        let _ = match &self.dispatch {
-            Dispatch::Tap(tap) => {
-                writeln!(out, "# -- vm {} (org {}), tap {tap}", self.vm, self.org)
-            }
+    /// A comment line naming the VM, for the ruleset text.
+    pub fn comment(&self) -> String {
+        match &self.dispatch {
+            Dispatch::Tap(tap) => format!("# -- vm {} (org {}), tap {tap}", self.vm, self.org),
             Dispatch::Address(a) => {
-                writeln!(
-                    out,
-                    "# -- vm {} (org {}), by address {a}",
-                    self.vm, self.org
-                )
-            }
-        };
-        for (direction, rules) in self.rules() {
-            let chain = self.chain(direction);
-            let _ = writeln!(out, "add chain inet {t} {chain}");
-            let _ = writeln!(out, "flush chain inet {t} {chain}");
-            for rule in rules {
-                if let VmRule::Fqdn { set, family, .. } = rule {
-                    // Added, never flushed: the DNS gate's entries survive every sync.
-                    let _ = writeln!(
-                        out,
-                        "add set inet {t} {set} {{ type {}; flags timeout; }}",
-                        addr_type(*family)
-                    );
-                }
-                let _ = write!(out, "add rule inet {t} {chain} ");
-                rule.write_body(out);
-                out.push('\n');
+                format!("# -- vm {} (org {}), by address {a}", self.vm, self.org)
             }
         }
     }
@@ -436,85 +316,100 @@ impl Canonicals {
     }
 }
 
-/// One VM's chains, sets and rules.
-pub fn compile_vm(vm: &Vm, options: &CompileOptions) -> VmSection {
-    compile_vm_with(vm, options, &mut Canonicals::default())
+/// One VM's elements, members and fqdn rules.
+pub fn compile_vm(vm: &Vm) -> VmSection {
+    compile_vm_with(vm, &mut Canonicals::default())
 }
 
 /// [`compile_vm`] for one of many VMs compiled together, sharing `canonicals`.
-pub fn compile_vm_with(
-    vm: &Vm,
-    options: &CompileOptions,
-    canonicals: &mut Canonicals,
-) -> VmSection {
+pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
     let FirewallPolicy {
         ingress,
         egress,
         dns,
     } = vm.effective_policy();
+    let dispatch = Dispatch::of(vm);
+    // The VM's own address of each family: the key of its entries in shared maps and
+    // sets. Without an IPv4 address in the state, IPv4 cannot be attributed to the VM
+    // (and a VM with a tap may send none: `tap_src4` has nothing for it).
+    let own = |family: Family| -> Option<IpAddr> {
+        match family {
+            Family::V6 => Some(IpAddr::V6(vm.public_ipv6)),
+            Family::V4 => vm.ipv4.map(IpAddr::V4),
+        }
+    };
     let mut section = VmSection {
         vm: vm.id,
         org: vm.org_id.clone(),
-        dispatch: Dispatch::of(vm),
-        ingress: Vec::new(),
-        egress: egress_guards(vm, options, dns.block_bypass),
+        dispatch: dispatch.clone(),
         elements: BTreeMap::new(),
+        members: BTreeSet::new(),
+        fqdn_sets: Vec::new(),
+        fqdn_rules: Vec::new(),
     };
+    if let Some(tap) = &vm.interface {
+        section.members.insert(Member::Tap(tap.clone()));
+        for family in [Family::V6, Family::V4] {
+            if let Some(addr) = own(family) {
+                section.members.insert(Member::TapSource(tap.clone(), addr));
+            }
+        }
+    }
+    if dns.block_bypass {
+        for family in [Family::V6, Family::V4] {
+            if let Some(addr) = own(family) {
+                section.members.insert(Member::BlockBypass(addr));
+            }
+        }
+    }
     let shard = names::shard_of(&vm.id);
     for (direction, rules) in [(Direction::Ingress, ingress), (Direction::Egress, egress)] {
         let canonical = canonicals.of(rules);
-        // The VM's own address of each family: the key of its elements in shared sets.
-        // Without an IPv4 address in the state, IPv4 cannot be attributed to the VM.
-        let own = |family: Family| -> Option<IpAddr> {
-            match family {
-                Family::V6 => Some(IpAddr::V6(vm.public_ipv6)),
-                Family::V4 => vm.ipv4.map(IpAddr::V4),
-            }
-        };
-        let mut rules = Vec::new();
-        for (b, block) in canonical.blocks.iter().enumerate() {
-            let action = block.action.unwrap_or(canonical.default);
-            let block_set = |family, l4| BlockSet {
-                direction,
-                block: u16::try_from(b).unwrap_or(u16::MAX),
-                family,
-                l4,
+        for (index, b) in canonical.blocks.iter().enumerate() {
+            let action = b.action.unwrap_or(canonical.default);
+            let block = u16::try_from(index).unwrap_or(u16::MAX);
+            let map = |family, l4| BlockMap {
+                kind: BlockKind {
+                    direction,
+                    block,
+                    family,
+                    l4,
+                },
                 shard,
             };
-            for ((family, l4), elements) in &block.ported {
+            for ((family, l4), elements) in &b.ported {
                 let Some(own) = own(*family) else { continue };
-                let set = block_set(*family, Some(*l4));
-                section
-                    .elements
-                    .entry(set)
-                    .or_default()
-                    .extend(elements.iter().map(|(far, ports)| Element {
-                        own,
-                        far: *far,
-                        ports: Some(*ports),
-                    }));
-                rules.push(VmRule::Block { set, action });
+                let elements = elements.iter().map(|(far, ports)| Element {
+                    own,
+                    far: *far,
+                    ports: Some(*ports),
+                    action,
+                });
+                let map = map(*family, Some(*l4));
+                section.elements.entry(map).or_default().extend(elements);
             }
-            for (family, nets) in &block.any {
+            for (family, nets) in &b.any {
                 let Some(own) = own(*family) else { continue };
-                let set = block_set(*family, None);
-                section
-                    .elements
-                    .entry(set)
-                    .or_default()
-                    .extend(nets.iter().map(|far| Element {
-                        own,
-                        far: *far,
-                        ports: None,
-                    }));
-                rules.push(VmRule::Block { set, action });
+                let elements = nets.iter().map(|far| Element {
+                    own,
+                    far: *far,
+                    ports: None,
+                    action,
+                });
+                let map = map(*family, None);
+                section.elements.entry(map).or_default().extend(elements);
             }
-            for fqdn in &block.fqdn {
+            for fqdn in &b.fqdn {
                 let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
                 for (family, set) in [(Family::V4, sets.v4), (Family::V6, sets.v6)] {
-                    rules.push(VmRule::Fqdn {
+                    if !section.fqdn_sets.iter().any(|(s, _)| *s == set) {
+                        section.fqdn_sets.push((set.clone(), family));
+                    }
+                    let Some(own) = own(family) else { continue };
+                    section.fqdn_rules.push(FqdnRule {
+                        block,
+                        own,
                         set,
-                        family,
                         protocol: fqdn.protocol,
                         ports: fqdn.ports,
                         action,
@@ -524,43 +419,12 @@ pub fn compile_vm_with(
             }
         }
         if canonical.default == Action::Deny {
-            rules.push(VmRule::DefaultDeny);
-        }
-        match direction {
-            Direction::Ingress => section.ingress = rules,
-            Direction::Egress => section.egress.extend(rules),
+            section
+                .members
+                .insert(Member::DefaultDeny(direction, dispatch.clone()));
         }
     }
     section
-}
-
-/// The egress rules that come before the user's: anti-spoof, DNS only to the gate,
-/// and DoT / DoH blocking under `block_bypass`.
-fn egress_guards(vm: &Vm, options: &CompileOptions, block_bypass: bool) -> Vec<VmRule> {
-    let mut rules = Vec::new();
-    if vm.interface.is_some() {
-        rules.push(VmRule::AntiSpoof6(vm.public_ipv6));
-        rules.push(match vm.ipv4 {
-            Some(v4) => VmRule::AntiSpoof4(v4),
-            None => VmRule::NoIpv4,
-        });
-    }
-    for gate in &options.dns_gates {
-        for l4 in [L4::Udp, L4::Tcp] {
-            rules.push(VmRule::DnsGate(*gate, l4));
-        }
-    }
-    for l4 in [L4::Udp, L4::Tcp] {
-        rules.push(VmRule::DnsElsewhere(l4));
-    }
-    if block_bypass {
-        for l4 in [L4::Tcp, L4::Udp] {
-            rules.push(VmRule::DnsOverTls(l4));
-        }
-        rules.push(VmRule::DnsOverHttps(Family::V4));
-        rules.push(VmRule::DnsOverHttps(Family::V6));
-    }
-    rules
 }
 
 pub(crate) fn addr_type(family: Family) -> &'static str {
@@ -570,7 +434,7 @@ pub(crate) fn addr_type(family: Family) -> &'static str {
     }
 }
 
-fn ip(family: Family) -> &'static str {
+pub(crate) fn ip(family: Family) -> &'static str {
     match family {
         Family::V4 => "ip",
         Family::V6 => "ip6",
@@ -598,18 +462,10 @@ pub(crate) fn doh_set(family: Family) -> &'static str {
     }
 }
 
-fn l4_name(l4: L4) -> &'static str {
+pub(crate) fn l4_name(l4: L4) -> &'static str {
     match l4 {
         L4::Tcp => "tcp",
         L4::Udp => "udp",
-    }
-}
-
-fn protocol_name(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Any => "any",
     }
 }
 

@@ -17,7 +17,7 @@ use crate::validate::{
 };
 
 /// Allow or deny: a direction's default posture and each rule's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Let the packet through.

@@ -519,12 +519,12 @@ fn vms_that_leave_lose_their_objects() {
     let setup = Setup::new();
     let state = parse(&state(&setup.lab, true));
     setup.apply(&state);
-    let live = setup.backend.live_objects().unwrap();
-    assert!(
-        live.iter()
-            .any(|n| n.contains("c4d2e1f03333400080000000000000cc")),
-        "{live:?}"
-    );
+    // A VM's objects are its entries in the shared maps and sets, keyed by its address.
+    let c = setup.lab.vms[2].ipv6.to_string();
+    let a = setup.lab.vms[0].ipv6.to_string();
+    let listing = setup.backend.list_table().unwrap();
+    assert!(listing.contains(&c), "{listing}");
+    let maps_before = setup.backend.live_objects().unwrap();
     let fewer = State {
         users: vec![],
         vms: state
@@ -535,16 +535,20 @@ fn vms_that_leave_lose_their_objects() {
             .collect(),
     };
     setup.apply(&fewer);
-    let live = setup.backend.live_objects().unwrap();
-    assert!(
-        !live
-            .iter()
-            .any(|n| n.contains("c4d2e1f03333400080000000000000cc")),
-        "{live:?}"
+    let listing = setup.backend.list_table().unwrap();
+    assert!(!listing.contains(&c), "{listing}");
+    assert!(listing.contains(&a), "{listing}");
+    // The maps only C's shard used for C went with it.
+    let c_shard = vmedge_firewall::names::shard_of(
+        &state.vms.iter().find(|v| v.id.to_string() == C).unwrap().id,
     );
-    assert!(live
-        .iter()
-        .any(|n| n.contains("6f1c2d3e0000400080000000000000aa")));
+    let shard_maps = |live: &std::collections::BTreeSet<String>| {
+        let prefix = format!("in_s{c_shard}_b");
+        live.iter().filter(|n| n.starts_with(&prefix)).count()
+    };
+    let maps_after = setup.backend.live_objects().unwrap();
+    assert!(shard_maps(&maps_before) > 0, "{maps_before:?}");
+    assert_eq!(shard_maps(&maps_after), 0, "{maps_after:?}");
     // C is now in no policy at all: traffic to it is not filtered.
     assert!(tcp_passes(
         &setup.lab.vms[3].ns,
@@ -674,7 +678,7 @@ fn a_netlink_update_leaves_the_same_table_as_nft_text() {
         state
             .vms
             .iter()
-            .map(|vm| (vm.id, vmedge_firewall::compile_vm(vm, &options)))
+            .map(|vm| (vm.id, vmedge_firewall::compile_vm(vm)))
             .collect()
     };
     let (s_before, s_after) = (sections(&before), sections(&after));
@@ -687,8 +691,15 @@ fn a_netlink_update_leaves_the_same_table_as_nft_text() {
         nft.apply(&compile("w", before.vms.iter(), &options))
             .unwrap();
     }
+    let mut forms = std::collections::BTreeSet::new();
     for (from, to) in [(&s_before, &s_after), (&s_after, &s_before)] {
-        let update = vmedge_firewall::update(from, to).unwrap();
+        let update = vmedge_firewall::update(from, to, &options).unwrap();
+        for op in &update.ops {
+            // Each kind of step, by name: `AddMap`, `Chain`, ...
+            let form = format!("{op:?}");
+            let name = form.find(['(', ' ']).unwrap_or(form.len());
+            forms.insert(form[..name].to_string());
+        }
         netlink.apply_update(&update).unwrap();
         text_only.apply_update(&update).unwrap();
         let (a, b) = (
@@ -701,6 +712,23 @@ fn a_netlink_update_leaves_the_same_table_as_nft_text() {
             "netlink and nft -f disagree"
         );
         assert!(a.contains("fqdn "), "the states exercise fqdn rules: {a}");
+    }
+    for form in [
+        "AddMap",
+        "DeleteMap",
+        "Chain",
+        "AddElements",
+        "DeleteElements",
+        "AddMember",
+        "DeleteMember",
+        "AddDispatch",
+        "DeleteDispatch",
+        "AddFqdnSet",
+    ] {
+        assert!(
+            forms.contains(form),
+            "the change exercises {form}: {forms:?}"
+        );
     }
     assert_eq!(netlink.netlink_updates(), 2, "both went over netlink");
     assert_eq!(text_only.netlink_updates(), 0);

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmedge_firewall::compile::{declared_block_sets, FORWARD_RULES};
+use vmedge_firewall::compile::table_shape;
 use vmedge_firewall::{
-    assemble, compile_vm_with, names, update, Canonicals, CompileOptions, FirewallBackend,
-    FirewallError, VmSection,
+    assemble, compile_vm_with, update, Canonicals, CompileOptions, FirewallBackend, FirewallError,
+    VmSection,
 };
 use vmedge_model::{Vm, VmId};
 use vmedge_registry::Snapshot;
@@ -81,13 +81,13 @@ impl<B: FirewallBackend> Reconciler<B> {
                 Some(section) => section,
                 None => {
                     recompiled.push(vm);
-                    Arc::new(compile_vm_with(vm, &self.options, &mut canonicals))
+                    Arc::new(compile_vm_with(vm, &mut canonicals))
                 }
             };
             next.insert(vm.id, section);
         }
         let result = match &self.applied {
-            Some(previous) => match update(previous, &next) {
+            Some(previous) => match update(previous, &next, &self.options) {
                 None => return Ok(Synced::Unchanged),
                 Some(update) => self
                     .backend
@@ -142,15 +142,8 @@ impl<B: FirewallBackend> Reconciler<B> {
             return Ok(None);
         };
         let live = self.backend.live_table()?;
-        let mut expected_objects = std::collections::BTreeSet::new();
-        let mut expected_rules = BTreeMap::new();
-        for section in applied.values() {
-            expected_objects.extend(section.objects());
-            expected_rules.extend(section.rule_counts());
-        }
-        let block_sets = declared_block_sets(applied.values().map(Arc::as_ref));
-        expected_objects.extend(block_sets.iter().map(ToString::to_string));
-        expected_rules.insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
+        let expected = table_shape(applied.values().map(Arc::as_ref), &self.options);
+        let (expected_objects, expected_rules) = (expected.objects, expected.rules);
         let drift = if live.objects != expected_objects {
             let missing = expected_objects.difference(&live.objects).count();
             let extra = live.objects.difference(&expected_objects).count();
@@ -173,21 +166,5 @@ impl<B: FirewallBackend> Reconciler<B> {
         self.sync(snapshot)?;
         self.metrics.drift_repairs.inc();
         Ok(Some(drift))
-    }
-}
-
-/// Checks that [`FORWARD_RULES`] matches what a full ruleset holds.
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vmedge_firewall::rule_counts;
-
-    #[test]
-    fn forward_rule_count_matches_the_compiler() {
-        let ruleset = assemble("w", &[], &CompileOptions::new(vec![]));
-        assert_eq!(
-            rule_counts(&ruleset.text).get(names::FORWARD_CHAIN),
-            Some(&FORWARD_RULES)
-        );
     }
 }

@@ -91,12 +91,7 @@ pub fn apply(target: &Target) -> anyhow::Result<ExitCode> {
     let nft = NftBackend::new();
     let version = nft.check_version()?;
     nft.apply(&ruleset)?;
-    // Each VM has exactly one ingress chain.
-    let vms = ruleset
-        .objects
-        .iter()
-        .filter(|o| o.starts_with("in_") && vmedge_firewall::names::is_vm_chain(o))
-        .count();
+    let vms = ruleset.vms;
     println!(
         "applied: table inet vmedge, {vms} VMs of worker {:?} ({version})",
         target.worker

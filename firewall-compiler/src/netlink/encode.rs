@@ -1,7 +1,9 @@
 //! An [`Update`] as nf_tables netlink messages: the same rules the text spells, in the
 //! expressions nft itself generates for them (`nft --debug=netlink` shows them).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -11,11 +13,10 @@ use super::wire::{Batch, NLM_F_APPEND, NLM_F_CREATE};
 use crate::canonical::{Family, L4};
 use crate::compile::{Op, Update};
 use crate::names::{self, Direction};
-use crate::section::{doh_set, family_of, BlockSet, Dispatch, Element, VmRule, VmSection};
+use crate::section::{doh_set, family_of, BlockMap, Dispatch, Element, Member};
+use crate::shard::ShardRule;
 
 // Message types (enum nf_tables_msg_types).
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
@@ -24,18 +25,24 @@ const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
 // Attributes.
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_POSITION: u16 = 6;
 const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_DESC: u16 = 9;
 const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_DESC_CONCAT: u16 = 2;
+const NFTA_SET_FIELD_LEN: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -64,20 +71,27 @@ const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_DREG: u16 = 3;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
 
 // Values.
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
 const NFT_SET_TIMEOUT: u32 = 0x10;
+const NFT_SET_CONCAT: u32 = 0x80;
+/// `NFT_DATA_VERDICT`: a map's values are verdicts.
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
 const NFT_REG32_01: u32 = 9;
+const NFT_META_IIFNAME: u32 = 6;
+const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_CMP_EQ: u32 = 0;
-const NFT_CMP_NEQ: u32 = 1;
 const NFT_CMP_LTE: u32 = 3;
 const NFT_CMP_GTE: u32 = 5;
 const NF_DROP: i32 = 0;
@@ -88,59 +102,72 @@ const NFPROTO_IPV6: u8 = 10;
 /// nft's datatype ids, as set key types (`ipv4_addr`, `ipv6_addr`).
 const TYPE_IPV4_ADDR: u32 = 7;
 const TYPE_IPV6_ADDR: u32 = 8;
+const TYPE_INET_SERVICE: u32 = 13;
 /// `IFNAMSIZ`: an `ifname` key is the name, NUL-padded to 16 bytes.
 const IFNAMSIZ: usize = 16;
 /// `NFTNL_UDATA_RULE_COMMENT`.
 const UDATA_RULE_COMMENT: u8 = 0;
 
-/// Why an update goes through `nft -f` instead.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unsupported {
-    /// It creates a shared block set the table does not have yet.
-    NewBlockSet(String),
-}
-
-/// Encodes `update` as one batch numbered from `first_seq`. `known_sets` are the shared
-/// block sets the live table is known to have.
+/// Encodes `update` as one batch numbered from `first_seq`. `handles` are the rule handles
+/// of live chains, in order (what [`NetlinkSocket::rule_handles`](super::NetlinkSocket::rule_handles)
+/// reads): a chain whose handles match the rules it should have is edited in place;
+/// any other is flushed and refilled.
 pub fn encode_update(
     update: &Update<'_>,
-    known_sets: &BTreeSet<BlockSet>,
     first_seq: u32,
-) -> Result<Batch, Unsupported> {
+    handles: &BTreeMap<String, Vec<u64>>,
+) -> Batch {
     let mut b = Batch::new(first_seq);
     let mut set_ids = 0u32;
     for op in &update.ops {
         match op {
-            Op::AddBlockSet(set) => {
-                if !known_sets.contains(set) {
-                    return Err(Unsupported::NewBlockSet(set.to_string()));
+            Op::AddMap(map) => {
+                set_ids += 1;
+                block_map(&mut b, map, set_ids);
+            }
+            Op::AddFqdnSet(set, family) => {
+                set_ids += 1;
+                fqdn_set(&mut b, set, *family, set_ids);
+            }
+            Op::AddElements(map, elements) => {
+                block_elements(&mut b, NFT_MSG_NEWSETELEM, NLM_F_CREATE, map, elements)
+            }
+            Op::DeleteElements(map, elements) => {
+                block_elements(&mut b, NFT_MSG_DELSETELEM, 0, map, elements)
+            }
+            Op::AddMember(member) => member_element(&mut b, NFT_MSG_NEWSETELEM, member),
+            Op::DeleteMember(member) => member_element(&mut b, NFT_MSG_DELSETELEM, member),
+            Op::AddDispatch(section) => dispatch(&mut b, &section.dispatch, Some(section.shard())),
+            Op::DeleteDispatch(d) => dispatch(&mut b, d, None),
+            Op::Chain {
+                direction,
+                shard,
+                was,
+                is,
+            } => {
+                let chain = names::shard_chain(*direction, *shard);
+                match handles.get(&chain).filter(|h| h.len() == was.len()) {
+                    Some(handles) => edit_chain(&mut b, &chain, *direction, was, is, handles),
+                    None => {
+                        flush_chain(&mut b, &chain);
+                        for rule in is {
+                            add_rule(&mut b, &chain, *direction, rule, None);
+                        }
+                    }
                 }
             }
-            Op::Section(section) => encode_section(&mut b, section, &mut set_ids),
-            Op::AddElements(set, elements) => {
-                block_elements(&mut b, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements)
-            }
-            Op::DeleteElements(set, elements) => {
-                block_elements(&mut b, NFT_MSG_DELSETELEM, 0, set, elements)
-            }
-            Op::DeleteChain(chain) => {
-                flush_chain(&mut b, chain);
-                let at = b.message(NFT_MSG_DELCHAIN, 0, format!("delete chain {chain}"));
-                b.str(NFTA_CHAIN_TABLE, names::TABLE);
-                b.str(NFTA_CHAIN_NAME, chain);
-                b.finish(at);
-            }
-            Op::DeleteSet(set) => {
-                let at = b.message(NFT_MSG_DELSET, 0, format!("delete set {set}"));
-                b.str(NFTA_SET_TABLE, names::TABLE);
-                b.str(NFTA_SET_NAME, set);
-                b.finish(at);
-            }
-            Op::AddDispatch(section) => dispatch(&mut b, &section.dispatch, Some(section)),
-            Op::DeleteDispatch(d) => dispatch(&mut b, d, None),
+            Op::DeleteMap(map) => delete_set(&mut b, &map.to_string()),
+            Op::DeleteSet(set) => delete_set(&mut b, set),
         }
     }
-    Ok(b)
+    b
+}
+
+fn delete_set(b: &mut Batch, set: &str) {
+    let at = b.message(NFT_MSG_DELSET, 0, format!("delete set {set}"));
+    b.str(NFTA_SET_TABLE, names::TABLE);
+    b.str(NFTA_SET_NAME, set);
+    b.finish(at);
 }
 
 /// One address for an fqdn set, with how long it stays.
@@ -193,42 +220,171 @@ fn flush_chain(b: &mut Batch, chain: &str) {
     b.finish(at);
 }
 
-fn encode_section(b: &mut Batch, section: &VmSection, set_ids: &mut u32) {
-    for (direction, rules) in section.rules() {
-        let chain = section.chain(direction);
-        let at = b.message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, format!("add chain {chain}"));
-        b.str(NFTA_CHAIN_TABLE, names::TABLE);
-        b.str(NFTA_CHAIN_NAME, &chain);
+/// Where a new rule goes: after or before a rule that stays, or at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    After(u64),
+    Before(u64),
+    End,
+}
+
+/// Turns a chain's rules from `was` (whose live handles are `handles`) into `is`, touching
+/// only the rules that differ: each rule added costs the kernel a walk of the table's
+/// sets (by name, to resolve its lookups), so rewriting a chain of a hundred rules for
+/// one new one cost a hundred walks.
+fn edit_chain(
+    b: &mut Batch,
+    chain: &str,
+    direction: Direction,
+    was: &[ShardRule<'_>],
+    is: &[ShardRule<'_>],
+    handles: &[u64],
+) {
+    // Diffed as numbers: the same number for equal rules.
+    let mut ids: HashMap<&ShardRule<'_>, u32> = HashMap::default();
+    let mut id = |rule| {
+        let next = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        *ids.entry(rule).or_insert(next)
+    };
+    let was_ids: Vec<u32> = was.iter().map(&mut id).collect();
+    let is_ids: Vec<u32> = is.iter().map(&mut id).collect();
+    let ops = similar::capture_diff_slices(similar::Algorithm::Myers, &was_ids, &is_ids);
+    let first_kept = ops.iter().find_map(|op| match op {
+        similar::DiffOp::Equal { old_index, .. } => Some(handles[*old_index]),
+        _ => None,
+    });
+    let mut last_kept = None;
+    let mut deleted = Vec::new();
+    let mut inserted: Vec<(Position, &[ShardRule<'_>])> = Vec::new();
+    for op in &ops {
+        let (old, new) = (op.old_range(), op.new_range());
+        match op {
+            similar::DiffOp::Equal { .. } => last_kept = Some(handles[old.end - 1]),
+            _ => {
+                deleted.extend(old.map(|i| handles[i]));
+                if !new.is_empty() {
+                    let at = match (last_kept, first_kept) {
+                        (Some(h), _) => Position::After(h),
+                        (None, Some(h)) => Position::Before(h),
+                        (None, None) => Position::End,
+                    };
+                    inserted.push((at, &is[new]));
+                }
+            }
+        }
+    }
+    for handle in deleted {
+        let at = b.message(
+            NFT_MSG_DELRULE,
+            0,
+            format!("delete rule {handle} of {chain}"),
+        );
+        b.str(NFTA_RULE_TABLE, names::TABLE);
+        b.str(NFTA_RULE_CHAIN, chain);
+        b.u64(NFTA_RULE_HANDLE, handle);
         b.finish(at);
-        flush_chain(b, &chain);
-        for rule in rules {
-            if let VmRule::Fqdn { set, family, .. } = rule {
-                *set_ids += 1;
-                fqdn_set(b, set, *family, *set_ids);
+    }
+    for (at, rules) in inserted {
+        match at {
+            // Each one right after the same rule: the last first, so they end up in order.
+            Position::After(_) => {
+                for rule in rules.iter().rev() {
+                    add_rule(b, chain, direction, rule, Some(at));
+                }
             }
-            let mut text = String::new();
-            rule.write_body(&mut text); // the nft spelling, for error messages
-            let at = b.message(
-                NFT_MSG_NEWRULE,
-                NLM_F_CREATE | NLM_F_APPEND,
-                format!("add rule to {chain}: {text}"),
-            );
-            b.str(NFTA_RULE_TABLE, names::TABLE);
-            b.str(NFTA_RULE_CHAIN, &chain);
-            let list = b.nest(NFTA_RULE_EXPRESSIONS);
-            expressions(b, rule, direction);
-            b.end_nest(list);
-            if let Some(comment) = rule.comment() {
-                let mut udata = vec![UDATA_RULE_COMMENT, 0];
-                udata.extend_from_slice(comment.as_bytes());
-                udata.push(0);
-                udata[1] = u8::try_from(comment.len() + 1).unwrap_or(u8::MAX);
-                b.bytes(NFTA_RULE_USERDATA, &udata);
+            Position::Before(_) | Position::End => {
+                for rule in rules {
+                    add_rule(b, chain, direction, rule, Some(at));
+                }
             }
-            b.finish(at);
         }
     }
 }
+
+/// One rule added to `chain`: at its end, or at `position`.
+fn add_rule(
+    b: &mut Batch,
+    chain: &str,
+    direction: Direction,
+    rule: &ShardRule<'_>,
+    position: Option<Position>,
+) {
+    let mut text = String::new();
+    rule.write_body(&mut text); // the nft spelling, for error messages
+    let flags = match position {
+        Some(Position::Before(_)) => NLM_F_CREATE,
+        _ => NLM_F_CREATE | NLM_F_APPEND,
+    };
+    let at = b.message(
+        NFT_MSG_NEWRULE,
+        flags,
+        format!("add rule to {chain}: {text}"),
+    );
+    b.str(NFTA_RULE_TABLE, names::TABLE);
+    b.str(NFTA_RULE_CHAIN, chain);
+    if let Some(Position::After(handle) | Position::Before(handle)) = position {
+        b.u64(NFTA_RULE_POSITION, handle);
+    }
+    let list = b.nest(NFTA_RULE_EXPRESSIONS);
+    expressions(b, rule, direction);
+    b.end_nest(list);
+    if let Some(comment) = rule.comment() {
+        let mut udata = vec![UDATA_RULE_COMMENT, 0];
+        udata.extend_from_slice(comment.as_bytes());
+        udata.push(0);
+        udata[1] = u8::try_from(comment.len() + 1).unwrap_or(u8::MAX);
+        b.bytes(NFTA_RULE_USERDATA, &udata);
+    }
+    b.finish(at);
+}
+
+/// `add map ... { type ipv6_addr . ipv6_addr . inet_service : verdict; flags interval; }`,
+/// as nft sends it (`nft --debug=mnl`): a no-op when the map exists.
+fn block_map(b: &mut Batch, map: &BlockMap, id: u32) {
+    let name = map.to_string();
+    let at = b.message(NFT_MSG_NEWSET, NLM_F_CREATE, format!("add map {name}"));
+    b.str(NFTA_SET_TABLE, names::TABLE);
+    b.str(NFTA_SET_NAME, &name);
+    b.u32(
+        NFTA_SET_FLAGS,
+        NFT_SET_INTERVAL | NFT_SET_MAP | NFT_SET_CONCAT,
+    );
+    let (addr_type, addr_len) = match map.kind.family {
+        Family::V4 => (TYPE_IPV4_ADDR, 4),
+        Family::V6 => (TYPE_IPV6_ADDR, 16),
+    };
+    // A concatenation's type packs its fields' types, 6 bits each; each field takes
+    // whole 32-bit registers.
+    let mut fields: Vec<(u32, u32)> = vec![(addr_type, addr_len), (addr_type, addr_len)];
+    if map.kind.l4.is_some() {
+        fields.push((TYPE_INET_SERVICE, 2));
+    }
+    let key_type = fields.iter().fold(0, |t, (field, _)| (t << 6) | field);
+    let key_len: u32 = fields.iter().map(|(_, len)| len.next_multiple_of(4)).sum();
+    b.u32(NFTA_SET_KEY_TYPE, key_type);
+    b.u32(NFTA_SET_KEY_LEN, key_len);
+    b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+    b.u32(NFTA_SET_DATA_LEN, 0);
+    b.u32(NFTA_SET_ID, id);
+    let desc = b.nest(NFTA_SET_DESC);
+    let concat = b.nest(NFTA_SET_DESC_CONCAT);
+    for (_, len) in &fields {
+        let field = b.nest(NFTA_LIST_ELEM);
+        b.u32(NFTA_SET_FIELD_LEN, *len);
+        b.end_nest(field);
+    }
+    b.end_nest(concat);
+    b.end_nest(desc);
+    b.bytes(NFTA_SET_USERDATA, &BLOCK_MAP_USERDATA);
+    b.finish(at);
+}
+
+/// The userdata nft 1.0.6 gives such a map (byte orders and typeof hints for its own
+/// listing), the same for every block map.
+const BLOCK_MAP_USERDATA: [u8; 28] = [
+    0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x08, 0x00, 0x04,
+    0x0d, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
+];
 
 /// `add set ... { type ipv4_addr; flags timeout; }`: a no-op when the set exists.
 fn fqdn_set(b: &mut Batch, set: &str, family: Family, id: u32) {
@@ -246,25 +402,9 @@ fn fqdn_set(b: &mut Batch, set: &str, family: Family, id: u32) {
     b.finish(at);
 }
 
-fn expressions(b: &mut Batch, rule: &VmRule, direction: Direction) {
+fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
     match rule {
-        VmRule::AntiSpoof6(a) => {
-            nfproto(b, Family::V6);
-            payload(b, NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_1);
-            cmp(b, NFT_CMP_NEQ, &a.octets());
-            verdict(b, NF_DROP, None);
-        }
-        VmRule::AntiSpoof4(a) => {
-            nfproto(b, Family::V4);
-            payload(b, NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1);
-            cmp(b, NFT_CMP_NEQ, &a.octets());
-            verdict(b, NF_DROP, None);
-        }
-        VmRule::NoIpv4 => {
-            nfproto(b, Family::V4);
-            verdict(b, NF_DROP, None);
-        }
-        VmRule::DnsGate(gate, l4) => {
+        ShardRule::DnsGate(gate, l4) => {
             let family = family_of(gate);
             nfproto(b, family);
             daddr(b, family);
@@ -274,21 +414,29 @@ fn expressions(b: &mut Batch, rule: &VmRule, direction: Direction) {
             cmp(b, NFT_CMP_EQ, &53u16.to_be_bytes());
             verdict(b, NFT_RETURN, None);
         }
-        VmRule::DnsElsewhere(l4) => drop_port(b, *l4, 53),
-        VmRule::DnsOverTls(l4) => drop_port(b, *l4, 853),
-        VmRule::DnsOverHttps(family) => {
+        ShardRule::DnsElsewhere(l4) => drop_port(b, *l4, 53),
+        ShardRule::DnsOverTls(family, l4) => {
             nfproto(b, *family);
+            saddr(b, *family);
+            lookup(b, block_bypass_set(*family));
+            drop_port(b, *l4, 853);
+        }
+        ShardRule::DnsOverHttps(family) => {
+            nfproto(b, *family);
+            saddr(b, *family);
+            lookup(b, block_bypass_set(*family));
             daddr(b, *family);
             lookup(b, doh_set(*family));
             verdict(b, NF_DROP, None);
         }
-        VmRule::Block { set, action } => {
-            nfproto(b, set.family);
-            if let Some(l4) = set.l4 {
+        ShardRule::Block(map) => {
+            let kind = map.kind;
+            nfproto(b, kind.family);
+            if let Some(l4) = kind.l4 {
                 l4proto(b, l4);
             }
             // The VM's own address first: the key's layout (`vm . far [. port]`).
-            let (saddr, daddr, len) = match set.family {
+            let (saddr, daddr, len) = match kind.family {
                 Family::V4 => (12, 16, 4),
                 Family::V6 => (8, 24, 16),
             };
@@ -297,37 +445,36 @@ fn expressions(b: &mut Batch, rule: &VmRule, direction: Direction) {
                 Direction::Egress => (saddr, daddr),
             };
             // Concatenations fill consecutive 32-bit registers from register 1.
-            let (second, third) = match set.family {
+            let (second, third) = match kind.family {
                 Family::V4 => (NFT_REG32_01, NFT_REG32_01 + 1),
                 Family::V6 => (NFT_REG_1 + 1, NFT_REG_1 + 2),
             };
             payload(b, NFT_PAYLOAD_NETWORK_HEADER, own, len, NFT_REG_1);
             payload(b, NFT_PAYLOAD_NETWORK_HEADER, far, len, second);
-            if set.l4.is_some() {
+            if kind.l4.is_some() {
                 payload(b, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, third);
             }
-            lookup(b, &set.to_string());
-            verdict(b, verdict_code(*action), None);
+            let at = expr(b, "lookup");
+            b.str(NFTA_LOOKUP_SET, &map.to_string());
+            b.u32(NFTA_LOOKUP_SREG, NFT_REG_1);
+            b.u32(NFTA_LOOKUP_DREG, NFT_REG_VERDICT);
+            end_expr(b, at);
         }
-        VmRule::Fqdn {
-            set,
-            family,
-            protocol,
-            ports,
-            action,
-            ..
-        } => {
-            nfproto(b, *family);
-            daddr(b, *family);
-            lookup(b, set);
-            let l4 = match protocol {
+        ShardRule::Fqdn(rule) => {
+            let family = family_of(&rule.own);
+            nfproto(b, family);
+            saddr(b, family);
+            cmp(b, NFT_CMP_EQ, &addr_bytes(&rule.own));
+            daddr(b, family);
+            lookup(b, &rule.set);
+            let l4 = match rule.protocol {
                 Protocol::Tcp => Some(L4::Tcp),
                 Protocol::Udp => Some(L4::Udp),
                 Protocol::Any => None,
             };
             if let Some(l4) = l4 {
                 l4proto(b, l4);
-                if let Ports::Range { first, last } = ports {
+                if let Ports::Range { first, last } = rule.ports {
                     dport(b);
                     if first == last {
                         cmp(b, NFT_CMP_EQ, &first.to_be_bytes());
@@ -337,15 +484,38 @@ fn expressions(b: &mut Batch, rule: &VmRule, direction: Direction) {
                     }
                 }
             }
-            verdict(b, verdict_code(*action), None);
+            verdict(b, verdict_code(rule.action), None);
         }
-        VmRule::DefaultDeny => {
+        ShardRule::DefaultDeny(direction, by_tap) => {
+            if *by_tap {
+                meta(
+                    b,
+                    match direction {
+                        Direction::Ingress => NFT_META_OIFNAME,
+                        Direction::Egress => NFT_META_IIFNAME,
+                    },
+                );
+            } else {
+                nfproto(b, Family::V6);
+                match direction {
+                    Direction::Ingress => daddr(b, Family::V6),
+                    Direction::Egress => saddr(b, Family::V6),
+                }
+            }
+            lookup(b, names::default_deny(*direction, *by_tap));
             let at = expr(b, "counter");
             b.u64(NFTA_COUNTER_BYTES, 0);
             b.u64(NFTA_COUNTER_PACKETS, 0);
             end_expr(b, at);
             verdict(b, NF_DROP, None);
         }
+    }
+}
+
+fn block_bypass_set(family: Family) -> &'static str {
+    match family {
+        Family::V4 => names::BLOCK_BYPASS4,
+        Family::V6 => names::BLOCK_BYPASS6,
     }
 }
 
@@ -421,6 +591,13 @@ fn daddr(b: &mut Batch, family: Family) {
     match family {
         Family::V4 => payload(b, NFT_PAYLOAD_NETWORK_HEADER, 16, 4, NFT_REG_1),
         Family::V6 => payload(b, NFT_PAYLOAD_NETWORK_HEADER, 24, 16, NFT_REG_1),
+    }
+}
+
+fn saddr(b: &mut Batch, family: Family) {
+    match family {
+        Family::V4 => payload(b, NFT_PAYLOAD_NETWORK_HEADER, 12, 4, NFT_REG_1),
+        Family::V6 => payload(b, NFT_PAYLOAD_NETWORK_HEADER, 8, 16, NFT_REG_1),
     }
 }
 
@@ -505,13 +682,13 @@ fn element_keys(element: &Element) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
-fn block_elements(b: &mut Batch, kind: u16, flags: u16, set: &BlockSet, elements: &[&Element]) {
+fn block_elements(b: &mut Batch, kind: u16, flags: u16, map: &BlockMap, elements: &[&Element]) {
     let verb = if kind == NFT_MSG_NEWSETELEM {
         "add"
     } else {
         "delete"
     };
-    let name = set.to_string();
+    let name = map.to_string();
     let at = b.message(
         kind,
         flags,
@@ -529,25 +706,65 @@ fn block_elements(b: &mut Batch, kind: u16, flags: u16, set: &BlockSet, elements
         let key_end = b.nest(NFTA_SET_ELEM_KEY_END);
         b.bytes(NFTA_DATA_VALUE, &end);
         b.end_nest(key_end);
+        if kind == NFT_MSG_NEWSETELEM {
+            let data = b.nest(NFTA_SET_ELEM_DATA);
+            verdict_data(b, verdict_code(element.action), None);
+            b.end_nest(data);
+        }
         b.end_nest(item);
     }
     b.end_nest(list);
     b.finish(at);
 }
 
-/// The two verdict map entries of a VM: added (with `to`, the section) or deleted.
-fn dispatch(b: &mut Batch, dispatch: &Dispatch, to: Option<&VmSection>) {
-    let key = match dispatch {
-        Dispatch::Tap(tap) => {
-            let mut key = tap.as_bytes().to_vec();
-            key.resize(IFNAMSIZ, 0);
+/// An interface name as a set key: NUL-padded to `IFNAMSIZ`.
+fn ifname(tap: &str) -> Vec<u8> {
+    let mut key = tap.as_bytes().to_vec();
+    key.resize(IFNAMSIZ, 0);
+    key
+}
+
+/// A VM's entry in a worker-wide set, added or deleted.
+fn member_element(b: &mut Batch, kind: u16, member: &Member) {
+    let key = match member {
+        Member::Tap(tap) | Member::DefaultDeny(_, Dispatch::Tap(tap)) => ifname(tap),
+        Member::TapSource(tap, addr) => {
+            let mut key = ifname(tap);
+            field(&mut key, &addr_bytes(addr));
             key
         }
+        Member::BlockBypass(addr) => addr_bytes(addr),
+        Member::DefaultDeny(_, Dispatch::Address(addr)) => addr.octets().to_vec(),
+    };
+    let (flags, verb) = match kind {
+        NFT_MSG_NEWSETELEM => (NLM_F_CREATE, "add"),
+        _ => (0, "delete"),
+    };
+    let set = member.set();
+    let at = b.message(kind, flags, format!("{verb} {} in {set}", member.to_text()));
+    b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
+    b.str(NFTA_SET_ELEM_LIST_SET, set);
+    let list = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+    let item = b.nest(NFTA_LIST_ELEM);
+    let k = b.nest(NFTA_SET_ELEM_KEY);
+    b.bytes(NFTA_DATA_VALUE, &key);
+    b.end_nest(k);
+    b.end_nest(item);
+    b.end_nest(list);
+    b.finish(at);
+}
+
+/// The two verdict map entries of a VM: added (jumping to the chains of `shard`) or
+/// deleted.
+fn dispatch(b: &mut Batch, dispatch: &Dispatch, shard: Option<u8>) {
+    let key = match dispatch {
+        Dispatch::Tap(tap) => ifname(tap),
         Dispatch::Address(a) => a.octets().to_vec(),
     };
-    let chains = to.map(VmSection::chains);
+    let chains = shard
+        .map(|shard| [Direction::Egress, Direction::Ingress].map(|d| names::shard_chain(d, shard)));
     for (i, map) in dispatch.maps().into_iter().enumerate() {
-        let (kind, flags, verb) = match to {
+        let (kind, flags, verb) = match shard {
             Some(_) => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "add"),
             None => (NFT_MSG_DELSETELEM, 0, "delete"),
         };

@@ -23,7 +23,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
-pub use encode::{encode_fqdn_elements, encode_update, FqdnElement, Unsupported};
+pub use encode::{encode_fqdn_elements, encode_update, FqdnElement};
 pub use wire::{Batch, SealedBatch};
 
 use crate::errors::FirewallError;
@@ -124,11 +124,81 @@ impl NetlinkSocket {
         Ok(())
     }
 
+    /// The handles of `chain`'s rules, in order (one dump; the chain's rules only).
+    pub fn rule_handles(&mut self, chain: &str) -> Result<Vec<u64>, FirewallError> {
+        const NFT_MSG_GETRULE: u16 = 7;
+        const NFT_MSG_NEWRULE: u16 = 6;
+        const NFTA_RULE_TABLE: u16 = 1;
+        const NFTA_RULE_CHAIN: u16 = 2;
+        const NFTA_RULE_HANDLE: u16 = 3;
+        let io = |e: nix::Error| FirewallError::Io(std::io::Error::from(e));
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut request = Batch::dump_request(NFT_MSG_GETRULE, seq);
+        request.str(NFTA_RULE_TABLE, crate::names::TABLE);
+        request.str(NFTA_RULE_CHAIN, chain);
+        request.finish(0);
+        let fd = self.fd.as_raw_fd();
+        send(fd, request.request_bytes(), MsgFlags::empty()).map_err(io)?;
+        let mut handles = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = recv(fd, &mut buf, MsgFlags::empty()).map_err(io)?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(word(&buf, at)) as usize;
+                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+                let msg_seq = u32::from_ne_bytes(word(&buf, at + 8));
+                if len < 16 || at + len > n {
+                    break;
+                }
+                let message = &buf[at..at + len];
+                at += (len + 3) & !3;
+                if msg_seq != seq {
+                    continue; // an answer to something earlier
+                }
+                match kind {
+                    wire::NLMSG_DONE => return Ok(handles),
+                    wire::NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(word(message, 16));
+                        return Err(FirewallError::Io(std::io::Error::from_raw_os_error(-errno)));
+                    }
+                    k if k == (10 << 8) | NFT_MSG_NEWRULE => {
+                        // nlmsghdr (16) + nfgenmsg (4), then attributes.
+                        let handle = attributes(&message[20..])
+                            .find(|(t, _)| *t == NFTA_RULE_HANDLE)
+                            .and_then(|(_, v)| <[u8; 8]>::try_from(v).ok())
+                            .map(u64::from_be_bytes);
+                        handles.extend(handle);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// Reads whatever answers are still queued, so the next batch starts clean.
     fn drain(&self) {
         let mut buf = vec![0u8; 64 * 1024];
         while recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {}
     }
+}
+
+/// The (type, value) of each attribute in `buf`.
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let value = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((kind, value))
+    })
 }
 
 fn word(buf: &[u8], at: usize) -> [u8; 4] {

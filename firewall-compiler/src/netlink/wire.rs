@@ -5,6 +5,8 @@
 //! aligned). nf_tables values inside attributes are big-endian.
 
 pub const NLMSG_ERROR: u16 = 2;
+pub const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_CREATE: u16 = 0x400;
@@ -41,6 +43,28 @@ impl Batch {
         let at = batch.header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, NFPROTO_UNSPEC);
         batch.finish(at);
         batch
+    }
+
+    /// A lone dump request (`NFT_MSG_GET*`), not a transaction: add its attributes,
+    /// then [`Batch::finish`] it at 0 and send [`Batch::request_bytes`].
+    pub fn dump_request(kind: u16, seq: u32) -> Batch {
+        let mut batch = Batch {
+            buf: Vec::with_capacity(256),
+            seq,
+            first_seq: seq,
+            described: Vec::new(),
+        };
+        batch.header(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            NFPROTO_INET,
+        );
+        batch
+    }
+
+    /// The bytes of a [`Batch::dump_request`].
+    pub fn request_bytes(&self) -> &[u8] {
+        &self.buf
     }
 
     /// Starts an nf_tables message (`NFT_MSG_*`) with ack requested; returns its start.

@@ -1,0 +1,265 @@
+//! The chains of a shard: one per direction, shared by the shard's VMs.
+//!
+//! A shard chain holds one lookup per block map its VMs use, in block order, each a
+//! verdict map keyed by the VM's own address (so a VM only ever meets its own entries);
+//! the fqdn rules of its VMs at their blocks (their sets are per VM and rule); the DNS
+//! guards every VM has; and the default, looked up per VM. First match wins within a VM's
+//! entries because blocks are looked up in order, and only a VM's own entries can match.
+//!
+//! A chain is rewritten (flushed and refilled) only when what it looks up changes: a
+//! block kind new to the shard or gone from it, or an fqdn rule. Everything else about a
+//! VM is set elements.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use vmedge_model::{Action, Ports, Protocol};
+
+use crate::canonical::{Family, L4};
+use crate::names::{self, Direction};
+use crate::section::{doh_set, family_of, ip, l4_name, BlockKind, BlockMap, FqdnRule, VmSection};
+
+/// The rules a shard chain can hold: every form the compiler emits there, and only those.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ShardRule<'a> {
+    /// `ip6 daddr G udp dport 53 return`: DNS to the worker's gate.
+    DnsGate(IpAddr, L4),
+    /// `udp dport 53 drop`: DNS anywhere else.
+    DnsElsewhere(L4),
+    /// `ip6 saddr @block_bypass6 tcp dport 853 drop`: DNS over TLS, under `block_bypass`.
+    DnsOverTls(Family, L4),
+    /// `ip6 saddr @block_bypass6 ip6 daddr @doh_v6 drop`: public DoH resolvers, under
+    /// `block_bypass`.
+    DnsOverHttps(Family),
+    /// `ip6 daddr . ip6 saddr . tcp dport vmap @in_s3_b0_tcp6`: one block of one kind.
+    Block(BlockMap),
+    /// `ip6 saddr A ip6 daddr @fq_..._6 tcp dport 443 return`: a VM's fqdn rule.
+    Fqdn(&'a FqdnRule),
+    /// `oifname @default_deny_in_if counter drop`: VMs whose default is deny, by tap
+    /// (`true`) or by address.
+    DefaultDeny(Direction, bool),
+}
+
+impl ShardRule<'_> {
+    /// The rule as nft writes it, after `add rule inet vmedge <chain> `.
+    pub fn write_body(&self, out: &mut String) {
+        let _ = match self {
+            ShardRule::DnsGate(gate, l4) => write!(
+                out,
+                "{} daddr {gate} {} dport 53 return comment \"dns gate\"",
+                ip(family_of(gate)),
+                l4_name(*l4)
+            ),
+            ShardRule::DnsElsewhere(l4) => write!(
+                out,
+                "{} dport 53 drop comment \"dns: only the gate\"",
+                l4_name(*l4)
+            ),
+            ShardRule::DnsOverTls(family, l4) => write!(
+                out,
+                "{} saddr @{} {} dport 853 drop comment \"block_bypass: DoT\"",
+                ip(*family),
+                block_bypass_set(*family),
+                l4_name(*l4)
+            ),
+            ShardRule::DnsOverHttps(family) => write!(
+                out,
+                "{ip} saddr @{} {ip} daddr @{} drop comment \"block_bypass: DoH\"",
+                block_bypass_set(*family),
+                doh_set(*family),
+                ip = ip(*family),
+            ),
+            ShardRule::Block(map) => {
+                let ip = ip(map.kind.family);
+                let (own, far) = match map.kind.direction {
+                    Direction::Ingress => ("daddr", "saddr"),
+                    Direction::Egress => ("saddr", "daddr"),
+                };
+                let _ = write!(out, "{ip} {own} . {ip} {far}");
+                if let Some(l4) = map.kind.l4 {
+                    let _ = write!(out, " . {} dport", l4_name(l4));
+                }
+                write!(out, " vmap @{map}")
+            }
+            ShardRule::Fqdn(rule) => {
+                let ip = ip(family_of(&rule.own));
+                let _ = write!(out, "{ip} saddr {} {ip} daddr @{}", rule.own, rule.set);
+                match (rule.protocol, rule.ports) {
+                    (Protocol::Any, _) => {}
+                    (Protocol::Tcp | Protocol::Udp, Ports::Any) => {
+                        let _ = write!(out, " meta l4proto {}", protocol_name(rule.protocol));
+                    }
+                    (Protocol::Tcp | Protocol::Udp, ports) => {
+                        let _ = write!(out, " {} dport {ports}", protocol_name(rule.protocol));
+                    }
+                }
+                let verdict = match rule.action {
+                    Action::Allow => "return",
+                    Action::Deny => "drop",
+                };
+                write!(out, " {verdict} comment \"fqdn {}\"", rule.pattern)
+            }
+            ShardRule::DefaultDeny(direction, by_tap) => {
+                let key = match (direction, by_tap) {
+                    (Direction::Ingress, true) => "oifname",
+                    (Direction::Egress, true) => "iifname",
+                    (Direction::Ingress, false) => "ip6 daddr",
+                    (Direction::Egress, false) => "ip6 saddr",
+                };
+                write!(
+                    out,
+                    "{key} @{} counter drop comment \"default deny\"",
+                    names::default_deny(*direction, *by_tap)
+                )
+            }
+        };
+    }
+
+    /// The rule's comment, as nft stores it (rule userdata).
+    pub fn comment(&self) -> Option<String> {
+        match self {
+            ShardRule::DnsGate(..) => Some("dns gate".into()),
+            ShardRule::DnsElsewhere(_) => Some("dns: only the gate".into()),
+            ShardRule::DnsOverTls(..) => Some("block_bypass: DoT".into()),
+            ShardRule::DnsOverHttps(_) => Some("block_bypass: DoH".into()),
+            ShardRule::Block(_) => None,
+            ShardRule::Fqdn(rule) => Some(format!("fqdn {}", rule.pattern)),
+            ShardRule::DefaultDeny(..) => Some("default deny".into()),
+        }
+    }
+}
+
+/// What a shard's chains look up besides the guards every chain has: the block kinds its
+/// VMs use, and their fqdn rules (in VM order).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ShardUse<'a> {
+    /// Block kinds, both directions.
+    pub kinds: BTreeSet<BlockKind>,
+    /// fqdn rules (egress).
+    pub fqdn: Vec<&'a FqdnRule>,
+}
+
+impl<'a> ShardUse<'a> {
+    /// Adds a VM's use.
+    pub fn add(&mut self, section: &'a VmSection) {
+        self.kinds.extend(section.maps().map(|m| m.kind));
+        self.fqdn.extend(&section.fqdn_rules);
+    }
+
+    /// Does this differ from `other` for the chain of `direction`?
+    pub fn differs_for(&self, other: &ShardUse<'_>, direction: Direction) -> bool {
+        let kinds = |u: &ShardUse<'_>| -> Vec<BlockKind> {
+            u.kinds
+                .iter()
+                .filter(|k| k.direction == direction)
+                .copied()
+                .collect()
+        };
+        kinds(self) != kinds(other) || (direction == Direction::Egress && self.fqdn != other.fqdn)
+    }
+
+    /// The block maps of shard `shard`.
+    pub fn maps(&self, shard: u8) -> impl Iterator<Item = BlockMap> + '_ {
+        self.kinds.iter().map(move |&kind| BlockMap { kind, shard })
+    }
+}
+
+/// The use of each shard listed in `wanted` (all, when `None`) by `sections`, indexed by
+/// shard. One pass over the sections.
+pub fn shard_uses<'a>(
+    sections: impl IntoIterator<Item = &'a VmSection>,
+    wanted: Option<&BTreeSet<u8>>,
+) -> Vec<ShardUse<'a>> {
+    let mut uses: Vec<ShardUse<'a>> = (0..names::SHARDS).map(|_| ShardUse::default()).collect();
+    for section in sections {
+        let shard = section.shard();
+        if wanted.is_none_or(|w| w.contains(&shard)) {
+            uses[usize::from(shard)].add(section);
+        }
+    }
+    uses
+}
+
+/// The rules of the chain of `shard` for `direction`, in order.
+pub fn shard_rules<'a>(
+    direction: Direction,
+    shard: u8,
+    shard_use: &ShardUse<'a>,
+    dns_gates: &[IpAddr],
+) -> Vec<ShardRule<'a>> {
+    let mut rules = Vec::new();
+    if direction == Direction::Egress {
+        for gate in dns_gates {
+            for l4 in [L4::Udp, L4::Tcp] {
+                rules.push(ShardRule::DnsGate(*gate, l4));
+            }
+        }
+        for l4 in [L4::Udp, L4::Tcp] {
+            rules.push(ShardRule::DnsElsewhere(l4));
+        }
+        for family in [Family::V6, Family::V4] {
+            for l4 in [L4::Tcp, L4::Udp] {
+                rules.push(ShardRule::DnsOverTls(family, l4));
+            }
+            rules.push(ShardRule::DnsOverHttps(family));
+        }
+    }
+    // Blocks in order; at each, the shard's maps of that block, then its fqdn rules.
+    let kinds: Vec<&BlockKind> = shard_use
+        .kinds
+        .iter()
+        .filter(|k| k.direction == direction)
+        .collect();
+    let fqdn: &[&FqdnRule] = match direction {
+        Direction::Egress => &shard_use.fqdn,
+        Direction::Ingress => &[],
+    };
+    let blocks: BTreeSet<u16> = kinds
+        .iter()
+        .map(|k| k.block)
+        .chain(fqdn.iter().map(|r| r.block))
+        .collect();
+    for block in blocks {
+        for kind in kinds.iter().filter(|k| k.block == block) {
+            rules.push(ShardRule::Block(BlockMap {
+                kind: **kind,
+                shard,
+            }));
+        }
+        for rule in fqdn.iter().filter(|r| r.block == block) {
+            rules.push(ShardRule::Fqdn(rule));
+        }
+    }
+    rules.push(ShardRule::DefaultDeny(direction, true));
+    rules.push(ShardRule::DefaultDeny(direction, false));
+    rules
+}
+
+/// Writes a shard chain's rules as `nft -f` lines (the chain is added and flushed first).
+pub fn render_chain(out: &mut String, direction: Direction, shard: u8, rules: &[ShardRule<'_>]) {
+    let t = names::TABLE;
+    let chain = names::shard_chain(direction, shard);
+    let _ = writeln!(out, "add chain inet {t} {chain}");
+    let _ = writeln!(out, "flush chain inet {t} {chain}");
+    for rule in rules {
+        let _ = write!(out, "add rule inet {t} {chain} ");
+        rule.write_body(out);
+        out.push('\n');
+    }
+}
+
+fn block_bypass_set(family: Family) -> &'static str {
+    match family {
+        Family::V4 => names::BLOCK_BYPASS4,
+        Family::V6 => names::BLOCK_BYPASS6,
+    }
+}
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Any => "any",
+    }
+}
