@@ -26,7 +26,7 @@ use crate::canonical::Family;
 use crate::names::{self, Direction};
 use crate::section::addr_type;
 pub use crate::section::{
-    compile_vm, compile_vm_with, BlockMap, Canonicals, Dispatch, Element, Member, VmSection,
+    compile_vm, compile_vm_with, BlockSet, Canonicals, Dispatch, Element, Member, VmSection,
 };
 use crate::shard::{render_chain, shard_rules, shard_uses, ShardRule};
 
@@ -97,11 +97,9 @@ pub struct Ruleset {
     /// The `nft -f` text.
     pub text: String,
     /// Names of the managed objects the text defines (what a sync keeps): shard chains,
-    /// block maps and fqdn sets. A hash set: 10k VMs name 20k fqdn sets, and ordered
+    /// block sets and fqdn sets. A hash set: 10k VMs name 20k fqdn sets, and ordered
     /// inserts were a tenth of a compile.
     pub objects: HashSet<String>,
-    /// The block maps it defines.
-    pub maps: BTreeSet<BlockMap>,
     /// How many VMs it holds.
     pub vms: usize,
 }
@@ -198,7 +196,7 @@ pub fn assemble(worker: &str, sections: &[&VmSection], options: &CompileOptions)
 /// compares with the live table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableShape {
-    /// Managed objects: shard chains, block maps and fqdn sets.
+    /// Managed objects: shard chains, block sets and fqdn sets.
     pub objects: BTreeSet<String>,
     /// Rules per chain, the base chain's included.
     pub rules: BTreeMap<String, usize>,
@@ -213,8 +211,8 @@ pub fn table_shape<'a>(
     for section in sections.clone() {
         shape.objects.extend(section.objects());
     }
-    let maps = declared_maps(sections.clone());
-    shape.objects.extend(maps.iter().map(ToString::to_string));
+    let sets = declared_sets(sections.clone());
+    shape.objects.extend(sets.iter().map(ToString::to_string));
     let uses = shard_uses(sections, None);
     for (shard, shard_use) in (0..names::SHARDS).zip(&uses) {
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -230,11 +228,11 @@ pub fn table_shape<'a>(
     shape
 }
 
-/// The block maps a table holding `sections` has: each map a VM of a shard uses.
-pub fn declared_maps<'a>(sections: impl IntoIterator<Item = &'a VmSection>) -> BTreeSet<BlockMap> {
+/// The block sets a table holding `sections` has: each set a VM of a shard uses.
+pub fn declared_sets<'a>(sections: impl IntoIterator<Item = &'a VmSection>) -> BTreeSet<BlockSet> {
     sections
         .into_iter()
-        .flat_map(|s| s.maps().copied())
+        .flat_map(|s| s.sets().copied())
         .collect()
 }
 
@@ -257,17 +255,17 @@ fn assemble_in(
     out.text.reserve(size(sections) + 256 * 1024);
     base(&mut out, worker, sections.len(), options);
     let t = names::TABLE;
-    let maps = declared_maps(sections.iter().copied());
-    if !maps.is_empty() {
+    let sets = declared_sets(sections.iter().copied());
+    if !sets.is_empty() {
         emit!(
             out,
-            "# -- block maps of the shards: <vm address> . <far side> [. <ports>] : verdict"
+            "# -- block sets of the shards: <vm address> . <far side> [. <ports>]"
         );
     }
-    for map in &maps {
-        emit!(out, "add map inet {t} {map} {{ {} }}", map.declaration());
-        emit!(out, "flush map inet {t} {map}");
-        out.objects.insert(map.to_string());
+    for set in &sets {
+        emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration());
+        emit!(out, "flush set inet {t} {set}");
+        out.objects.insert(set.to_string());
     }
     // The VMs' own text (fqdn sets, then elements) is most of a ruleset: written a chunk
     // of VMs per core, then joined in order.
@@ -290,8 +288,8 @@ fn assemble_in(
                 );
                 part.objects.push(set.clone());
             }
-            for (map, elements) in &section.elements {
-                element_line(&mut part.text, "add", map, elements.iter());
+            for (set, elements) in &section.elements {
+                element_line(&mut part.text, "add", set, elements.iter());
             }
         }
         part
@@ -349,7 +347,6 @@ fn assemble_in(
     Ruleset {
         text: out.text,
         objects: out.objects,
-        maps,
         vms: sections.len(),
     }
 }
@@ -445,12 +442,11 @@ fn in_parallel<T: Sync, R: Send>(
     })
 }
 
-/// `add element inet vmedge <map> { k : v, ... }`, or `delete element ... { k, ... }`
-/// (nothing for no elements).
+/// `<verb> element inet vmedge <set> { a, b, ... }` (nothing for no elements).
 fn element_line<'e>(
     out: &mut String,
     verb: &str,
-    map: &BlockMap,
+    set: &BlockSet,
     elements: impl Iterator<Item = &'e Element>,
 ) {
     let mut elements = elements.peekable();
@@ -458,17 +454,13 @@ fn element_line<'e>(
         return;
     }
     let _ = write!(out, "{verb} element inet {} ", names::TABLE);
-    map.push_name(out);
+    set.push_name(out);
     out.push_str(" { ");
     for (i, element) in elements.enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
-        if verb == "delete" {
-            element.push_key(out);
-        } else {
-            element.push_to(out);
-        }
+        element.push_to(out);
     }
     out.push_str(" }\n");
 }
@@ -555,14 +547,14 @@ pub struct Update<'a> {
 /// One step of an [`Update`].
 #[derive(Debug)]
 pub enum Op<'a> {
-    /// A block map new to its shard.
-    AddMap(BlockMap),
+    /// A block set new to its shard.
+    AddBlockSet(BlockSet),
     /// An fqdn set (a no-op when it exists; never flushed).
     AddFqdnSet(&'a str, Family),
-    /// A VM's elements leaving a block map.
-    DeleteElements(BlockMap, Vec<&'a Element>),
-    /// A VM's elements entering a block map.
-    AddElements(BlockMap, Vec<&'a Element>),
+    /// A VM's elements leaving a block set.
+    DeleteElements(BlockSet, Vec<&'a Element>),
+    /// A VM's elements entering a block set.
+    AddElements(BlockSet, Vec<&'a Element>),
     /// A VM's entry leaving a worker-wide set.
     DeleteMember(&'a Member),
     /// A VM's entry entering a worker-wide set.
@@ -583,8 +575,8 @@ pub enum Op<'a> {
         /// The rules it gets.
         is: Vec<ShardRule<'a>>,
     },
-    /// A block map no VM of its shard uses any more.
-    DeleteMap(BlockMap),
+    /// A block set no VM of its shard uses any more.
+    DeleteBlockSet(BlockSet),
     /// An fqdn set of a VM that is gone, or of a rule that is gone.
     DeleteSet(&'a str),
 }
@@ -597,19 +589,19 @@ impl Update<'_> {
         emit!(out, "# vmedge: {} VMs changed", self.changed);
         for op in &self.ops {
             match op {
-                Op::AddMap(map) => {
-                    emit!(out, "add map inet {t} {map} {{ {} }}", map.declaration())
+                Op::AddBlockSet(set) => {
+                    emit!(out, "add set inet {t} {set} {{ {} }}", set.declaration())
                 }
                 Op::AddFqdnSet(set, family) => emit!(
                     out,
                     "add set inet {t} {set} {{ type {}; flags timeout; }}",
                     addr_type(*family)
                 ),
-                Op::DeleteElements(map, elements) => {
-                    element_line(&mut out.text, "delete", map, elements.iter().copied())
+                Op::DeleteElements(set, elements) => {
+                    element_line(&mut out.text, "delete", set, elements.iter().copied())
                 }
-                Op::AddElements(map, elements) => {
-                    element_line(&mut out.text, "add", map, elements.iter().copied())
+                Op::AddElements(set, elements) => {
+                    element_line(&mut out.text, "add", set, elements.iter().copied())
                 }
                 Op::DeleteMember(member) => emit!(
                     out,
@@ -639,7 +631,7 @@ impl Update<'_> {
                     is,
                     ..
                 } => render_chain(&mut out.text, *direction, *shard, is),
-                Op::DeleteMap(map) => emit!(out, "delete map inet {t} {map}"),
+                Op::DeleteBlockSet(set) => emit!(out, "delete set inet {t} {set}"),
                 Op::DeleteSet(set) => emit!(out, "delete set inet {t} {set}"),
             }
         }
@@ -657,7 +649,7 @@ pub fn update<'a, S: Borrow<VmSection>>(
     next: &'a BTreeMap<VmId, S>,
     options: &CompileOptions,
 ) -> Option<Update<'a>> {
-    static NO_ELEMENTS: BTreeMap<BlockMap, BTreeSet<Element>> = BTreeMap::new();
+    static NO_ELEMENTS: BTreeMap<BlockSet, BTreeSet<Element>> = BTreeMap::new();
     static NO_MEMBERS: BTreeSet<Member> = BTreeSet::new();
     let mut changes = Vec::new();
     let mut changed = 0;
@@ -722,11 +714,11 @@ pub fn update<'a, S: Borrow<VmSection>>(
     let mut ops = Vec::new();
     for &shard in &dirty {
         let (was, is) = (&was[usize::from(shard)], &is[usize::from(shard)]);
-        let old_maps: BTreeSet<BlockMap> = was.maps(shard).collect();
+        let old_sets: BTreeSet<BlockSet> = was.sets(shard).collect();
         ops.extend(
-            is.maps(shard)
-                .filter(|m| !old_maps.contains(m))
-                .map(Op::AddMap),
+            is.sets(shard)
+                .filter(|s| !old_sets.contains(s))
+                .map(Op::AddBlockSet),
         );
     }
     ops.extend(fqdn_sets_new.into_iter().map(|(s, f)| Op::AddFqdnSet(s, f)));
@@ -743,11 +735,11 @@ pub fn update<'a, S: Borrow<VmSection>>(
                 });
             }
         }
-        let new_maps: BTreeSet<BlockMap> = is.maps(shard).collect();
+        let new_sets: BTreeSet<BlockSet> = is.sets(shard).collect();
         ops.extend(
-            was.maps(shard)
-                .filter(|m| !new_maps.contains(m))
-                .map(Op::DeleteMap),
+            was.sets(shard)
+                .filter(|s| !new_sets.contains(s))
+                .map(Op::DeleteBlockSet),
         );
     }
     ops.extend(fqdn_sets_gone.into_iter().map(Op::DeleteSet));
@@ -757,12 +749,12 @@ pub fn update<'a, S: Borrow<VmSection>>(
 /// Deletes the elements only in `old` and adds those only in `new`, map by map.
 fn element_changes<'a>(
     ops: &mut Vec<Op<'a>>,
-    old: &'a BTreeMap<BlockMap, BTreeSet<Element>>,
-    new: &'a BTreeMap<BlockMap, BTreeSet<Element>>,
+    old: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
+    new: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
 ) {
     static EMPTY: BTreeSet<Element> = BTreeSet::new();
     let empty = &EMPTY;
-    let maps: BTreeSet<&BlockMap> = old.keys().chain(new.keys()).collect();
+    let maps: BTreeSet<&BlockSet> = old.keys().chain(new.keys()).collect();
     for map in maps {
         let (was, is) = (old.get(map).unwrap_or(empty), new.get(map).unwrap_or(empty));
         let gone: Vec<&Element> = was.difference(is).collect();
@@ -782,23 +774,18 @@ fn member_changes<'a>(ops: &mut Vec<Op<'a>>, old: &'a BTreeSet<Member>, new: &'a
     ops.extend(new.difference(old).map(Op::AddMember));
 }
 
-/// Deletes chains (flushed first: their rules hold the maps and sets), then maps, then
-/// sets, as text.
+/// Deletes chains (flushed first: their rules hold the sets), then sets (maps included),
+/// as text.
 fn delete_objects_text<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) {
     let t = names::TABLE;
-    let (chain_names, others): (Vec<&String>, Vec<&String>) =
+    let (chain_names, set_names): (Vec<&String>, Vec<&String>) =
         objects.partition(|o| names::is_managed_chain(o));
     for chain in &chain_names {
         emit!(out, "flush chain inet {t} {chain}");
         emit!(out, "delete chain inet {t} {chain}");
     }
-    for name in others {
-        let kind = if names::is_block_map(name) {
-            "map"
-        } else {
-            "set"
-        };
-        emit!(out, "delete {kind} inet {t} {name}");
+    for set in set_names {
+        emit!(out, "delete set inet {t} {set}");
     }
 }
 
@@ -887,7 +874,7 @@ mod tests {
         let text = update(&before, &after, &options).unwrap().text();
         assert_eq!(
             text.lines().skip(1).collect::<Vec<_>>(),
-            ["delete element inet vmedge in_s2_b0_tcp6 { fd5e:ed00::2 . ::/0 . 9000 }"],
+            ["delete element inet vmedge in_s2_b0_allow_tcp6 { fd5e:ed00::2 . ::/0 . 9000 }"],
             "{text}"
         );
 
@@ -899,11 +886,14 @@ mod tests {
         );
         let after = sections(&vms(&changed));
         let text = update(&before, &after, &options).unwrap().text();
-        assert!(text.contains("add map inet vmedge in_s2_b0_udp6"), "{text}");
+        assert!(
+            text.contains("add set inet vmedge in_s2_b0_allow_udp6"),
+            "{text}"
+        );
         assert!(text.contains("flush chain inet vmedge in_s2\n"), "{text}");
         assert!(
             text.contains(
-                "add rule inet vmedge in_s2 ip6 daddr . ip6 saddr . udp dport vmap @in_s2_b0_udp6"
+                "add rule inet vmedge in_s2 ip6 daddr . ip6 saddr . udp dport @in_s2_b0_allow_udp6 return"
             ),
             "{text}"
         );
@@ -917,10 +907,10 @@ mod tests {
         let text = update(&before, &after, &options).unwrap().text();
         for line in [
             r#"delete element inet vmedge egress_by_if { "tap1" }"#,
-            "delete element inet vmedge in_s1_b0_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }",
+            "delete element inet vmedge in_s1_b0_allow_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }",
             r#"delete element inet vmedge tap_src6 { "tap1" . fd5e:ed00::1 }"#,
             r#"delete element inet vmedge default_deny_in_if { "tap1" }"#,
-            "delete map inet vmedge in_s1_b0_tcp6",
+            "delete set inet vmedge in_s1_b0_allow_tcp6",
         ] {
             assert!(text.contains(line), "{line}: {text}");
         }
@@ -934,7 +924,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "add element inet vmedge in_s1_b0_tcp6 { fd5e:ed00::1 . ::/0 . 8080 : return }"
+                "add element inet vmedge in_s1_b0_allow_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }"
             ),
             "{text}"
         );
@@ -990,9 +980,9 @@ mod tests {
             // An older version's per-VM chain and block set.
             "in_00000000000040008000000000000001",
             "in_b0_tcp6_s1",
-            // A map its shard no longer uses.
-            "in_s9_b3_tcp6",
-            "in_s2_b0_tcp6",
+            // A set its shard no longer uses.
+            "in_s9_b3_deny_tcp6",
+            "in_s2_b0_allow_tcp6",
             "in_s2",
             "forward",
         ]
@@ -1003,7 +993,7 @@ mod tests {
         assert_eq!(
             tail,
             [
-                "delete map inet vmedge in_s9_b3_tcp6",
+                "delete set inet vmedge in_s9_b3_deny_tcp6",
                 "delete set inet vmedge in_b0_tcp6_s1",
                 "delete chain inet vmedge in_00000000000040008000000000000001",
                 "flush chain inet vmedge in_00000000000040008000000000000001",

@@ -45,6 +45,6 @@ pub use errors::FirewallError;
 pub use explain::{explain, Explanation, Packet, Reason};
 pub use names::{fqdn_sets, Direction, FqdnSets};
 pub use section::{
-    compile_vm, compile_vm_with, fqdn_targets, BlockKind, BlockMap, Canonicals, Dispatch, Element,
+    compile_vm, compile_vm_with, fqdn_targets, BlockKind, BlockSet, Canonicals, Dispatch, Element,
     FqdnRule, Member, VmSection,
 };

@@ -136,18 +136,6 @@ pub fn is_managed_chain(name: &str) -> bool {
     shard || vm
 }
 
-/// True for a block map (`in_s3_b0_tcp6`): deleted with `delete map`.
-pub fn is_block_map(name: &str) -> bool {
-    let Some(rest) = name
-        .strip_prefix("in_s")
-        .or_else(|| name.strip_prefix("out_s"))
-    else {
-        return false;
-    };
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    digits > 0 && rest[digits..].starts_with("_b")
-}
-
 /// FNV-1a: stable across builds and versions (the names outlive the process).
 fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
@@ -183,9 +171,7 @@ mod tests {
             is_managed_chain("in_6f1c2d3e0000400080000000000000aa"),
             "an older version's"
         );
-        assert!(!is_managed_chain("in_s3_b0_tcp6"));
-        assert!(is_block_map("in_s3_b0_tcp6") && is_block_map("out_s63_b12_any4"));
-        assert!(!is_block_map("in_b0_tcp6_s3") && !is_block_map("in_s3"));
+        assert!(!is_managed_chain("in_s3_b0_allow_tcp6"));
         assert!(!is_managed_chain(&sets.v4));
     }
 }

@@ -1,7 +1,7 @@
 //! One VM's part of the table, as typed set elements.
 //!
 //! A [`VmSection`] is what a VM's effective policy compiles to: its elements in its
-//! shard's block maps (with their verdicts), its entries in the worker-wide sets
+//! shard's block sets, its entries in the worker-wide sets
 //! (anti-spoof, `block_bypass`, default deny), and its fqdn sets and rules. It is written
 //! two ways from the same values: as `nft -f` text (full syncs, the CLI and golden
 //! tests) and as netlink messages (`netlink`, for incremental syncs), so the two cannot
@@ -57,50 +57,41 @@ impl Dispatch {
     }
 }
 
-/// What a block map holds, whatever the shard: one direction's block of one kind.
-/// Ordered as a shard chain looks them up: by direction, then block.
+/// What a block set holds, whatever the shard: one direction's block of one verdict and
+/// kind. Ordered as a shard chain looks them up: by direction, then block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockKind {
     /// Whose rules: the VM as destination (ingress) or source (egress).
     pub direction: Direction,
     /// The block's position in the canonical policy.
     pub block: u16,
+    /// The block's verdict (VMs of a shard may differ at the same block).
+    pub action: Action,
     /// Address family of both addresses.
     pub family: Family,
     /// With a port (`. inet_service`) for tcp or udp; address only for `protocol any`.
     pub l4: Option<L4>,
 }
 
-impl BlockKind {
-    /// The kind as it appears in names: `tcp6`, `any4`.
-    fn push_kind(&self, out: &mut String) {
-        out.push_str(match self.l4 {
-            Some(L4::Tcp) => "tcp",
-            Some(L4::Udp) => "udp",
-            None => "any",
-        });
-        out.push_str(suffix(self.family));
-    }
-}
-
-/// A verdict map shared by the VMs of a shard for one [`BlockKind`]:
-/// `in_s<shard>_b<block>_<kind>`. Its keys start with the VM's own address, so VMs never
-/// see each other's rules; its values are the block's verdict (`return` or `drop`).
+/// A set shared by the VMs of a shard for one [`BlockKind`]:
+/// `in_s<shard>_b<block>_<allow|deny>_<kind>`. Its elements start with the VM's own
+/// address, so VMs never see each other's rules. A plain set, not a verdict map: the
+/// kernel walks every element of a verdict map whenever a rule is added anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BlockMap {
+pub struct BlockSet {
     /// What it holds.
     pub kind: BlockKind,
     /// Which VMs' elements it holds ([`names::shard_of`]).
     pub shard: u8,
 }
 
-impl BlockMap {
-    /// Its declaration: `type ipv6_addr . ipv6_addr . inet_service : verdict; flags interval;`.
+impl BlockSet {
+    /// Its declaration: `type ipv6_addr . ipv6_addr . inet_service; flags interval;`.
     pub fn declaration(&self) -> String {
         let at = addr_type(self.kind.family);
         match self.kind.l4 {
-            Some(_) => format!("type {at} . {at} . inet_service : verdict; flags interval;"),
-            None => format!("type {at} . {at} : verdict; flags interval;"),
+            Some(_) => format!("type {at} . {at} . inet_service; flags interval;"),
+            None => format!("type {at} . {at}; flags interval;"),
         }
     }
 
@@ -109,12 +100,20 @@ impl BlockMap {
         names::push_shard_chain(out, self.kind.direction, self.shard);
         out.push_str("_b");
         text::push_u32(out, u32::from(self.kind.block));
-        out.push('_');
-        self.kind.push_kind(out);
+        out.push_str(match self.kind.action {
+            Action::Allow => "_allow_",
+            Action::Deny => "_deny_",
+        });
+        out.push_str(match self.kind.l4 {
+            Some(L4::Tcp) => "tcp",
+            Some(L4::Udp) => "udp",
+            None => "any",
+        });
+        out.push_str(suffix(self.kind.family));
     }
 }
 
-impl fmt::Display for BlockMap {
+impl fmt::Display for BlockSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut name = String::new();
         self.push_name(&mut name);
@@ -122,22 +121,20 @@ impl fmt::Display for BlockMap {
     }
 }
 
-/// One element of a block map: `<vm address> . <far side> [. <ports>] : <verdict>`.
+/// One element of a block set: `<vm address> . <far side> [. <ports>]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Element {
     /// The VM's own address (destination for ingress, source for egress).
     pub own: IpAddr,
     /// The other side.
     pub far: IpNet,
-    /// Destination ports, for tcp and udp maps.
+    /// Destination ports, for tcp and udp sets.
     pub ports: Option<PortRange>,
-    /// The block's verdict.
-    pub action: Action,
 }
 
 impl Element {
-    /// Writes its key onto `out` (what `Display` writes, without going through `fmt`).
-    pub(crate) fn push_key(&self, out: &mut String) {
+    /// Writes it onto `out` (what `Display` writes, without going through `fmt`).
+    pub(crate) fn push_to(&self, out: &mut String) {
         text::push_ip(out, self.own);
         out.push_str(" . ");
         text::push_net(out, self.far);
@@ -149,13 +146,6 @@ impl Element {
                 text::push_u32(out, u32::from(r.last));
             }
         }
-    }
-
-    /// Writes it, key and verdict, onto `out`.
-    pub(crate) fn push_to(&self, out: &mut String) {
-        self.push_key(out);
-        out.push_str(" : ");
-        out.push_str(verdict(self.action));
     }
 }
 
@@ -226,7 +216,7 @@ pub struct FqdnRule {
     pub pattern: String,
 }
 
-/// One VM's part of a ruleset: entries in shared maps and sets, its fqdn sets and rules.
+/// One VM's part of a ruleset: entries in shared sets, its fqdn sets and rules.
 /// It has no chain of its own: its packets go to its shard's chains, whose lookups are
 /// keyed by the VM's own address, so a change to one VM is (nearly always) a change of
 /// set elements, whatever the number of VMs.
@@ -238,8 +228,8 @@ pub struct VmSection {
     pub org: String,
     /// How packets reach its shard's chains.
     pub dispatch: Dispatch,
-    /// Its elements in its shard's block maps.
-    pub elements: BTreeMap<BlockMap, BTreeSet<Element>>,
+    /// Its elements in its shard's block sets.
+    pub elements: BTreeMap<BlockSet, BTreeSet<Element>>,
     /// Its entries in the worker-wide sets.
     pub members: BTreeSet<Member>,
     /// Its fqdn sets (both families of each pattern, whether or not a rule uses both).
@@ -259,8 +249,8 @@ impl VmSection {
         self.fqdn_sets.iter().map(|(set, _)| set.clone()).collect()
     }
 
-    /// The block maps it uses.
-    pub fn maps(&self) -> impl Iterator<Item = &BlockMap> {
+    /// The block sets it uses.
+    pub fn sets(&self) -> impl Iterator<Item = &BlockSet> {
         self.elements.keys()
     }
 
@@ -329,7 +319,7 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
         dns,
     } = vm.effective_policy();
     let dispatch = Dispatch::of(vm);
-    // The VM's own address of each family: the key of its entries in shared maps and
+    // The VM's own address of each family: the key of its entries in shared
     // sets. Without an IPv4 address in the state, IPv4 cannot be attributed to the VM
     // (and a VM with a tap may send none: `tap_src4` has nothing for it).
     let own = |family: Family| -> Option<IpAddr> {
@@ -368,10 +358,11 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
         for (index, b) in canonical.blocks.iter().enumerate() {
             let action = b.action.unwrap_or(canonical.default);
             let block = u16::try_from(index).unwrap_or(u16::MAX);
-            let map = |family, l4| BlockMap {
+            let set = |family, l4| BlockSet {
                 kind: BlockKind {
                     direction,
                     block,
+                    action,
                     family,
                     l4,
                 },
@@ -383,10 +374,9 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                     own,
                     far: *far,
                     ports: Some(*ports),
-                    action,
                 });
-                let map = map(*family, Some(*l4));
-                section.elements.entry(map).or_default().extend(elements);
+                let set = set(*family, Some(*l4));
+                section.elements.entry(set).or_default().extend(elements);
             }
             for (family, nets) in &b.any {
                 let Some(own) = own(*family) else { continue };
@@ -394,10 +384,9 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                     own,
                     far: *far,
                     ports: None,
-                    action,
                 });
-                let map = map(*family, None);
-                section.elements.entry(map).or_default().extend(elements);
+                let set = set(*family, None);
+                section.elements.entry(set).or_default().extend(elements);
             }
             for fqdn in &b.fqdn {
                 let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
@@ -466,12 +455,5 @@ pub(crate) fn l4_name(l4: L4) -> &'static str {
     match l4 {
         L4::Tcp => "tcp",
         L4::Udp => "udp",
-    }
-}
-
-fn verdict(action: Action) -> &'static str {
-    match action {
-        Action::Allow => "return",
-        Action::Deny => "drop",
     }
 }

@@ -1,7 +1,7 @@
 //! The chains of a shard: one per direction, shared by the shard's VMs.
 //!
-//! A shard chain holds one lookup per block map its VMs use, in block order, each a
-//! verdict map keyed by the VM's own address (so a VM only ever meets its own entries);
+//! A shard chain holds one lookup per block set its VMs use, in block order, each a set
+//! keyed by the VM's own address (so a VM only ever meets its own entries);
 //! the fqdn rules of its VMs at their blocks (their sets are per VM and rule); the DNS
 //! guards every VM has; and the default, looked up per VM. First match wins within a VM's
 //! entries because blocks are looked up in order, and only a VM's own entries can match.
@@ -18,7 +18,7 @@ use vmedge_model::{Action, Ports, Protocol};
 
 use crate::canonical::{Family, L4};
 use crate::names::{self, Direction};
-use crate::section::{doh_set, family_of, ip, l4_name, BlockKind, BlockMap, FqdnRule, VmSection};
+use crate::section::{doh_set, family_of, ip, l4_name, BlockKind, BlockSet, FqdnRule, VmSection};
 
 /// The rules a shard chain can hold: every form the compiler emits there, and only those.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -32,8 +32,9 @@ pub enum ShardRule<'a> {
     /// `ip6 saddr @block_bypass6 ip6 daddr @doh_v6 drop`: public DoH resolvers, under
     /// `block_bypass`.
     DnsOverHttps(Family),
-    /// `ip6 daddr . ip6 saddr . tcp dport vmap @in_s3_b0_tcp6`: one block of one kind.
-    Block(BlockMap),
+    /// `ip6 daddr . ip6 saddr . tcp dport @in_s3_b0_allow_tcp6 return`: one block of one
+    /// verdict and kind.
+    Block(BlockSet),
     /// `ip6 saddr A ip6 daddr @fq_..._6 tcp dport 443 return`: a VM's fqdn rule.
     Fqdn(&'a FqdnRule),
     /// `oifname @default_deny_in_if counter drop`: VMs whose default is deny, by tap
@@ -70,17 +71,17 @@ impl ShardRule<'_> {
                 doh_set(*family),
                 ip = ip(*family),
             ),
-            ShardRule::Block(map) => {
-                let ip = ip(map.kind.family);
-                let (own, far) = match map.kind.direction {
+            ShardRule::Block(set) => {
+                let ip = ip(set.kind.family);
+                let (own, far) = match set.kind.direction {
                     Direction::Ingress => ("daddr", "saddr"),
                     Direction::Egress => ("saddr", "daddr"),
                 };
                 let _ = write!(out, "{ip} {own} . {ip} {far}");
-                if let Some(l4) = map.kind.l4 {
+                if let Some(l4) = set.kind.l4 {
                     let _ = write!(out, " . {} dport", l4_name(l4));
                 }
-                write!(out, " vmap @{map}")
+                write!(out, " @{set} {}", verdict(set.kind.action))
             }
             ShardRule::Fqdn(rule) => {
                 let ip = ip(family_of(&rule.own));
@@ -94,11 +95,12 @@ impl ShardRule<'_> {
                         let _ = write!(out, " {} dport {ports}", protocol_name(rule.protocol));
                     }
                 }
-                let verdict = match rule.action {
-                    Action::Allow => "return",
-                    Action::Deny => "drop",
-                };
-                write!(out, " {verdict} comment \"fqdn {}\"", rule.pattern)
+                write!(
+                    out,
+                    " {} comment \"fqdn {}\"",
+                    verdict(rule.action),
+                    rule.pattern
+                )
             }
             ShardRule::DefaultDeny(direction, by_tap) => {
                 let key = match (direction, by_tap) {
@@ -143,7 +145,7 @@ pub struct ShardUse<'a> {
 impl<'a> ShardUse<'a> {
     /// Adds a VM's use.
     pub fn add(&mut self, section: &'a VmSection) {
-        self.kinds.extend(section.maps().map(|m| m.kind));
+        self.kinds.extend(section.sets().map(|s| s.kind));
         self.fqdn.extend(&section.fqdn_rules);
     }
 
@@ -159,9 +161,9 @@ impl<'a> ShardUse<'a> {
         kinds(self) != kinds(other) || (direction == Direction::Egress && self.fqdn != other.fqdn)
     }
 
-    /// The block maps of shard `shard`.
-    pub fn maps(&self, shard: u8) -> impl Iterator<Item = BlockMap> + '_ {
-        self.kinds.iter().map(move |&kind| BlockMap { kind, shard })
+    /// The block sets of shard `shard`.
+    pub fn sets(&self, shard: u8) -> impl Iterator<Item = BlockSet> + '_ {
+        self.kinds.iter().map(move |&kind| BlockSet { kind, shard })
     }
 }
 
@@ -205,7 +207,7 @@ pub fn shard_rules<'a>(
             rules.push(ShardRule::DnsOverHttps(family));
         }
     }
-    // Blocks in order; at each, the shard's maps of that block, then its fqdn rules.
+    // Blocks in order; at each, the shard's sets of that block, then its fqdn rules.
     let kinds: Vec<&BlockKind> = shard_use
         .kinds
         .iter()
@@ -222,7 +224,7 @@ pub fn shard_rules<'a>(
         .collect();
     for block in blocks {
         for kind in kinds.iter().filter(|k| k.block == block) {
-            rules.push(ShardRule::Block(BlockMap {
+            rules.push(ShardRule::Block(BlockSet {
                 kind: **kind,
                 shard,
             }));
@@ -246,6 +248,13 @@ pub fn render_chain(out: &mut String, direction: Direction, shard: u8, rules: &[
         let _ = write!(out, "add rule inet {t} {chain} ");
         rule.write_body(out);
         out.push('\n');
+    }
+}
+
+fn verdict(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "return",
+        Action::Deny => "drop",
     }
 }
 

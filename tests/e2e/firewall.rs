@@ -695,7 +695,7 @@ fn a_netlink_update_leaves_the_same_table_as_nft_text() {
     for (from, to) in [(&s_before, &s_after), (&s_after, &s_before)] {
         let update = vmedge_firewall::update(from, to, &options).unwrap();
         for op in &update.ops {
-            // Each kind of step, by name: `AddMap`, `Chain`, ...
+            // Each kind of step, by name: `AddBlockSet`, `Chain`, ...
             let form = format!("{op:?}");
             let name = form.find(['(', ' ']).unwrap_or(form.len());
             forms.insert(form[..name].to_string());
@@ -714,8 +714,8 @@ fn a_netlink_update_leaves_the_same_table_as_nft_text() {
         assert!(a.contains("fqdn "), "the states exercise fqdn rules: {a}");
     }
     for form in [
-        "AddMap",
-        "DeleteMap",
+        "AddBlockSet",
+        "DeleteBlockSet",
         "Chain",
         "AddElements",
         "DeleteElements",

@@ -13,7 +13,7 @@ use super::wire::{Batch, NLM_F_APPEND, NLM_F_CREATE};
 use crate::canonical::{Family, L4};
 use crate::compile::{Op, Update};
 use crate::names::{self, Direction};
-use crate::section::{doh_set, family_of, BlockMap, Dispatch, Element, Member};
+use crate::section::{doh_set, family_of, BlockSet, Dispatch, Element, Member};
 use crate::shard::ShardRule;
 
 // Message types (enum nf_tables_msg_types).
@@ -36,8 +36,6 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
-const NFTA_SET_DATA_TYPE: u16 = 6;
-const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_DESC: u16 = 9;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_USERDATA: u16 = 13;
@@ -71,17 +69,13 @@ const NFTA_CMP_OP: u16 = 2;
 const NFTA_CMP_DATA: u16 = 3;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
-const NFTA_LOOKUP_DREG: u16 = 3;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
 
 // Values.
 const NFT_SET_INTERVAL: u32 = 0x4;
-const NFT_SET_MAP: u32 = 0x8;
 const NFT_SET_TIMEOUT: u32 = 0x10;
 const NFT_SET_CONCAT: u32 = 0x80;
-/// `NFT_DATA_VERDICT`: a map's values are verdicts.
-const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
 const NFT_REG32_01: u32 = 9;
@@ -121,19 +115,19 @@ pub fn encode_update(
     let mut set_ids = 0u32;
     for op in &update.ops {
         match op {
-            Op::AddMap(map) => {
+            Op::AddBlockSet(set) => {
                 set_ids += 1;
-                block_map(&mut b, map, set_ids);
+                block_set(&mut b, set, set_ids);
             }
             Op::AddFqdnSet(set, family) => {
                 set_ids += 1;
                 fqdn_set(&mut b, set, *family, set_ids);
             }
-            Op::AddElements(map, elements) => {
-                block_elements(&mut b, NFT_MSG_NEWSETELEM, NLM_F_CREATE, map, elements)
+            Op::AddElements(set, elements) => {
+                block_elements(&mut b, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements)
             }
-            Op::DeleteElements(map, elements) => {
-                block_elements(&mut b, NFT_MSG_DELSETELEM, 0, map, elements)
+            Op::DeleteElements(set, elements) => {
+                block_elements(&mut b, NFT_MSG_DELSETELEM, 0, set, elements)
             }
             Op::AddMember(member) => member_element(&mut b, NFT_MSG_NEWSETELEM, member),
             Op::DeleteMember(member) => member_element(&mut b, NFT_MSG_DELSETELEM, member),
@@ -156,7 +150,7 @@ pub fn encode_update(
                     }
                 }
             }
-            Op::DeleteMap(map) => delete_set(&mut b, &map.to_string()),
+            Op::DeleteBlockSet(set) => delete_set(&mut b, &set.to_string()),
             Op::DeleteSet(set) => delete_set(&mut b, set),
         }
     }
@@ -338,33 +332,28 @@ fn add_rule(
     b.finish(at);
 }
 
-/// `add map ... { type ipv6_addr . ipv6_addr . inet_service : verdict; flags interval; }`,
-/// as nft sends it (`nft --debug=mnl`): a no-op when the map exists.
-fn block_map(b: &mut Batch, map: &BlockMap, id: u32) {
-    let name = map.to_string();
-    let at = b.message(NFT_MSG_NEWSET, NLM_F_CREATE, format!("add map {name}"));
+/// `add set ... { type ipv6_addr . ipv6_addr . inet_service; flags interval; }`, as nft
+/// sends it (`nft --debug=mnl`): a no-op when the set exists.
+fn block_set(b: &mut Batch, set: &BlockSet, id: u32) {
+    let name = set.to_string();
+    let at = b.message(NFT_MSG_NEWSET, NLM_F_CREATE, format!("add set {name}"));
     b.str(NFTA_SET_TABLE, names::TABLE);
     b.str(NFTA_SET_NAME, &name);
-    b.u32(
-        NFTA_SET_FLAGS,
-        NFT_SET_INTERVAL | NFT_SET_MAP | NFT_SET_CONCAT,
-    );
-    let (addr_type, addr_len) = match map.kind.family {
+    b.u32(NFTA_SET_FLAGS, NFT_SET_INTERVAL | NFT_SET_CONCAT);
+    let (addr_type, addr_len) = match set.kind.family {
         Family::V4 => (TYPE_IPV4_ADDR, 4),
         Family::V6 => (TYPE_IPV6_ADDR, 16),
     };
     // A concatenation's type packs its fields' types, 6 bits each; each field takes
     // whole 32-bit registers.
     let mut fields: Vec<(u32, u32)> = vec![(addr_type, addr_len), (addr_type, addr_len)];
-    if map.kind.l4.is_some() {
+    if set.kind.l4.is_some() {
         fields.push((TYPE_INET_SERVICE, 2));
     }
     let key_type = fields.iter().fold(0, |t, (field, _)| (t << 6) | field);
     let key_len: u32 = fields.iter().map(|(_, len)| len.next_multiple_of(4)).sum();
     b.u32(NFTA_SET_KEY_TYPE, key_type);
     b.u32(NFTA_SET_KEY_LEN, key_len);
-    b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-    b.u32(NFTA_SET_DATA_LEN, 0);
     b.u32(NFTA_SET_ID, id);
     let desc = b.nest(NFTA_SET_DESC);
     let concat = b.nest(NFTA_SET_DESC_CONCAT);
@@ -375,15 +364,14 @@ fn block_map(b: &mut Batch, map: &BlockMap, id: u32) {
     }
     b.end_nest(concat);
     b.end_nest(desc);
-    b.bytes(NFTA_SET_USERDATA, &BLOCK_MAP_USERDATA);
+    b.bytes(NFTA_SET_USERDATA, &BLOCK_SET_USERDATA);
     b.finish(at);
 }
 
-/// The userdata nft 1.0.6 gives such a map (byte orders and typeof hints for its own
-/// listing), the same for every block map.
-const BLOCK_MAP_USERDATA: [u8; 28] = [
-    0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x08, 0x00, 0x04,
-    0x0d, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
+/// The userdata nft 1.0.6 gives such a set (key byte order and a typeof hint for its own
+/// listing), the same for every block set.
+const BLOCK_SET_USERDATA: [u8; 16] = [
+    0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x08, 0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, 0x01, 0x00,
 ];
 
 /// `add set ... { type ipv4_addr; flags timeout; }`: a no-op when the set exists.
@@ -429,8 +417,8 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
             lookup(b, doh_set(*family));
             verdict(b, NF_DROP, None);
         }
-        ShardRule::Block(map) => {
-            let kind = map.kind;
+        ShardRule::Block(set) => {
+            let kind = set.kind;
             nfproto(b, kind.family);
             if let Some(l4) = kind.l4 {
                 l4proto(b, l4);
@@ -454,11 +442,8 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
             if kind.l4.is_some() {
                 payload(b, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, third);
             }
-            let at = expr(b, "lookup");
-            b.str(NFTA_LOOKUP_SET, &map.to_string());
-            b.u32(NFTA_LOOKUP_SREG, NFT_REG_1);
-            b.u32(NFTA_LOOKUP_DREG, NFT_REG_VERDICT);
-            end_expr(b, at);
+            lookup(b, &set.to_string());
+            verdict(b, verdict_code(kind.action), None);
         }
         ShardRule::Fqdn(rule) => {
             let family = family_of(&rule.own);
@@ -682,13 +667,13 @@ fn element_keys(element: &Element) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
-fn block_elements(b: &mut Batch, kind: u16, flags: u16, map: &BlockMap, elements: &[&Element]) {
+fn block_elements(b: &mut Batch, kind: u16, flags: u16, set: &BlockSet, elements: &[&Element]) {
     let verb = if kind == NFT_MSG_NEWSETELEM {
         "add"
     } else {
         "delete"
     };
-    let name = map.to_string();
+    let name = set.to_string();
     let at = b.message(
         kind,
         flags,
@@ -706,11 +691,6 @@ fn block_elements(b: &mut Batch, kind: u16, flags: u16, map: &BlockMap, elements
         let key_end = b.nest(NFTA_SET_ELEM_KEY_END);
         b.bytes(NFTA_DATA_VALUE, &end);
         b.end_nest(key_end);
-        if kind == NFT_MSG_NEWSETELEM {
-            let data = b.nest(NFTA_SET_ELEM_DATA);
-            verdict_data(b, verdict_code(element.action), None);
-            b.end_nest(data);
-        }
         b.end_nest(item);
     }
     b.end_nest(list);
