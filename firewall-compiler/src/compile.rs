@@ -7,11 +7,13 @@
 //! stays. Deleting the objects of VMs that left needs the live table: see `backend`.
 //!
 //! The forward hook: established/related accepted, invalid dropped, essential ICMPv6
-//! accepted, a VM behind a tap may send only from its own addresses; then the egress
-//! chain of the VM's shard (by tap, else by IPv6 source) and the ingress chain of the
-//! destination VM's shard (by tap, else by IPv6 destination). Shard chains `return` on
-//! allow and `drop` on deny, so traffic between two VMs of a worker passes both policies.
-//! What a shard chain holds: see `shard`.
+//! accepted, a VM behind a tap may send only from its own addresses; then, for a packet
+//! from a VM (its tap, else its IPv6 source), the egress chain of its source address's
+//! shard, and for a packet to a VM (its tap, else its IPv6 destination), the ingress
+//! chain of its destination address's shard. The shard is a kernel hash of the address
+//! (`jhash`, [`names::shard_of`]), so a VM has no dispatch entry of its own. Shard chains
+//! `return` on allow and `drop` on deny, so traffic between two VMs of a worker passes
+//! both policies. What a shard chain holds: see `shard`.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +28,7 @@ use crate::canonical::Family;
 use crate::names::{self, Direction};
 use crate::section::addr_type;
 pub use crate::section::{
-    compile_vm, compile_vm_with, BlockSet, Canonicals, Dispatch, Element, Member, VmSection,
+    compile_vm, compile_vm_with, BlockSet, Canonicals, Element, Member, VmSection,
 };
 use crate::shard::{render_chain, shard_rules, shard_uses, ShardRule};
 
@@ -225,6 +227,10 @@ pub fn table_shape<'a>(
     shape
         .rules
         .insert(names::FORWARD_CHAIN.to_string(), FORWARD_RULES);
+    for direction in [Direction::Egress, Direction::Ingress] {
+        let chain = names::dispatch_chain(direction).to_string();
+        shape.rules.insert(chain, dispatch_rules(direction).len());
+    }
     shape
 }
 
@@ -326,23 +332,7 @@ fn assemble_in(
             out.objects.insert(names::shard_chain(direction, shard));
         }
     }
-    let mut map_elements: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for section in sections {
-        for (map, key, chain) in dispatch_entries(&section.dispatch, section.shard()) {
-            map_elements
-                .entry(map)
-                .or_default()
-                .push(format!("{key} : jump {chain}"));
-        }
-    }
-    emit!(out, "# -- dispatch to the shards' chains");
-    for (map, elements) in &map_elements {
-        emit!(
-            out,
-            "add element inet {t} {map} {{ {} }}",
-            elements.join(", ")
-        );
-    }
+    dispatch_chains(&mut out);
     forward_rules(&mut out);
     Ruleset {
         text: out.text,
@@ -371,31 +361,58 @@ fn forward_rules(out: &mut Out) {
             names::TAP_VMS
         );
     }
-    for (key, map) in [
-        ("iifname", names::EGRESS_BY_IF),
-        ("ip6 saddr", names::EGRESS_BY_ADDR),
-        ("oifname", names::INGRESS_BY_IF),
-        ("ip6 daddr", names::INGRESS_BY_ADDR),
+    let (egress, ingress) = (names::EGRESS_CHAIN, names::INGRESS_CHAIN);
+    let (taps, addrs) = (names::TAP_VMS, names::VM_ADDRS);
+    for rule in [
+        format!("iifname @{taps} jump {egress}"),
+        format!("ip6 saddr @{addrs} jump {egress}"),
+        format!("oifname @{taps} jump {ingress}"),
+        format!("ip6 daddr @{addrs} jump {ingress}"),
     ] {
-        emit!(out, "add rule inet {t} {f} {key} vmap @{map}");
+        emit!(out, "add rule inet {t} {f} {rule}");
     }
 }
 
-/// A VM's two dispatch entries, egress first: (map, key as nft writes it, shard chain).
-pub fn dispatch_entries(dispatch: &Dispatch, shard: u8) -> [(&'static str, String, String); 2] {
-    let [(egress_map, key), (ingress_map, _)] = dispatch.entries();
-    [
-        (
-            egress_map,
-            key.clone(),
-            names::shard_chain(Direction::Egress, shard),
-        ),
-        (
-            ingress_map,
-            key,
-            names::shard_chain(Direction::Ingress, shard),
-        ),
-    ]
+/// The rules of the two dispatch chains, in order: each sends a packet to the chain of
+/// its VM address's shard, by the same hash as [`names::shard_of`].
+fn dispatch_rules(direction: Direction) -> [String; 2] {
+    let own = match direction {
+        Direction::Egress => "saddr",
+        Direction::Ingress => "daddr",
+    };
+    let mut targets = String::new();
+    for shard in 0..names::SHARDS {
+        if shard > 0 {
+            targets.push_str(", ");
+        }
+        let _ = write!(
+            targets,
+            "{shard} : jump {}",
+            names::shard_chain(direction, shard)
+        );
+    }
+    // An inline map: nft 1.0.6 cannot list a named map typed by a hash.
+    ["ip6", "ip"].map(|ip| {
+        format!(
+            "jhash {ip} {own} mod {} seed {:#x} vmap {{ {targets} }}",
+            names::SHARDS,
+            names::SHARD_SEED
+        )
+    })
+}
+
+/// The dispatch chains, added and flushed, with their rules.
+fn dispatch_chains(out: &mut Out) {
+    let t = names::TABLE;
+    emit!(out, "# -- dispatch: a VM address to its shard's chain");
+    for direction in [Direction::Egress, Direction::Ingress] {
+        let chain = names::dispatch_chain(direction);
+        emit!(out, "add chain inet {t} {chain}");
+        emit!(out, "flush chain inet {t} {chain}");
+        for rule in dispatch_rules(direction) {
+            emit!(out, "add rule inet {t} {chain} {rule}");
+        }
+    }
 }
 
 /// The text of a chunk of VMs, written apart from the others.
@@ -480,17 +497,9 @@ fn base(out: &mut Out, worker: &str, vm_count: usize, options: &CompileOptions) 
         names::FORWARD_CHAIN
     );
     emit!(out, "flush chain inet {t} {}", names::FORWARD_CHAIN);
-    for (map, key) in [
-        (names::EGRESS_BY_IF, "ifname"),
-        (names::EGRESS_BY_ADDR, "ipv6_addr"),
-        (names::INGRESS_BY_IF, "ifname"),
-        (names::INGRESS_BY_ADDR, "ipv6_addr"),
-    ] {
-        emit!(out, "add map inet {t} {map} {{ type {key} : verdict; }}");
-        emit!(out, "flush map inet {t} {map}");
-    }
     let mut worker_sets = vec![
         (names::TAP_VMS, "ifname"),
+        (names::VM_ADDRS, "ipv6_addr"),
         (names::TAP_SRC6, "ifname . ipv6_addr"),
         (names::TAP_SRC4, "ifname . ipv4_addr"),
         (names::BLOCK_BYPASS6, "ipv6_addr"),
@@ -559,10 +568,6 @@ pub enum Op<'a> {
     DeleteMember(&'a Member),
     /// A VM's entry entering a worker-wide set.
     AddMember(&'a Member),
-    /// The map entries that lead a VM's packets to its shard's chains.
-    AddDispatch(&'a VmSection),
-    /// The map entries of a VM that is gone or moved.
-    DeleteDispatch(&'a Dispatch),
     /// A shard chain whose rules change from `was` to `is`: written as a flush and
     /// refill, or (over netlink) as the rules deleted and inserted in place.
     Chain {
@@ -615,16 +620,6 @@ impl Update<'_> {
                     member.set(),
                     member.to_text()
                 ),
-                Op::AddDispatch(section) => {
-                    for (map, key, chain) in dispatch_entries(&section.dispatch, section.shard()) {
-                        emit!(out, "add element inet {t} {map} {{ {key} : jump {chain} }}");
-                    }
-                }
-                Op::DeleteDispatch(dispatch) => {
-                    for (map, key) in dispatch.entries() {
-                        emit!(out, "delete element inet {t} {map} {{ {key} }}");
-                    }
-                }
                 Op::Chain {
                     direction,
                     shard,
@@ -660,8 +655,7 @@ pub fn update<'a, S: Borrow<VmSection>>(
         let old = old.borrow();
         if !next.contains_key(id) {
             changed += 1;
-            dirty.insert(old.shard());
-            changes.push(Op::DeleteDispatch(&old.dispatch));
+            dirty.extend(old.shards());
             element_changes(&mut changes, &old.elements, &NO_ELEMENTS);
             member_changes(&mut changes, &old.members, &NO_MEMBERS);
             fqdn_sets_gone.extend(old.fqdn_sets.iter().map(|(set, _)| set.as_str()));
@@ -674,7 +668,7 @@ pub fn update<'a, S: Borrow<VmSection>>(
             continue;
         }
         changed += 1;
-        dirty.insert(new.shard());
+        dirty.extend(new.shards());
         let had = |set: &str| old.is_some_and(|o| o.fqdn_sets.iter().any(|(s, _)| s == set));
         for (set, family) in &new.fqdn_sets {
             if !had(set) {
@@ -682,13 +676,11 @@ pub fn update<'a, S: Borrow<VmSection>>(
             }
         }
         if let Some(old) = old {
+            dirty.extend(old.shards());
             for (set, _) in &old.fqdn_sets {
                 if !new.fqdn_sets.iter().any(|(s, _)| s == set) {
                     fqdn_sets_gone.push(set);
                 }
-            }
-            if old.dispatch != new.dispatch {
-                changes.push(Op::DeleteDispatch(&old.dispatch));
             }
         }
         element_changes(
@@ -701,11 +693,8 @@ pub fn update<'a, S: Borrow<VmSection>>(
             old.map_or(&NO_MEMBERS, |o| &o.members),
             &new.members,
         );
-        if old.map(|o| &o.dispatch) != Some(&new.dispatch) {
-            changes.push(Op::AddDispatch(new));
-        }
     }
-    if dirty.is_empty() {
+    if changed == 0 {
         return None;
     }
     // What the changed VMs' shards look up, before and after: one pass over the VMs.
@@ -774,14 +763,23 @@ fn member_changes<'a>(ops: &mut Vec<Op<'a>>, old: &'a BTreeSet<Member>, new: &'a
     ops.extend(new.difference(old).map(Op::AddMember));
 }
 
-/// Deletes chains (flushed first: their rules hold the sets), then sets (maps included),
-/// as text.
+/// Deletes stale objects, as text.
 fn delete_objects_text<'a>(out: &mut Out, objects: impl Iterator<Item = &'a String>) {
     let t = names::TABLE;
     let (chain_names, set_names): (Vec<&String>, Vec<&String>) =
         objects.partition(|o| names::is_managed_chain(o));
+    // Rules hold sets, and an older version's dispatch maps hold jumps to its chains:
+    // the chains are emptied, then those maps go, then the chains, then the sets.
+    let (legacy, set_names): (Vec<&String>, Vec<&String>) = set_names
+        .into_iter()
+        .partition(|o| names::LEGACY_MAPS.contains(&o.as_str()));
     for chain in &chain_names {
         emit!(out, "flush chain inet {t} {chain}");
+    }
+    for map in legacy {
+        emit!(out, "delete map inet {t} {map}");
+    }
+    for chain in &chain_names {
         emit!(out, "delete chain inet {t} {chain}");
     }
     for set in set_names {
@@ -852,7 +850,6 @@ mod tests {
         }
     }
 
-    // VM 1 is in shard 1, VM 2 in shard 2.
     const TWO: &str = r#"{"vms": [
         {"id": "00000000-0000-4000-8000-000000000001", "org_id": "o", "worker": "w", "public_ipv6": "fd5e:ed00::1", "status": "running", "interface": "tap1",
          "services": [{"name": "web", "port": 8080}]},
@@ -867,67 +864,70 @@ mod tests {
             update(&before, &before, &options).is_none(),
             "nothing changed, nothing to do"
         );
+        // Each VM's IPv6 address is in its own shard.
+        let shard = |addr: &str| names::shard_of(addr.parse().unwrap());
+        let (s1, s2) = (shard("fd5e:ed00::1"), shard("fd5e:ed00::2"));
+        assert_ne!(s1, s2);
 
-        // VM 2 drops a service: its element leaves its shard's map, and that is all.
+        // VM 2 drops a service: its element leaves its shard's set, and that is all.
         let changed = TWO.replace(r#", {"name": "udp-thing", "port": 9000}"#, "");
         let after = sections(&vms(&changed));
         let text = update(&before, &after, &options).unwrap().text();
         assert_eq!(
             text.lines().skip(1).collect::<Vec<_>>(),
-            ["delete element inet vmedge in_s2_b0_allow_tcp6 { fd5e:ed00::2 . ::/0 . 9000 }"],
+            [format!(
+                "delete element inet vmedge in_s{s2}_b0_allow_tcp6 {{ fd5e:ed00::2 . ::/0 . 9000 }}"
+            )],
             "{text}"
         );
 
-        // VM 2 gets a rule of a shape new to its shard: the map is added and the shard's
-        // ingress chain rewritten; nothing of shard 1 or of egress.
+        // VM 2 gets a rule of a shape new to its shard: the set is added and a rule
+        // inserted in the shard's ingress chain; nothing of VM 1's shard or of egress.
         let changed = TWO.replace(
             r#"{"name": "udp-thing", "port": 9000}]"#,
             r#"{"name": "udp-thing", "port": 9000}], "firewall": {"ingress": {"default": "deny", "rules": [{"action": "allow", "kind": "cidr", "value": "2001:db8::/32", "protocol": "udp", "ports": "53"}]}}"#,
         );
         let after = sections(&vms(&changed));
         let text = update(&before, &after, &options).unwrap().text();
+        for line in [
+            format!("add set inet vmedge in_s{s2}_b0_allow_udp6 "),
+            format!("flush chain inet vmedge in_s{s2}\n"),
+            format!("add rule inet vmedge in_s{s2} ip6 daddr . ip6 saddr . udp dport @in_s{s2}_b0_allow_udp6 return"),
+        ] {
+            assert!(text.contains(&line), "{line}: {text}");
+        }
         assert!(
-            text.contains("add set inet vmedge in_s2_b0_allow_udp6"),
+            !text.contains(&format!("_s{s1}")) && !text.contains(&format!("out_s{s2}")),
             "{text}"
         );
-        assert!(text.contains("flush chain inet vmedge in_s2\n"), "{text}");
-        assert!(
-            text.contains(
-                "add rule inet vmedge in_s2 ip6 daddr . ip6 saddr . udp dport @in_s2_b0_allow_udp6 return"
-            ),
-            "{text}"
-        );
-        assert!(!text.contains("_s1") && !text.contains("out_s2"), "{text}");
 
-        // VM 1 leaves: its map entries, elements and members go, and with them the maps
-        // its shard no longer uses; VM 2 is not touched.
+        // VM 1 leaves: its elements and members go, and with them the sets its shard no
+        // longer uses; VM 2 is not touched.
         let mut left = vms(TWO);
         left.remove(0);
         let after = sections(&left);
         let text = update(&before, &after, &options).unwrap().text();
         for line in [
-            r#"delete element inet vmedge egress_by_if { "tap1" }"#,
-            "delete element inet vmedge in_s1_b0_allow_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }",
-            r#"delete element inet vmedge tap_src6 { "tap1" . fd5e:ed00::1 }"#,
-            r#"delete element inet vmedge default_deny_in_if { "tap1" }"#,
-            "delete set inet vmedge in_s1_b0_allow_tcp6",
+            r#"delete element inet vmedge tap_vms { "tap1" }"#.to_string(),
+            format!("delete element inet vmedge in_s{s1}_b0_allow_tcp6 {{ fd5e:ed00::1 . ::/0 . 8080 }}"),
+            r#"delete element inet vmedge tap_src6 { "tap1" . fd5e:ed00::1 }"#.to_string(),
+            r#"delete element inet vmedge default_deny_in_if { "tap1" }"#.to_string(),
+            format!("delete set inet vmedge in_s{s1}_b0_allow_tcp6"),
         ] {
-            assert!(text.contains(line), "{line}: {text}");
+            assert!(text.contains(&line), "{line}: {text}");
         }
-        assert!(!text.contains("_s2"), "{text}");
+        assert!(!text.contains(&format!("_s{s2}")), "{text}");
 
-        // ...and comes back: added with its map entries.
+        // ...and comes back.
         let text = update(&after, &before, &options).unwrap().text();
-        assert!(
-            text.contains(r#"add element inet vmedge egress_by_if { "tap1" : jump out_s1 }"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "add element inet vmedge in_s1_b0_allow_tcp6 { fd5e:ed00::1 . ::/0 . 8080 }"
+        for line in [
+            r#"add element inet vmedge tap_vms { "tap1" }"#.to_string(),
+            format!(
+                "add element inet vmedge in_s{s1}_b0_allow_tcp6 {{ fd5e:ed00::1 . ::/0 . 8080 }}"
             ),
-            "{text}"
-        );
+        ] {
+            assert!(text.contains(&line), "{line}: {text}");
+        }
     }
 
     #[test]
@@ -977,25 +977,26 @@ mod tests {
     fn a_full_ruleset_deletes_what_the_live_table_has_beyond_it() {
         let ruleset = compile("w", vms(TWO).iter().skip(1), &options());
         let live: BTreeSet<String> = [
-            // An older version's per-VM chain and block set.
+            // An older version's dispatch map, per-VM chain and block set.
+            "egress_by_if",
             "in_00000000000040008000000000000001",
             "in_b0_tcp6_s1",
             // A set its shard no longer uses.
             "in_s9_b3_deny_tcp6",
-            "in_s2_b0_allow_tcp6",
             "in_s2",
             "forward",
         ]
         .map(String::from)
         .into();
         let text = ruleset.with_deletions(&live);
-        let tail: Vec<&str> = text.lines().rev().take(4).collect();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
         assert_eq!(
             tail,
             [
                 "delete set inet vmedge in_s9_b3_deny_tcp6",
                 "delete set inet vmedge in_b0_tcp6_s1",
                 "delete chain inet vmedge in_00000000000040008000000000000001",
+                "delete map inet vmedge egress_by_if",
                 "flush chain inet vmedge in_00000000000040008000000000000001",
             ]
         );

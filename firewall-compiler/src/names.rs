@@ -1,9 +1,13 @@
 //! Every nftables name vmedge uses, and only here.
 //!
-//! Per-VM objects carry the VM id as 32 hex digits, so a listing of the live table says
-//! which VM each object belongs to, and stale objects of VMs that left can be found by
-//! name. fqdn sets are named by (VM, pattern), not by rule position, so re-ordering or
-//! editing other rules never empties a set the DNS gate has filled.
+//! The only per-VM objects are fqdn sets; they carry the VM id as 32 hex digits, so a
+//! listing of the live table says which VM each belongs to, and the sets of VMs that left
+//! can be found by name. They are named by (VM, pattern), not by rule position, so
+//! re-ordering or editing other rules never empties a set the DNS gate has filled.
+//! Everything else is shared: shard chains and block sets (by a hash of the VM's
+//! address) and worker-wide sets keyed by tap or address.
+
+use std::net::IpAddr;
 
 use vmedge_model::{DomainPattern, VmId};
 
@@ -11,14 +15,30 @@ use vmedge_model::{DomainPattern, VmId};
 pub const TABLE: &str = "vmedge";
 /// The base chain on the forward hook.
 pub const FORWARD_CHAIN: &str = "forward";
-/// Egress by the VM's tap (`iifname`).
-pub const EGRESS_BY_IF: &str = "egress_by_if";
-/// Egress by the VM's IPv6 source, for VMs without a tap in the state.
-pub const EGRESS_BY_ADDR: &str = "egress_by_addr";
-/// Ingress by the VM's tap (`oifname`).
-pub const INGRESS_BY_IF: &str = "ingress_by_if";
-/// Ingress by the VM's IPv6 destination, for VMs without a tap in the state.
-pub const INGRESS_BY_ADDR: &str = "ingress_by_addr";
+/// The chain a VM's packets go to first (by tap, or by IPv6 source): it picks the egress
+/// chain of the source address's shard.
+pub const EGRESS_CHAIN: &str = "egress";
+/// The chain packets to a VM go to first (by tap, or by IPv6 destination): it picks the
+/// ingress chain of the destination address's shard.
+pub const INGRESS_CHAIN: &str = "ingress";
+/// IPv6 addresses of the VMs without a tap in the state: their packets are theirs by
+/// address.
+pub const VM_ADDRS: &str = "vm_addrs";
+/// The dispatch chain of a direction.
+pub fn dispatch_chain(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Egress => EGRESS_CHAIN,
+        Direction::Ingress => INGRESS_CHAIN,
+    }
+}
+
+/// The dispatch maps of older versions (VM -> its own chains), deleted when found.
+pub const LEGACY_MAPS: [&str; 4] = [
+    "egress_by_if",
+    "egress_by_addr",
+    "ingress_by_if",
+    "ingress_by_addr",
+];
 /// ICMPv6 types that always pass.
 pub const ICMPV6_ESSENTIAL: &str = "icmpv6_essential";
 /// Public DoH resolvers, IPv4 (for `block_bypass`).
@@ -44,20 +64,78 @@ impl Direction {
     }
 }
 
-/// How many shards the VMs are split into, by id ([`shard_of`]). Each shard has a chain
-/// per direction and its own block maps.
+/// How many shards the VMs' addresses are split into ([`shard_of`]). Each shard has a
+/// chain per direction and its own block sets.
 ///
 /// Taking an element out of a concatenated interval set (the kernel's pipapo) costs time
-/// linear in the set's size: with one map shared by all VMs, one VM's change cost O(VMs)
+/// linear in the set's size: with one set shared by all VMs, one VM's change cost O(VMs)
 /// (63% of a one-VM sync at 1000 VMs, bench/RESULTS.md). A shard holds about 1/64 of the
-/// VMs, while the number of chains and maps stays independent of the number of VMs
-/// (the kernel checks every chain a transaction can reach when it adds a rule).
+/// VMs, while the number of chains and sets stays independent of the number of VMs.
 pub const SHARDS: u8 = 64;
 
-/// The shard of a VM: from its id's last byte (random in a v4 UUID), so it never changes
-/// while the VM lives.
-pub fn shard_of(vm: &VmId) -> u8 {
-    vm.as_uuid().as_bytes()[15] % SHARDS
+/// The seed of the shard hash: the kernel's `jhash ... seed 0x76656467` ("vedg").
+pub const SHARD_SEED: u32 = 0x7665_6467;
+
+/// The shard of a VM's address: what the kernel's `jhash <addr> mod 64 seed SHARD_SEED`
+/// gives for it, so the dispatch chains find a packet's shard with no per-VM entry (a
+/// per-VM verdict map entry made the kernel check the shard's chain once per VM whenever
+/// a rule was added).
+pub fn shard_of(addr: IpAddr) -> u8 {
+    let hash = match addr {
+        IpAddr::V4(a) => jhash(&a.octets(), SHARD_SEED),
+        IpAddr::V6(a) => jhash(&a.octets(), SHARD_SEED),
+    };
+    // The kernel's reciprocal_scale: (hash * n) >> 32.
+    u8::try_from((u64::from(hash) * u64::from(SHARDS)) >> 32).unwrap_or(0)
+}
+
+/// The kernel's `jhash()` (Bob Jenkins' lookup3, include/linux/jhash.h), as `nft_hash`
+/// runs it over a register's bytes: words are read in the host's byte order.
+fn jhash(key: &[u8], initval: u32) -> u32 {
+    fn mix(a: &mut u32, b: &mut u32, c: &mut u32) {
+        *a = a.wrapping_sub(*c) ^ c.rotate_left(4);
+        *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a) ^ a.rotate_left(6);
+        *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b) ^ b.rotate_left(8);
+        *b = b.wrapping_add(*a);
+        *a = a.wrapping_sub(*c) ^ c.rotate_left(16);
+        *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a) ^ a.rotate_left(19);
+        *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b) ^ b.rotate_left(4);
+        *b = b.wrapping_add(*a);
+    }
+    let word = |k: &[u8]| u32::from_ne_bytes([k[0], k[1], k[2], k[3]]);
+    let length = u32::try_from(key.len()).unwrap_or(u32::MAX);
+    let init = 0xdead_beef_u32.wrapping_add(length).wrapping_add(initval);
+    let (mut a, mut b, mut c) = (init, init, init);
+    let mut k = key;
+    while k.len() > 12 {
+        a = a.wrapping_add(word(&k[0..4]));
+        b = b.wrapping_add(word(&k[4..8]));
+        c = c.wrapping_add(word(&k[8..12]));
+        mix(&mut a, &mut b, &mut c);
+        k = &k[12..];
+    }
+    if k.is_empty() {
+        return c;
+    }
+    // The last 1..=12 bytes, little end first, whatever the host.
+    let mut tail = [0u32; 3];
+    for (i, byte) in k.iter().enumerate() {
+        tail[i / 4] = tail[i / 4].wrapping_add(u32::from(*byte) << (8 * (i % 4)));
+    }
+    a = a.wrapping_add(tail[0]);
+    b = b.wrapping_add(tail[1]);
+    c = c.wrapping_add(tail[2]);
+    c = (c ^ b).wrapping_sub(b.rotate_left(14));
+    a = (a ^ c).wrapping_sub(c.rotate_left(11));
+    b = (b ^ a).wrapping_sub(a.rotate_left(25));
+    c = (c ^ b).wrapping_sub(b.rotate_left(16));
+    a = (a ^ c).wrapping_sub(c.rotate_left(4));
+    b = (b ^ a).wrapping_sub(a.rotate_left(14));
+    (c ^ b).wrapping_sub(b.rotate_left(24))
 }
 
 /// The chain of a shard for a direction: `in_s<shard>`, `out_s<shard>`. The dispatch maps
@@ -114,10 +192,11 @@ pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
     }
 }
 
-/// True for the objects a sync creates and may delete: shard chains, block maps and fqdn
-/// sets (and the per-VM chains of older versions), not the table's fixed objects.
+/// True for the objects a sync creates and may delete: shard chains, block sets and fqdn
+/// sets (and the per-VM chains, sets and maps of older versions), not the table's fixed
+/// objects.
 pub fn is_managed(name: &str) -> bool {
-    ["in_", "out_", "fq_"].iter().any(|p| name.starts_with(p))
+    ["in_", "out_", "fq_"].iter().any(|p| name.starts_with(p)) || LEGACY_MAPS.contains(&name)
 }
 
 /// True for a chain a sync manages (a shard's, or a VM's of an older version), not a map
@@ -148,9 +227,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shards_are_the_kernels_jhash() {
+        // What `jhash ip6 saddr mod 64 seed 0x76656467` (and `ip saddr`) gave these
+        // source addresses on Linux 6.18 (packets counted in 64 chains).
+        for (addr, shard) in [
+            ("fd5e:ed00:77::1", 6),
+            ("fd5e:ed00:77::2", 14),
+            ("fd5e:ed00:77::3", 3),
+            ("198.18.77.1", 18),
+            ("198.18.77.2", 17),
+            ("198.18.77.3", 29),
+        ] {
+            assert_eq!(shard_of(addr.parse().unwrap()), shard, "{addr}");
+        }
+    }
+
+    #[test]
     fn names_are_stable_and_per_vm() {
         let vm = VmId::parse("6f1c2d3e-0000-4000-8000-0000000000aa").unwrap();
-        assert_eq!(shard_of(&vm), 0xaa % SHARDS);
         assert_eq!(shard_chain(Direction::Ingress, 42), "in_s42");
         let sets = fqdn_sets(&vm, &DomainPattern::parse("*.pypi.org").unwrap());
         // Fixed forever: the DNS gate and running tables depend on it.
@@ -164,7 +258,11 @@ mod tests {
             "case and dot do not matter"
         );
         assert!(is_managed(&sets.v6) && is_managed(&shard_chain(Direction::Egress, 3)));
-        assert!(!is_managed(FORWARD_CHAIN) && !is_managed(EGRESS_BY_IF) && !is_managed(DOH_V4));
+        assert!(!is_managed(FORWARD_CHAIN) && !is_managed(EGRESS_CHAIN) && !is_managed(DOH_V4));
+        assert!(
+            is_managed(LEGACY_MAPS[0]),
+            "an older version's map is deleted when found"
+        );
         assert!(!is_managed(TAP_SRC6) && !is_managed(default_deny(Direction::Ingress, true)));
         assert!(is_managed_chain(&shard_chain(Direction::Egress, 63)));
         assert!(

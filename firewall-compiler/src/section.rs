@@ -22,7 +22,8 @@ use crate::canonical::{canonicalize, CanonicalDirection, Family, PortRange, L4};
 use crate::names::{self, Direction};
 use crate::text;
 
-/// How packets find a VM's chains: by its tap, or (no tap in the state) by its address.
+/// How the base chain knows a VM's packets: by its tap, or (no tap in the state) by its
+/// IPv6 address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dispatch {
     /// `iifname` / `oifname` of the VM's tap.
@@ -37,23 +38,6 @@ impl Dispatch {
             Some(tap) => Dispatch::Tap(tap.clone()),
             None => Dispatch::Address(vm.public_ipv6),
         }
-    }
-
-    /// The two verdict maps that lead to this VM's chains: egress first.
-    pub fn maps(&self) -> [&'static str; 2] {
-        match self {
-            Dispatch::Tap(_) => [names::EGRESS_BY_IF, names::INGRESS_BY_IF],
-            Dispatch::Address(_) => [names::EGRESS_BY_ADDR, names::INGRESS_BY_ADDR],
-        }
-    }
-
-    /// The two (map, key) pairs that lead to this VM's chains, keys as nft writes them.
-    pub fn entries(&self) -> [(&'static str, String); 2] {
-        let key = match self {
-            Dispatch::Tap(tap) => format!("\"{tap}\""),
-            Dispatch::Address(addr) => addr.to_string(),
-        };
-        self.maps().map(|map| (map, key.clone()))
     }
 }
 
@@ -81,7 +65,7 @@ pub struct BlockKind {
 pub struct BlockSet {
     /// What it holds.
     pub kind: BlockKind,
-    /// Which VMs' elements it holds ([`names::shard_of`]).
+    /// Whose elements it holds: the VMs' addresses of this shard ([`names::shard_of`]).
     pub shard: u8,
 }
 
@@ -160,8 +144,11 @@ impl fmt::Display for Element {
 /// A VM's entry in one of the worker-wide sets the base and shard chains look up.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Member {
-    /// In `tap_vms`: a VM with a tap, whose source addresses are checked.
+    /// In `tap_vms`: a VM with a tap; its packets are the VM's, and their sources are
+    /// checked.
     Tap(String),
+    /// In `vm_addrs`: a VM without a tap, known by its IPv6 address.
+    Address(Ipv6Addr),
     /// In `tap_src6` / `tap_src4`: an address the VM behind a tap may send from.
     TapSource(String, IpAddr),
     /// In `block_bypass6` / `block_bypass4`: a VM address whose DoT and DoH are dropped.
@@ -175,6 +162,7 @@ impl Member {
     pub fn set(&self) -> &'static str {
         match self {
             Member::Tap(_) => names::TAP_VMS,
+            Member::Address(_) => names::VM_ADDRS,
             Member::TapSource(_, IpAddr::V6(_)) => names::TAP_SRC6,
             Member::TapSource(_, IpAddr::V4(_)) => names::TAP_SRC4,
             Member::BlockBypass(IpAddr::V6(_)) => names::BLOCK_BYPASS6,
@@ -191,7 +179,9 @@ impl Member {
             Member::Tap(tap) | Member::DefaultDeny(_, Dispatch::Tap(tap)) => format!("\"{tap}\""),
             Member::TapSource(tap, addr) => format!("\"{tap}\" . {addr}"),
             Member::BlockBypass(addr) => addr.to_string(),
-            Member::DefaultDeny(_, Dispatch::Address(addr)) => addr.to_string(),
+            Member::Address(addr) | Member::DefaultDeny(_, Dispatch::Address(addr)) => {
+                addr.to_string()
+            }
         }
     }
 }
@@ -226,7 +216,7 @@ pub struct VmSection {
     pub vm: VmId,
     /// Its org, for the section's comment.
     pub org: String,
-    /// How packets reach its shard's chains.
+    /// How the base chain knows its packets.
     pub dispatch: Dispatch,
     /// Its elements in its shard's block sets.
     pub elements: BTreeMap<BlockSet, BTreeSet<Element>>,
@@ -239,9 +229,11 @@ pub struct VmSection {
 }
 
 impl VmSection {
-    /// Its shard.
-    pub fn shard(&self) -> u8 {
-        names::shard_of(&self.vm)
+    /// The shards it has entries in: those of its addresses (each family's may differ).
+    pub fn shards(&self) -> BTreeSet<u8> {
+        let sets = self.elements.keys().map(|set| set.shard);
+        let rules = self.fqdn_rules.iter().map(|rule| names::shard_of(rule.own));
+        sets.chain(rules).collect()
     }
 
     /// The names of its own objects: its fqdn sets.
@@ -337,8 +329,11 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
         fqdn_sets: Vec::new(),
         fqdn_rules: Vec::new(),
     };
+    match &dispatch {
+        Dispatch::Tap(tap) => section.members.insert(Member::Tap(tap.clone())),
+        Dispatch::Address(addr) => section.members.insert(Member::Address(*addr)),
+    };
     if let Some(tap) = &vm.interface {
-        section.members.insert(Member::Tap(tap.clone()));
         for family in [Family::V6, Family::V4] {
             if let Some(addr) = own(family) {
                 section.members.insert(Member::TapSource(tap.clone(), addr));
@@ -352,13 +347,13 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
             }
         }
     }
-    let shard = names::shard_of(&vm.id);
     for (direction, rules) in [(Direction::Ingress, ingress), (Direction::Egress, egress)] {
         let canonical = canonicals.of(rules);
         for (index, b) in canonical.blocks.iter().enumerate() {
             let action = b.action.unwrap_or(canonical.default);
             let block = u16::try_from(index).unwrap_or(u16::MAX);
-            let set = |family, l4| BlockSet {
+            // Each address's elements go to the shard of that address.
+            let set = |own, family, l4| BlockSet {
                 kind: BlockKind {
                     direction,
                     block,
@@ -366,7 +361,7 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                     family,
                     l4,
                 },
-                shard,
+                shard: names::shard_of(own),
             };
             for ((family, l4), elements) in &b.ported {
                 let Some(own) = own(*family) else { continue };
@@ -375,7 +370,7 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                     far: *far,
                     ports: Some(*ports),
                 });
-                let set = set(*family, Some(*l4));
+                let set = set(own, *family, Some(*l4));
                 section.elements.entry(set).or_default().extend(elements);
             }
             for (family, nets) in &b.any {
@@ -385,7 +380,7 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                     far: *far,
                     ports: None,
                 });
-                let set = set(*family, None);
+                let set = set(own, *family, None);
                 section.elements.entry(set).or_default().extend(elements);
             }
             for fqdn in &b.fqdn {

@@ -142,13 +142,7 @@ pub struct ShardUse<'a> {
     pub fqdn: Vec<&'a FqdnRule>,
 }
 
-impl<'a> ShardUse<'a> {
-    /// Adds a VM's use.
-    pub fn add(&mut self, section: &'a VmSection) {
-        self.kinds.extend(section.sets().map(|s| s.kind));
-        self.fqdn.extend(&section.fqdn_rules);
-    }
-
+impl ShardUse<'_> {
     /// Does this differ from `other` for the chain of `direction`?
     pub fn differs_for(&self, other: &ShardUse<'_>, direction: Direction) -> bool {
         let kinds = |u: &ShardUse<'_>| -> Vec<BlockKind> {
@@ -174,10 +168,16 @@ pub fn shard_uses<'a>(
     wanted: Option<&BTreeSet<u8>>,
 ) -> Vec<ShardUse<'a>> {
     let mut uses: Vec<ShardUse<'a>> = (0..names::SHARDS).map(|_| ShardUse::default()).collect();
+    let wanted = |shard: &u8| wanted.is_none_or(|w| w.contains(shard));
     for section in sections {
-        let shard = section.shard();
-        if wanted.is_none_or(|w| w.contains(&shard)) {
-            uses[usize::from(shard)].add(section);
+        for set in section.sets().filter(|s| wanted(&s.shard)) {
+            uses[usize::from(set.shard)].kinds.insert(set.kind);
+        }
+        for rule in &section.fqdn_rules {
+            let shard = names::shard_of(rule.own);
+            if wanted(&shard) {
+                uses[usize::from(shard)].fqdn.push(rule);
+            }
         }
     }
     uses

@@ -182,8 +182,7 @@ fn a_table_changed_by_hand_is_restored() {
     );
 
     // The ingress chain of A's shard.
-    let a_id = vmedge_model::VmId::parse("6f1c2d3e-0000-4000-8000-000000000000").unwrap();
-    let a_chain = names::shard_chain(Direction::Ingress, names::shard_of(&a_id));
+    let a_chain = names::shard_chain(Direction::Ingress, names::shard_of(IpAddr::V6(a.ipv6)));
     for (what, command) in [
         (
             "flushed table",
@@ -238,7 +237,7 @@ async fn the_agent_follows_the_state_file_and_repairs_drift_on_its_own() {
         let listing = lab
             .worker
             .sh(&["nft", "list", "chain", "inet", "vmedge", "forward"]);
-        String::from_utf8_lossy(&listing.stdout).contains("vmap")
+        String::from_utf8_lossy(&listing.stdout).contains("jump egress")
     });
     assert!(!tcp_passes(&net.ns, None, port(8081)));
     agent.stop().await;

@@ -45,7 +45,6 @@ const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
@@ -55,7 +54,6 @@ const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_PAYLOAD_DREG: u16 = 1;
@@ -89,7 +87,6 @@ const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_LTE: u32 = 3;
 const NFT_CMP_GTE: u32 = 5;
 const NF_DROP: i32 = 0;
-const NFT_JUMP: i32 = -3;
 const NFT_RETURN: i32 = -5;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -131,8 +128,6 @@ pub fn encode_update(
             }
             Op::AddMember(member) => member_element(&mut b, NFT_MSG_NEWSETELEM, member),
             Op::DeleteMember(member) => member_element(&mut b, NFT_MSG_DELSETELEM, member),
-            Op::AddDispatch(section) => dispatch(&mut b, &section.dispatch, Some(section.shard())),
-            Op::DeleteDispatch(d) => dispatch(&mut b, d, None),
             Op::Chain {
                 direction,
                 shard,
@@ -400,7 +395,7 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
             l4proto(b, *l4);
             dport(b);
             cmp(b, NFT_CMP_EQ, &53u16.to_be_bytes());
-            verdict(b, NFT_RETURN, None);
+            verdict(b, NFT_RETURN);
         }
         ShardRule::DnsElsewhere(l4) => drop_port(b, *l4, 53),
         ShardRule::DnsOverTls(family, l4) => {
@@ -415,7 +410,7 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
             lookup(b, block_bypass_set(*family));
             daddr(b, *family);
             lookup(b, doh_set(*family));
-            verdict(b, NF_DROP, None);
+            verdict(b, NF_DROP);
         }
         ShardRule::Block(set) => {
             let kind = set.kind;
@@ -443,7 +438,7 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
                 payload(b, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, third);
             }
             lookup(b, &set.to_string());
-            verdict(b, verdict_code(kind.action), None);
+            verdict(b, verdict_code(kind.action));
         }
         ShardRule::Fqdn(rule) => {
             let family = family_of(&rule.own);
@@ -469,7 +464,7 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
                     }
                 }
             }
-            verdict(b, verdict_code(rule.action), None);
+            verdict(b, verdict_code(rule.action));
         }
         ShardRule::DefaultDeny(direction, by_tap) => {
             if *by_tap {
@@ -492,7 +487,7 @@ fn expressions(b: &mut Batch, rule: &ShardRule<'_>, direction: Direction) {
             b.u64(NFTA_COUNTER_BYTES, 0);
             b.u64(NFTA_COUNTER_PACKETS, 0);
             end_expr(b, at);
-            verdict(b, NF_DROP, None);
+            verdict(b, NF_DROP);
         }
     }
 }
@@ -509,7 +504,7 @@ fn drop_port(b: &mut Batch, l4: L4, port: u16) {
     l4proto(b, l4);
     dport(b);
     cmp(b, NFT_CMP_EQ, &port.to_be_bytes());
-    verdict(b, NF_DROP, None);
+    verdict(b, NF_DROP);
 }
 
 fn verdict_code(action: Action) -> i32 {
@@ -607,23 +602,16 @@ fn lookup(b: &mut Batch, set: &str) {
     end_expr(b, at);
 }
 
-/// `immediate reg 0 <verdict>`.
-fn verdict(b: &mut Batch, code: i32, chain: Option<&str>) {
+/// `immediate reg 0 <verdict>` (drop, return: no chain).
+fn verdict(b: &mut Batch, code: i32) {
     let at = expr(b, "immediate");
     b.u32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
     let data = b.nest(NFTA_IMMEDIATE_DATA);
-    verdict_data(b, code, chain);
-    b.end_nest(data);
-    end_expr(b, at);
-}
-
-fn verdict_data(b: &mut Batch, code: i32, chain: Option<&str>) {
     let v = b.nest(NFTA_DATA_VERDICT);
     b.u32(NFTA_VERDICT_CODE, code as u32);
-    if let Some(chain) = chain {
-        b.str(NFTA_VERDICT_CHAIN, chain);
-    }
     b.end_nest(v);
+    b.end_nest(data);
+    end_expr(b, at);
 }
 
 fn addr_bytes(addr: &IpAddr) -> Vec<u8> {
@@ -714,7 +702,9 @@ fn member_element(b: &mut Batch, kind: u16, member: &Member) {
             key
         }
         Member::BlockBypass(addr) => addr_bytes(addr),
-        Member::DefaultDeny(_, Dispatch::Address(addr)) => addr.octets().to_vec(),
+        Member::Address(addr) | Member::DefaultDeny(_, Dispatch::Address(addr)) => {
+            addr.octets().to_vec()
+        }
     };
     let (flags, verb) = match kind {
         NFT_MSG_NEWSETELEM => (NLM_F_CREATE, "add"),
@@ -732,37 +722,4 @@ fn member_element(b: &mut Batch, kind: u16, member: &Member) {
     b.end_nest(item);
     b.end_nest(list);
     b.finish(at);
-}
-
-/// The two verdict map entries of a VM: added (jumping to the chains of `shard`) or
-/// deleted.
-fn dispatch(b: &mut Batch, dispatch: &Dispatch, shard: Option<u8>) {
-    let key = match dispatch {
-        Dispatch::Tap(tap) => ifname(tap),
-        Dispatch::Address(a) => a.octets().to_vec(),
-    };
-    let chains = shard
-        .map(|shard| [Direction::Egress, Direction::Ingress].map(|d| names::shard_chain(d, shard)));
-    for (i, map) in dispatch.maps().into_iter().enumerate() {
-        let (kind, flags, verb) = match shard {
-            Some(_) => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "add"),
-            None => (NFT_MSG_DELSETELEM, 0, "delete"),
-        };
-        let at = b.message(kind, flags, format!("{verb} the {map} entry {dispatch:?}"));
-        b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
-        b.str(NFTA_SET_ELEM_LIST_SET, map);
-        let list = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
-        let item = b.nest(NFTA_LIST_ELEM);
-        let k = b.nest(NFTA_SET_ELEM_KEY);
-        b.bytes(NFTA_DATA_VALUE, &key);
-        b.end_nest(k);
-        if let Some(chains) = &chains {
-            let data = b.nest(NFTA_SET_ELEM_DATA);
-            verdict_data(b, NFT_JUMP, Some(&chains[i]));
-            b.end_nest(data);
-        }
-        b.end_nest(item);
-        b.end_nest(list);
-        b.finish(at);
-    }
 }
