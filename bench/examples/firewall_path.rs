@@ -75,11 +75,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (n, rules, secs, runs) = if quick {
+    let (n, rules, secs, mut runs) = if quick {
         (50, 100, 2, 1)
     } else {
         (1000, 100, 10, 3)
     };
+    // VMEDGE_PATH_RUNS=N: more rounds, where this machine's noise needs them.
+    if let Some(n) = std::env::var("VMEDGE_PATH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        runs = n;
+    }
     let lab = Lab::new(2);
     let (sender, receiver) = (&lab.vms[0], &lab.vms[1]);
     let nft = NftBackend::in_netns(lab.worker.name());
@@ -115,6 +122,7 @@ fn main() {
          (table: {n} VMs x {rules} rules, {rule_lines} rules in chains)"
     );
     let mut apply_seconds = Vec::new();
+    let settle = std::time::Duration::from_secs(if quick { 0 } else { 5 });
     for (family, to) in [
         ("IPv6", IpAddr::from(receiver.ipv6)),
         ("IPv4", IpAddr::from(receiver.ipv4)),
@@ -124,10 +132,14 @@ fn main() {
             drop_table(&lab.worker);
             none.push(iperf(&sender.ns, to, secs));
             nft.apply(&empty_ruleset).unwrap();
+            std::thread::sleep(settle);
             empty.push(iperf(&sender.ns, to, secs));
             let started = Instant::now();
             nft.apply(&ruleset).unwrap();
             apply_seconds.push(started.elapsed().as_secs_f64());
+            // The kernel frees the replaced table's objects after the commit, on these
+            // same two cores: measured before that is done, the loaded run paid for it.
+            std::thread::sleep(settle);
             loaded.push(iperf(&sender.ns, to, secs));
         }
         let (none, empty, loaded) = (median(none), median(empty), median(loaded));

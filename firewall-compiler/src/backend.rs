@@ -29,7 +29,7 @@ pub trait FirewallBackend {
         self.run(&update.text())
     }
 
-    /// The names of the per-VM chains and sets of the live table.
+    /// The names of the live table's managed objects (shard chains, block and fqdn sets).
     fn live_objects(&self) -> Result<BTreeSet<String>, FirewallError> {
         Ok(self.live_table()?.objects)
     }
@@ -41,7 +41,7 @@ pub trait FirewallBackend {
 /// The shape of the live table: enough to notice someone editing or flushing it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LiveTable {
-    /// Per-VM chains and sets.
+    /// Managed objects ([`names::is_managed`](crate::names::is_managed)).
     pub objects: BTreeSet<String>,
     /// Rules per chain (every chain of the table, the base chain too).
     pub rules: BTreeMap<String, usize>,
