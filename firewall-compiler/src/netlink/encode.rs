@@ -121,10 +121,10 @@ pub fn encode_update(
                 fqdn_set(&mut b, set, *family, set_ids);
             }
             Op::AddElements(set, elements) => {
-                block_elements(&mut b, NFT_MSG_NEWSETELEM, NLM_F_CREATE, set, elements)
+                block_elements(&mut b, NFT_MSG_NEWSETELEM, set, elements)
             }
             Op::DeleteElements(set, elements) => {
-                block_elements(&mut b, NFT_MSG_DELSETELEM, 0, set, elements)
+                block_elements(&mut b, NFT_MSG_DELSETELEM, set, elements)
             }
             Op::AddMember(member) => member_element(&mut b, NFT_MSG_NEWSETELEM, member),
             Op::DeleteMember(member) => member_element(&mut b, NFT_MSG_DELSETELEM, member),
@@ -179,14 +179,8 @@ pub fn encode_fqdn_elements(b: &mut Batch, elements: &[FqdnElement]) {
         by_set.entry(&element.set).or_default().push(element);
     }
     for (set, elements) in by_set {
-        let at = b.message(
-            NFT_MSG_NEWSETELEM,
-            NLM_F_CREATE,
-            format!("add {} elements to {set}", elements.len()),
-        );
-        b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
-        b.str(NFTA_SET_ELEM_LIST_SET, set);
-        let list = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        let describe = format!("add {} elements to {set}", elements.len());
+        let list = element_list(b, NFT_MSG_NEWSETELEM, set, describe);
         for element in elements {
             let ms = u64::try_from(element.timeout.as_millis()).unwrap_or(u64::MAX);
             let item = b.nest(NFTA_LIST_ELEM);
@@ -197,8 +191,7 @@ pub fn encode_fqdn_elements(b: &mut Batch, elements: &[FqdnElement]) {
             b.u64(NFTA_SET_ELEM_EXPIRATION, ms);
             b.end_nest(item);
         }
-        b.end_nest(list);
-        b.finish(at);
+        end_element_list(b, list);
     }
 }
 
@@ -655,21 +648,37 @@ fn element_keys(element: &Element) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
-fn block_elements(b: &mut Batch, kind: u16, flags: u16, set: &BlockSet, elements: &[&Element]) {
-    let verb = if kind == NFT_MSG_NEWSETELEM {
+/// Starts a message adding (`NFT_MSG_NEWSETELEM`) or deleting elements of `set`, and its
+/// element list; close both with [`end_element_list`].
+fn element_list(b: &mut Batch, kind: u16, set: &str, describe: String) -> (usize, usize) {
+    let flags = if kind == NFT_MSG_NEWSETELEM {
+        NLM_F_CREATE
+    } else {
+        0
+    };
+    let at = b.message(kind, flags, describe);
+    b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
+    b.str(NFTA_SET_ELEM_LIST_SET, set);
+    (at, b.nest(NFTA_SET_ELEM_LIST_ELEMENTS))
+}
+
+fn end_element_list(b: &mut Batch, (at, list): (usize, usize)) {
+    b.end_nest(list);
+    b.finish(at);
+}
+
+fn verb(kind: u16) -> &'static str {
+    if kind == NFT_MSG_NEWSETELEM {
         "add"
     } else {
         "delete"
-    };
+    }
+}
+
+fn block_elements(b: &mut Batch, kind: u16, set: &BlockSet, elements: &[&Element]) {
     let name = set.to_string();
-    let at = b.message(
-        kind,
-        flags,
-        format!("{verb} {} elements of {name}", elements.len()),
-    );
-    b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
-    b.str(NFTA_SET_ELEM_LIST_SET, &name);
-    let list = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+    let describe = format!("{} {} elements of {name}", verb(kind), elements.len());
+    let list = element_list(b, kind, &name, describe);
     for element in elements {
         let (start, end) = element_keys(element);
         let item = b.nest(NFTA_LIST_ELEM);
@@ -681,8 +690,7 @@ fn block_elements(b: &mut Batch, kind: u16, flags: u16, set: &BlockSet, elements
         b.end_nest(key_end);
         b.end_nest(item);
     }
-    b.end_nest(list);
-    b.finish(at);
+    end_element_list(b, list);
 }
 
 /// An interface name as a set key: NUL-padded to `IFNAMSIZ`.
@@ -706,20 +714,13 @@ fn member_element(b: &mut Batch, kind: u16, member: &Member) {
             addr.octets().to_vec()
         }
     };
-    let (flags, verb) = match kind {
-        NFT_MSG_NEWSETELEM => (NLM_F_CREATE, "add"),
-        _ => (0, "delete"),
-    };
     let set = member.set();
-    let at = b.message(kind, flags, format!("{verb} {} in {set}", member.to_text()));
-    b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
-    b.str(NFTA_SET_ELEM_LIST_SET, set);
-    let list = b.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+    let describe = format!("{} {} in {set}", verb(kind), member.to_text());
+    let list = element_list(b, kind, set, describe);
     let item = b.nest(NFTA_LIST_ELEM);
     let k = b.nest(NFTA_SET_ELEM_KEY);
     b.bytes(NFTA_DATA_VALUE, &key);
     b.end_nest(k);
     b.end_nest(item);
-    b.end_nest(list);
-    b.finish(at);
+    end_element_list(b, list);
 }
