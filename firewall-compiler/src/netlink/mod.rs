@@ -93,32 +93,26 @@ impl NetlinkSocket {
         let mut buf = vec![0u8; 64 * 1024];
         while pending > 0 {
             let n = recv(fd, &mut buf, MsgFlags::empty()).map_err(io)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes(word(&buf, at)) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                if len < 16 || at + len > n {
-                    break;
+            for (kind, _, message) in wire::messages(&buf[..n]) {
+                if kind != wire::NLMSG_ERROR || message.len() < 16 + 4 + 16 {
+                    continue;
                 }
-                if kind == wire::NLMSG_ERROR && len >= 16 + 4 + 16 {
-                    pending = pending.saturating_sub(1);
-                    let errno = i32::from_ne_bytes(word(&buf, at + 16));
-                    if errno != 0 {
-                        // The batch was rolled back as a whole; report its first failure
-                        // and drop the answers still queued, so the next batch starts clean.
-                        let seq = u32::from_ne_bytes(word(&buf, at + 16 + 4 + 8));
-                        let what = sealed.batch().describe(seq).unwrap_or("the batch");
-                        self.drain();
-                        return Err(FirewallError::Refused {
-                            message: format!(
-                                "the kernel refused {what}: {}",
-                                std::io::Error::from_raw_os_error(-errno)
-                            ),
-                            line: None,
-                        });
-                    }
+                pending = pending.saturating_sub(1);
+                let errno = i32::from_ne_bytes(word(message, 16));
+                if errno != 0 {
+                    // The batch was rolled back as a whole; report its first failure
+                    // and drop the answers still queued, so the next batch starts clean.
+                    let seq = u32::from_ne_bytes(word(message, 16 + 4 + 8));
+                    let what = sealed.batch().describe(seq).unwrap_or("the batch");
+                    self.drain();
+                    return Err(FirewallError::Refused {
+                        message: format!(
+                            "the kernel refused {what}: {}",
+                            std::io::Error::from_raw_os_error(-errno)
+                        ),
+                        line: None,
+                    });
                 }
-                at += (len + 3) & !3;
             }
         }
         Ok(())
@@ -126,11 +120,7 @@ impl NetlinkSocket {
 
     /// The handles of `chain`'s rules, in order (one dump; the chain's rules only).
     pub fn rule_handles(&mut self, chain: &str) -> Result<Vec<u64>, FirewallError> {
-        const NFT_MSG_GETRULE: u16 = 7;
-        const NFT_MSG_NEWRULE: u16 = 6;
-        const NFTA_RULE_TABLE: u16 = 1;
-        const NFTA_RULE_CHAIN: u16 = 2;
-        const NFTA_RULE_HANDLE: u16 = 3;
+        use encode::{NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_TABLE, NFT_MSG_GETRULE};
         let io = |e: nix::Error| FirewallError::Io(std::io::Error::from(e));
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
@@ -144,28 +134,17 @@ impl NetlinkSocket {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = recv(fd, &mut buf, MsgFlags::empty()).map_err(io)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes(word(&buf, at)) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                let msg_seq = u32::from_ne_bytes(word(&buf, at + 8));
-                if len < 16 || at + len > n {
-                    break;
-                }
-                let message = &buf[at..at + len];
-                at += (len + 3) & !3;
-                if msg_seq != seq {
-                    continue; // an answer to something earlier
-                }
+            // Answers to something earlier (another sequence number) are skipped.
+            for (kind, _, message) in wire::messages(&buf[..n]).filter(|m| m.1 == seq) {
                 match kind {
                     wire::NLMSG_DONE => return Ok(handles),
                     wire::NLMSG_ERROR => {
                         let errno = i32::from_ne_bytes(word(message, 16));
                         return Err(FirewallError::Io(std::io::Error::from_raw_os_error(-errno)));
                     }
-                    k if k == (10 << 8) | NFT_MSG_NEWRULE => {
+                    k if k == wire::nft_type(encode::NFT_MSG_NEWRULE) => {
                         // nlmsghdr (16) + nfgenmsg (4), then attributes.
-                        let handle = attributes(&message[20..])
+                        let handle = attributes(message.get(20..).unwrap_or_default())
                             .find(|(t, _)| *t == NFTA_RULE_HANDLE)
                             .and_then(|(_, v)| <[u8; 8]>::try_from(v).ok())
                             .map(u64::from_be_bytes);

@@ -19,6 +19,26 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFPROTO_UNSPEC: u8 = 0;
 pub const NFPROTO_INET: u8 = 1;
 
+/// The message type of nf_tables message `kind` (`NFT_MSG_*`).
+pub fn nft_type(kind: u16) -> u16 {
+    (NFNL_SUBSYS_NFTABLES << 8) | kind
+}
+
+/// Each whole message in `buf` (what one `recv` read): its type, its sequence number and
+/// its bytes, header included.
+pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(at..at + 16)?;
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let seq = u32::from_ne_bytes([header[8], header[9], header[10], header[11]]);
+        let message = buf.get(at..at + len).filter(|_| len >= 16)?;
+        at += (len + 3) & !3;
+        Some((kind, seq, message))
+    })
+}
+
 /// `nlmsghdr` + `nfgenmsg`.
 const HEADER: usize = 16 + 4;
 
@@ -54,11 +74,7 @@ impl Batch {
             first_seq: seq,
             described: Vec::new(),
         };
-        batch.header(
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            NFPROTO_INET,
-        );
+        batch.header(nft_type(kind), NLM_F_REQUEST | NLM_F_DUMP, NFPROTO_INET);
         batch
     }
 
@@ -71,7 +87,7 @@ impl Batch {
     pub fn message(&mut self, kind: u16, flags: u16, describe: String) -> usize {
         self.described.push(describe);
         self.header(
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            nft_type(kind),
             NLM_F_REQUEST | NLM_F_ACK | flags,
             NFPROTO_INET,
         )
