@@ -30,7 +30,7 @@ use crate::section::addr_type;
 pub use crate::section::{
     compile_vm, compile_vm_with, BlockSet, Canonicals, Element, Member, VmSection,
 };
-use crate::shard::{render_chain, shard_rules, shard_uses, ShardRule};
+use crate::shard::{render_chain, shard_rules, shard_uses, ShardRule, ShardUse};
 
 struct Out {
     text: String,
@@ -216,13 +216,10 @@ pub fn table_shape<'a>(
     let sets = declared_sets(sections.clone());
     shape.objects.extend(sets.iter().map(ToString::to_string));
     let uses = shard_uses(sections, None);
-    for (shard, shard_use) in (0..names::SHARDS).zip(&uses) {
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let chain = names::shard_chain(direction, shard);
-            let rules = shard_rules(direction, shard, shard_use, &options.dns_gates);
-            shape.rules.insert(chain.clone(), rules.len());
-            shape.objects.insert(chain);
-        }
+    for (direction, shard, rules) in every_shard_chain(&uses, options) {
+        let chain = names::shard_chain(direction, shard);
+        shape.rules.insert(chain.clone(), rules.len());
+        shape.objects.insert(chain);
     }
     shape
         .rules
@@ -232,6 +229,22 @@ pub fn table_shape<'a>(
         shape.rules.insert(chain, dispatch_rules(direction).len());
     }
     shape
+}
+
+/// Every shard chain of a table whose shards' use is `uses`, with its rules: ingress,
+/// then egress, shard by shard.
+fn every_shard_chain<'a>(
+    uses: &'a [ShardUse<'a>],
+    options: &'a CompileOptions,
+) -> impl Iterator<Item = (Direction, u8, Vec<ShardRule<'a>>)> + 'a {
+    (0..names::SHARDS)
+        .zip(uses)
+        .flat_map(move |(shard, shard_use)| {
+            [Direction::Ingress, Direction::Egress].map(|direction| {
+                let rules = shard_rules(direction, shard, shard_use, &options.dns_gates);
+                (direction, shard, rules)
+            })
+        })
 }
 
 /// The block sets a table holding `sections` has: each set a VM of a shard uses.
@@ -287,11 +300,8 @@ fn assemble_in(
             }
             for (set, family) in &section.fqdn_sets {
                 // Added, never flushed: the DNS gate's entries survive every sync.
-                let _ = writeln!(
-                    part.text,
-                    "add set inet {t} {set} {{ type {}; flags timeout; }}",
-                    addr_type(*family)
-                );
+                let declaration = fqdn_set_declaration(*family);
+                let _ = writeln!(part.text, "add set inet {t} {set} {{ {declaration} }}");
                 part.objects.push(set.clone());
             }
             for (set, elements) in &section.elements {
@@ -325,12 +335,9 @@ fn assemble_in(
     }
     emit!(out, "# -- the shards' chains");
     let uses = shard_uses(sections.iter().copied(), None);
-    for (shard, shard_use) in (0..names::SHARDS).zip(&uses) {
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let rules = shard_rules(direction, shard, shard_use, &options.dns_gates);
-            render_chain(&mut out.text, direction, shard, &rules);
-            out.objects.insert(names::shard_chain(direction, shard));
-        }
+    for (direction, shard, rules) in every_shard_chain(&uses, options) {
+        render_chain(&mut out.text, direction, shard, &rules);
+        out.objects.insert(names::shard_chain(direction, shard));
     }
     dispatch_chains(&mut out);
     forward_rules(&mut out);
@@ -419,6 +426,11 @@ fn dispatch_chains(out: &mut Out) {
 struct Part {
     text: String,
     objects: Vec<String>,
+}
+
+/// An fqdn set's declaration: `type ipv4_addr; flags timeout;`.
+fn fqdn_set_declaration(family: Family) -> String {
+    format!("type {}; flags timeout;", addr_type(family))
 }
 
 /// Below this many items, one thread does it all: starting threads would cost more.
@@ -599,8 +611,8 @@ impl Update<'_> {
                 }
                 Op::AddFqdnSet(set, family) => emit!(
                     out,
-                    "add set inet {t} {set} {{ type {}; flags timeout; }}",
-                    addr_type(*family)
+                    "add set inet {t} {set} {{ {} }}",
+                    fqdn_set_declaration(*family)
                 ),
                 Op::DeleteElements(set, elements) => {
                     element_line(&mut out.text, "delete", set, elements.iter().copied())
@@ -735,7 +747,7 @@ pub fn update<'a, S: Borrow<VmSection>>(
     Some(Update { changed, ops })
 }
 
-/// Deletes the elements only in `old` and adds those only in `new`, map by map.
+/// Deletes the elements only in `old` and adds those only in `new`, set by set.
 fn element_changes<'a>(
     ops: &mut Vec<Op<'a>>,
     old: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
@@ -743,16 +755,16 @@ fn element_changes<'a>(
 ) {
     static EMPTY: BTreeSet<Element> = BTreeSet::new();
     let empty = &EMPTY;
-    let maps: BTreeSet<&BlockSet> = old.keys().chain(new.keys()).collect();
-    for map in maps {
-        let (was, is) = (old.get(map).unwrap_or(empty), new.get(map).unwrap_or(empty));
+    let sets: BTreeSet<&BlockSet> = old.keys().chain(new.keys()).collect();
+    for set in sets {
+        let (was, is) = (old.get(set).unwrap_or(empty), new.get(set).unwrap_or(empty));
         let gone: Vec<&Element> = was.difference(is).collect();
         let added: Vec<&Element> = is.difference(was).collect();
         if !gone.is_empty() {
-            ops.push(Op::DeleteElements(*map, gone));
+            ops.push(Op::DeleteElements(*set, gone));
         }
         if !added.is_empty() {
-            ops.push(Op::AddElements(*map, added));
+            ops.push(Op::AddElements(*set, added));
         }
     }
 }
