@@ -8,7 +8,7 @@
 //! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
 //!   `Connection: close`.
 //!
-//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick]`
+//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory]`
 //! (root; bench/load/edge.sh does both).
 #![allow(clippy::unwrap_used)] // a benchmark may panic on what it did not expect
 
@@ -250,6 +250,8 @@ fn grpc_host() -> String {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // --memory: the idle-connection memory alone, on a fresh edge.
+    let memory_only = std::env::args().any(|a| a == "--memory");
     let bin = std::env::var("VMEDGE_BIN").expect("VMEDGE_BIN: the vmedge binary to measure");
     let (seconds, h2_requests, idle) = if quick {
         (2, 20_000, 500)
@@ -390,6 +392,10 @@ fn main() {
             ""
         }
     );
+    if memory_only {
+        idle_memory_section(w, &proxies, [edge.id(), nginx.id()], idle);
+        return;
+    }
     println!("\nHTTP/1.1 keep-alive, small body (wrk -t1 -c50 -d{seconds}s):");
     let direct = wrk(w, &format!("http://{backend}/"), seconds);
     println!(
@@ -439,9 +445,14 @@ fn main() {
     }
     println!("  vmedge/nginx: {:.2}x", tls[0] / tls[1]);
 
+    idle_memory_section(w, &proxies, [edge.id(), nginx.id()], idle);
+}
+
+/// Resident memory of the edge and nginx with `idle` idle keep-alive connections open.
+fn idle_memory_section(w: &Netns, proxies: &[Proxy], pids: [u32; 2], idle: usize) {
     println!("\nmemory with {idle} idle keep-alive client connections open (resident, server and children):");
-    let edge_kb = idle_memory(w, proxies[0].http, edge.id(), idle);
-    let nginx_kb = idle_memory(w, proxies[1].http, nginx.id(), idle);
+    let edge_kb = idle_memory(w, proxies[0].http, pids[0], idle);
+    let nginx_kb = idle_memory(w, proxies[1].http, pids[1], idle);
     for (name, (before, after)) in [("vmedge", edge_kb), ("nginx", nginx_kb)] {
         println!(
             "  {name:<8} {after:>8} kB ({before} kB before: {:.1} kB per connection)",

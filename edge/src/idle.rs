@@ -3,19 +3,22 @@
 //! pingora (0.9) waits for a new plain connection's first 24 bytes (to tell h2c from
 //! HTTP/1) with no time limit, keeps an HTTP/1.1 connection alive with no timeout after its
 //! first request, and then reads the next request's header with no timeout either. It
-//! also waits for the next request inside the future that then proxies it, as large as its
-//! largest state (~14 kB for the edge) plus a 4 kB header buffer: an idle keep-alive
-//! connection cost ~38 kB.
+//! waits for all of these on the connection's accept task (~9 kB, its TLS handshake state
+//! inline even on a plain listener), inside the future that then proxies the request
+//! (~14 kB for the edge), with a 4 kB header buffer: an idle keep-alive connection cost
+//! ~38 kB.
 //!
-//! - [`FirstBytes`] bounds the wait for a new connection's first bytes by the idle timeout.
-//! - [`IdleFirst`] waits for the first byte of each next request with nothing but the
-//!   connection, under the idle timeout, then hands the session to the proxy with each read
-//!   of the request bounded by the read timeout and the whole header by the header timeout
-//!   (a client trickling a header in, a byte at a time, is cut off, as nginx's
+//! - [`FirstBytes`] moves a new plain connection off pingora's accept task onto one of its
+//!   own, and bounds the wait for its first bytes by the idle timeout.
+//! - [`IdleFirst`] moves a plain HTTP/1 connection onto a task of its own too, which waits
+//!   for the first byte of each next request with nothing but the connection, under the
+//!   idle timeout, then hands the session to the proxy with each read of the request
+//!   bounded by the read timeout and the whole header by the header timeout (a client
+//!   trickling a header in, a byte at a time, is cut off, as nginx's
 //!   `client_header_timeout` does); the request machinery is allocated only while a
-//!   request is under way (nginx, likewise, frees its buffers between requests). Streams
-//!   that cannot be peeked at (TLS) wait in the proxy, under the idle timeout; h2 sessions
-//!   go straight to the proxy.
+//!   request is under way (nginx, likewise, frees its buffers between requests). TLS
+//!   connections stay on pingora's task (it holds their TLS state) and wait in the proxy,
+//!   under the idle timeout; h2 sessions go straight to the proxy.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +31,8 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::sync::{oneshot, Notify};
+
+use crate::conn::PlainConn;
 
 /// How long a client connection may wait for its next request, and how long a client
 /// may stay silent in the middle of one.
@@ -54,11 +59,9 @@ impl HeaderRead {
     }
 }
 
-/// The length of the HTTP/2 connection preface pingora looks for on a plain connection.
-const H2C_PREFACE_LEN: usize = 24;
-
-/// An app whose new plain connections reach `A` only once their first bytes are there,
-/// within the idle timeout.
+/// An app whose new plain connections are taken off pingora's accept task (as
+/// [`PlainConn`]s, on a task of their own) and reach `A` only once their first bytes are
+/// there, within the idle timeout.
 pub struct FirstBytes<A> {
     app: Arc<A>,
     idle: Duration,
@@ -74,6 +77,29 @@ impl<A> FirstBytes<A> {
     }
 }
 
+impl<A> FirstBytes<A>
+where
+    A: ServerApp + Send + Sync + 'static,
+{
+    /// A new plain connection, on a task of its own: its first bytes (within the idle
+    /// timeout), then `A`, as pingora's accept task would have run it.
+    async fn serve_connection(self: Arc<Self>, conn: PlainConn, shutdown: ShutdownWatch) {
+        let mut stopping = shutdown.clone();
+        tokio::select! {
+            readable = tokio::time::timeout(self.idle, conn.readable()) => {
+                if !matches!(readable, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        let mut next = self.app.process_new(Box::new(conn), &shutdown).await;
+        while let Some(stream) = next {
+            next = self.app.process_new(stream, &shutdown).await;
+        }
+    }
+}
+
 #[async_trait]
 impl<A> ServerApp for FirstBytes<A>
 where
@@ -81,21 +107,26 @@ where
 {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if stream.get_ssl_digest().is_none() {
-            // What pingora then peeks at again (the bytes stay unread).
-            let mut preface = [0u8; H2C_PREFACE_LEN];
-            let mut stopping = shutdown.clone();
-            tokio::select! {
-                peeked = tokio::time::timeout(self.idle, stream.try_peek(&mut preface)) => {
-                    peeked.ok()?.ok()?;
-                }
-                _ = stopping.wait_for(|stop| *stop) => return None,
+        if stream.get_ssl_digest().is_some() {
+            // TLS: pingora's task holds the TLS state; the connection goes on there.
+            return self.app.process_new(stream, shutdown).await;
+        }
+        match PlainConn::take(stream) {
+            // pingora's accept task (~9 kB) and its stream's buffers end here: the
+            // connection waits for its first bytes holding only itself.
+            Ok(conn) => {
+                tokio::spawn(self.clone().serve_connection(conn, shutdown.clone()));
+                None
+            }
+            Err(_) => {
+                // Out of descriptors: as if the accept had failed.
+                tracing::warn!("a new connection could not be taken over: closed");
+                None
             }
         }
-        self.app.process_new(stream, shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -129,15 +160,11 @@ impl<A> IdleFirst<A> {
     /// pingora keeps an HTTP/1.1 connection alive with no timeout at all after its first
     /// request, and then reads the next request's header with none either; here the wait
     /// is bounded by the idle timeout and each read of the request by the read timeout.
-    async fn next_request(&self, h1: Http1Session) -> Option<(ServerSession, bool)> {
-        if h1.pipelining_enabled() {
-            // The previous request may have left the next one in the session's buffer.
-            return Some((ServerSession::H1(h1), true));
-        }
-        // What a new session would not know (pingora's own settings carried across reuse;
-        // the connection context is the edge's, set per request).
-        let reuses = h1.get_keepalive_reuses_remaining();
-        let mut stream = h1.into_inner();
+    async fn next_request(&self, between: Between) -> Option<(ServerSession, bool)> {
+        let (mut stream, reuses) = match between {
+            Between::Pipelined(h1) => return Some((ServerSession::H1(*h1), true)),
+            Between::Idle { stream, reuses } => (stream, reuses),
+        };
         let peeked = self.first_byte(&mut stream).await?;
         let mut session = ServerSession::new_http1(stream);
         // Keep-alive "off" until the request says otherwise (pingora decides it from the
@@ -167,20 +194,44 @@ impl<A> IdleFirst<A> {
     }
 }
 
-#[async_trait]
-impl<A> HttpServerApp for IdleFirst<A>
+impl<A> IdleFirst<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new_http(
+    /// The rest of a plain HTTP/1 connection, request after request, on a task of its
+    /// own: between requests this task holds the connection, a timer and little else
+    /// (each request's machinery is boxed, and freed when it is done), nothing of
+    /// pingora's (the accept task that would otherwise wait with it is ~9 kB).
+    async fn serve_connection(self: Arc<Self>, mut between: Between, shutdown: ShutdownWatch) {
+        loop {
+            let Some((session, seen)) = self.next_request(between).await else {
+                return;
+            };
+            let Some(reused) = Box::pin(self.proxy(session, seen, &shutdown)).await else {
+                return;
+            };
+            // What pingora's own loop does between two requests of a connection.
+            let (stream, settings) = reused.consume();
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            let ServerSession::H1(h1) = session else {
+                return;
+            };
+            between = Between::of(h1);
+        }
+    }
+
+    /// A request whose first byte is in (or, `seen` false, whose stream could not be
+    /// peeked at), proxied under the header timeout; the stream back when the
+    /// connection may carry another request.
+    async fn proxy(
         self: &Arc<Self>,
-        session: ServerSession,
+        mut session: ServerSession,
+        seen: bool,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let ServerSession::H1(h1) = session else {
-            return self.app.process_new_http(session, shutdown).await;
-        };
-        let (mut session, seen) = self.next_request(h1).await?;
         let (read, header) = oneshot::channel();
         session.set_connection_user_context(Some(Box::new(HeaderRead(read))));
         // From the first byte, or (when that could not be seen) after the idle wait.
@@ -202,6 +253,55 @@ where
             }
         }
         proxied.await
+    }
+}
+
+/// An HTTP/1 connection between two requests.
+enum Between {
+    /// The previous request may have left the next one in the session's buffer.
+    Pipelined(Box<Http1Session>),
+    /// Only the stream, and what a new session would not know (pingora's own settings
+    /// carried across reuse; the connection context is the edge's, set per request).
+    Idle { stream: Stream, reuses: Option<u32> },
+}
+
+impl Between {
+    fn of(h1: Http1Session) -> Between {
+        if h1.pipelining_enabled() {
+            return Between::Pipelined(Box::new(h1));
+        }
+        let reuses = h1.get_keepalive_reuses_remaining();
+        Between::Idle {
+            stream: h1.into_inner(),
+            reuses,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> HttpServerApp for IdleFirst<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let ServerSession::H1(h1) = session else {
+            return self.app.process_new_http(session, shutdown).await;
+        };
+        if h1.digest().ssl_digest.is_some() {
+            // TLS: pingora's task holds the TLS state; the requests go on there.
+            let (session, seen) = self.next_request(Between::of(h1)).await?;
+            return self.proxy(session, seen, shutdown).await;
+        }
+        // pingora's task ends here, and the connection goes on on a task of its own.
+        tokio::spawn(
+            self.clone()
+                .serve_connection(Between::of(h1), shutdown.clone()),
+        );
+        None
     }
 
     fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
@@ -234,7 +334,9 @@ where
 mod tests {
     use std::time::Instant;
 
-    use tokio::io::AsyncWriteExt;
+    use pingora::apps::HttpPersistentSettings;
+    use pingora::http::ResponseHeader;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
 
@@ -245,8 +347,9 @@ mod tests {
     type Seen = Result<(String, Option<u32>), String>;
 
     /// An app that reads each session's request, says so as the edge's proxy does, takes
-    /// a while over a path starting `/busy` (longer than the header timeout), and reports
-    /// what it saw.
+    /// a while over a path starting `/busy` (longer than the header timeout), reports what
+    /// it saw, and answers a path starting `/again` with an empty 200, keeping the
+    /// connection; any other request ends it.
     struct Recorder(mpsc::UnboundedSender<Seen>);
 
     #[async_trait]
@@ -270,54 +373,78 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
             let reuses = session.get_keepalive_reuses_remaining();
-            let _ = self.0.send(Ok((path, reuses)));
-            None
+            let _ = self.0.send(Ok((path.clone(), reuses)));
+            if !path.starts_with("/again") {
+                return None;
+            }
+            let mut answer = ResponseHeader::build(200, None).ok()?;
+            answer.insert_header("content-length", "0").ok()?;
+            session.write_response_header(Box::new(answer)).await.ok()?;
+            let settings = HttpPersistentSettings::for_session(&session);
+            let reusable = session.finish().await.ok()??;
+            Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
         }
     }
 
-    /// A connection being served by an [`IdleFirst`] (1 s idle and read timeouts, a 2 s
-    /// header timeout) on a task; its session said 7 reuses were left.
+    /// A connection handed to an [`IdleFirst`] (1 s idle and read timeouts, a 2 s header
+    /// timeout, unless told otherwise) as pingora hands it one; its session said 7 reuses were left.
     struct Served {
         app: Arc<IdleFirst<Recorder>>,
         /// What the app saw.
         seen: mpsc::UnboundedReceiver<Seen>,
         /// The client's end.
         client: TcpStream,
-        /// Ends with whether the session ended without a reusable stream.
-        serving: tokio::task::JoinHandle<bool>,
+    }
+
+    impl Served {
+        /// Reads what the server sends until it closes the connection.
+        async fn until_closed(&mut self) -> Vec<u8> {
+            let mut got = Vec::new();
+            let read = self.client.read_to_end(&mut got);
+            match tokio::time::timeout(Duration::from_secs(30), read).await {
+                Ok(_) => got,
+                Err(_) => panic!("the connection was never closed"),
+            }
+        }
     }
 
     async fn served() -> Served {
+        served_idle(Duration::from_secs(1)).await
+    }
+
+    /// [`served`] with another idle timeout.
+    async fn served_idle(idle: Duration) -> Served {
         let (tx, seen) = mpsc::unbounded_channel();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        let l4 = pingora::protocols::l4::stream::Stream::from(server);
+        // As the edge's first app hands it on.
+        let stream: Stream = Box::new(PlainConn::take(Box::new(l4)).unwrap());
         let timeouts = ClientTimeouts {
-            idle: Duration::from_secs(1),
+            idle,
             read: Duration::from_secs(1),
             header: Duration::from_secs(2),
         };
-        let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(server));
         let mut session = ServerSession::new_http1(stream);
         // pingora's own settings after an HTTP/1.1 request: keep-alive with no timeout.
         session.set_keepalive(Some(0));
         session.set_keepalive_reuses_remaining(Some(7));
         let app = Arc::new(IdleFirst::new(Recorder(tx), timeouts));
-        let serving = {
-            let app = app.clone();
-            tokio::spawn(async move {
-                let (_tx, shutdown) = tokio::sync::watch::channel(false);
-                app.process_new_http(session, &shutdown).await.is_none()
-            })
-        };
-        Served {
-            app,
-            seen,
-            client,
-            serving,
-        }
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        // pingora's task is done with a plain connection at once; it goes on elsewhere.
+        let handed = tokio::time::timeout(
+            Duration::from_millis(500),
+            app.process_new_http(session, &shutdown),
+        )
+        .await;
+        assert!(
+            matches!(handed, Ok(None)),
+            "pingora's task kept the connection"
+        );
+        Served { app, seen, client }
     }
 
     #[tokio::test]
@@ -334,20 +461,47 @@ mod tests {
             .unwrap();
         let seen = s.seen.recv().await;
         assert_eq!(seen, Some(Ok(("/later".to_string(), Some(7)))));
-        assert!(s.serving.await.unwrap());
+        s.until_closed().await;
+    }
+
+    #[tokio::test]
+    async fn the_next_request_of_a_connection_is_served_with_the_settings_carried_over() {
+        let mut s = served().await;
+        s.client
+            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.seen.recv().await,
+            Some(Ok(("/again".to_string(), Some(7))))
+        );
+        let mut answer = [0u8; 64];
+        let n = s.client.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        // Idle for a while between the two, but within the idle timeout.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.client
+            .write_all(b"GET /last HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.seen.recv().await,
+            Some(Ok(("/last".to_string(), Some(6))))
+        );
+        s.until_closed().await;
     }
 
     #[tokio::test]
     async fn a_closed_or_silent_connection_never_reaches_the_app() {
         let mut closed = served().await;
-        drop(closed.client);
-        assert!(closed.serving.await.unwrap());
+        closed.client.shutdown().await.unwrap();
+        closed.until_closed().await;
         assert!(closed.seen.try_recv().is_err());
 
         // pingora alone would wait for ever.
         let started = Instant::now();
         let mut silent = served().await;
-        assert!(silent.serving.await.unwrap());
+        assert!(silent.until_closed().await.is_empty());
         assert!(started.elapsed() >= Duration::from_secs(1));
         assert!(silent.seen.try_recv().is_err());
     }
@@ -366,7 +520,7 @@ mod tests {
             matches!(&seen, Some(Err(e)) if e.contains("timeout")),
             "{seen:?}"
         );
-        assert!(s.serving.await.unwrap());
+        s.until_closed().await;
     }
 
     #[tokio::test]
@@ -382,7 +536,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         assert!(cut, "the whole header went in");
-        assert!(trickle.serving.await.unwrap());
         assert!(trickle.seen.try_recv().is_err(), "the app saw a request");
 
         // A request whose header is in runs as long as it takes.
@@ -391,17 +544,95 @@ mod tests {
             .write_all(b"GET /busy HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();
-        assert!(busy.serving.await.unwrap());
         let seen = busy.seen.recv().await;
         assert_eq!(seen, Some(Ok(("/busy".to_string(), Some(7)))));
+        busy.until_closed().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_waits_off_pingoras_task_within_the_idle_timeout() {
+        let (tx, mut seen) = mpsc::unbounded_channel();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Arc::new(FirstBytes::new(Recorder(tx), Duration::from_secs(1)));
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(server));
+            let handed = tokio::time::timeout(
+                Duration::from_millis(500),
+                app.process_new(stream, &shutdown),
+            )
+            .await;
+            assert!(
+                matches!(handed, Ok(None)),
+                "pingora's task kept the connection"
+            );
+            clients.push(client);
+        }
+        let (mut silent, mut talking) = (clients.remove(0), clients.remove(0));
+        talking
+            .write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let first = seen.recv().await;
+        assert!(
+            matches!(&first, Some(Ok((path, _))) if path == "/first"),
+            "{first:?}"
+        );
+        // pingora alone would wait for ever.
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), silent.read_to_end(&mut got));
+        assert!(
+            matches!(read.await, Ok(Ok(0))),
+            "the silent connection stayed open"
+        );
+        assert!(seen.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_task_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let server = listener.accept().await.unwrap().0.into_std().unwrap();
+        let stream = || -> Stream {
+            Box::new(pingora::protocols::l4::stream::Stream::from(
+                TcpStream::from_std(server.try_clone().unwrap()).unwrap(),
+            ))
+        };
+        let timeouts = ClientTimeouts {
+            idle: Duration::ZERO,
+            read: Duration::ZERO,
+            header: Duration::ZERO,
+        };
+        let recorder = || Recorder(mpsc::unbounded_channel().0);
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        // What each idle plain connection's task holds, against an HTTP/1 session alone
+        // (680 bytes) and pingora's accept task (~9 kB).
+        let ServerSession::H1(h1) = ServerSession::new_http1(stream()) else {
+            unreachable!("an HTTP/1 session");
+        };
+        let app = Arc::new(IdleFirst::new(recorder(), timeouts));
+        let task = app.serve_connection(Between::of(h1), shutdown.clone());
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 1024, "IdleFirst: {size} bytes");
+        let app = Arc::new(FirstBytes::new(recorder(), Duration::ZERO));
+        let task = app.serve_connection(PlainConn::take(stream()).unwrap(), shutdown);
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 1024, "FirstBytes: {size} bytes");
     }
 
     #[tokio::test]
     async fn stopping_ends_the_wait() {
-        let mut s = served().await;
+        // An idle timeout longer than `until_closed` waits.
+        let mut s = served_idle(Duration::from_secs(120)).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         s.app.http_cleanup().await;
-        assert!(s.serving.await.unwrap());
+        s.until_closed().await;
         assert!(s.seen.try_recv().is_err());
     }
 }

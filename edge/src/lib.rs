@@ -9,11 +9,13 @@
 //! - [`tls`]: the `*.proxy.<domain>` certificate, self-signed when none is given, reloaded
 //!   in place.
 //! - [`idle`]: idle keep-alive connections held without the request machinery.
+//! - [`conn`]: plain client connections without pingora's per-connection buffers.
 //! - [`server`]: listeners, threads, shutdown and upgrade: one pingora `Server`.
 //! - [`metrics`], [`ids`]: `vmedge_edge_*` metrics; request ids.
 
 pub mod activity;
 pub mod answers;
+pub mod conn;
 pub mod idle;
 pub mod ids;
 pub mod metrics;
@@ -74,9 +76,10 @@ pub struct EdgeSettings {
     pub h2_streams_per_connection: usize,
     /// Worker threads; 0 for one per core.
     pub threads: usize,
-    /// Bytes of read buffer per client connection (0: reads go straight to the parser).
-    /// pingora's default, 64 KiB, made an idle keep-alive connection cost ~100 kB; 4 KiB
-    /// costs ~43 kB with the same throughput (bench/RESULTS.md).
+    /// Bytes of read buffer per TLS client connection (0: reads go straight to the
+    /// parser). pingora's default, 64 KiB, made an idle keep-alive connection cost
+    /// ~100 kB; 4 KiB costs ~43 kB with the same throughput (bench/RESULTS.md). Plain
+    /// connections have none ([`conn`]).
     pub client_read_buffer: usize,
     /// Where the edge keeps its pid file and upgrade socket.
     pub state_dir: PathBuf,

@@ -1,0 +1,314 @@
+//! Plain client connections the edge holds itself, once pingora has accepted them.
+//!
+//! pingora's stream keeps a read buffer (the edge's `client_read_buffer`) and a 1.5 kB
+//! write buffer for a connection's whole life, and peeks by reading and putting the bytes
+//! back. A [`PlainConn`] is the same socket with neither: reads go straight into
+//! pingora's parser (one `recv` per request, as with pingora's buffer), writes are
+//! gathered only until the next flush (a response's header and body leave in one `send`)
+//! and the buffer is freed after it, and peeking is `MSG_PEEK`. An idle keep-alive
+//! connection then costs the socket, this struct and the task waiting on it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Writes gathered before a send: pingora's own write buffer size (one segment).
+const GATHER: usize = 1460;
+
+/// The HTTP/2 connection preface, which pingora peeks for on a plain connection.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a peek waits for the rest of an HTTP/2 preface that began to arrive.
+const PREFACE_WAIT: Duration = Duration::from_secs(2);
+
+/// A plain TCP client connection: see the module.
+#[derive(Debug)]
+pub struct PlainConn {
+    tcp: TcpStream,
+    /// Written since the last flush; empty (no allocation) between responses.
+    gathered: Vec<u8>,
+    digest: Arc<SocketDigest>,
+    established: SystemTime,
+}
+
+impl PlainConn {
+    /// The connection under a stream pingora accepted, which is dropped: `Err` gives the
+    /// stream back when it is not a plain TCP stream or the socket cannot be taken.
+    /// Only for a stream nothing has been read from yet (pingora's buffers are dropped
+    /// with it).
+    pub fn take(stream: Stream) -> Result<PlainConn, Stream> {
+        let Some(l4) = stream.as_any().downcast_ref::<L4Stream>() else {
+            return Err(stream);
+        };
+        let fd = l4.as_raw_fd();
+        // SAFETY: `fd` is the socket of `l4`, which owns it and lives (in `stream`) until
+        // after this borrow ends: the borrow is only used to duplicate the descriptor.
+        #[allow(unsafe_code)]
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let Ok(owned) = borrowed.try_clone_to_owned() else {
+            return Err(stream);
+        };
+        let std = std::net::TcpStream::from(owned);
+        let Ok(tcp) = std
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(std))
+        else {
+            return Err(stream);
+        };
+        let established = stream
+            .get_timing_digest()
+            .first()
+            .and_then(|t| t.as_ref().map(|t| t.established_ts))
+            .unwrap_or_else(SystemTime::now);
+        // From the new descriptor: the old one's number may be reused once it is closed.
+        let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_fd().as_raw_fd()));
+        drop(stream);
+        Ok(PlainConn {
+            tcp,
+            gathered: Vec::new(),
+            digest,
+            established,
+        })
+    }
+
+    /// Waits until the client has sent something (or closed).
+    pub async fn readable(&self) -> io::Result<()> {
+        self.tcp.readable().await
+    }
+
+    /// Sends what was gathered, then frees the buffer.
+    fn poll_send_gathered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut sent = 0;
+        while sent < self.gathered.len() {
+            match Pin::new(&mut self.tcp).poll_write(cx, &self.gathered[sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.gathered.drain(..sent);
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.gathered = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for PlainConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.gathered.len() + buf.len() > GATHER {
+            ready!(self.poll_send_gathered(cx))?;
+        }
+        if buf.len() >= GATHER {
+            return Pin::new(&mut self.tcp).poll_write(cx, buf);
+        }
+        self.gathered.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_gathered(cx))?;
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_gathered(cx))?;
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Peek for PlainConn {
+    /// Waits for data and copies what is there into `buf`, leaving it unread. Returns
+    /// once `buf` is full, or once the bytes differ from the HTTP/2 preface (what pingora
+    /// peeks 24 bytes for: anything else is told by its first bytes), or
+    /// [`PREFACE_WAIT`] after a preface began. `Err` when the client closed.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let n = self.tcp.peek(buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let preface_so_far = n < buf.len() && H2_PREFACE.starts_with(&buf[..n]);
+            if !preface_so_far || started.elapsed() >= PREFACE_WAIT {
+                return Ok(true);
+            }
+            // The socket stays readable with these bytes in it: wait a little instead.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Shutdown for PlainConn {
+    async fn shutdown(&mut self) {
+        if let Err(e) = AsyncWriteExt::shutdown(self).await {
+            tracing::debug!(error = %e, "shutting down a client connection");
+        }
+    }
+}
+
+impl UniqueID for PlainConn {
+    fn id(&self) -> UniqueIDType {
+        self.tcp.as_fd().as_raw_fd()
+    }
+}
+
+impl Ssl for PlainConn {}
+
+impl GetTimingDigest for PlainConn {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        vec![Some(TimingDigest {
+            established_ts: self.established,
+            ..TimingDigest::default()
+        })]
+    }
+}
+
+impl GetProxyDigest for PlainConn {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        None
+    }
+}
+
+impl GetSocketDigest for PlainConn {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        Some(self.digest.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connection taken over from a pingora stream, and its client's end.
+    async fn pair() -> (PlainConn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let stream: Stream = Box::new(L4Stream::from(server));
+        (PlainConn::take(stream).unwrap(), client)
+    }
+
+    #[tokio::test]
+    async fn it_is_the_same_socket_with_the_peer_named() {
+        let (mut conn, mut client) = pair().await;
+        let peer = conn
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().cloned());
+        assert_eq!(
+            peer.and_then(|p| p.as_inet().copied()),
+            Some(client.local_addr().unwrap())
+        );
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        conn.write_all(b"pong").await.unwrap();
+        conn.flush().await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        // Closing it closes the connection (pingora's descriptor is long gone).
+        drop(conn);
+        assert_eq!(client.read(&mut got).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn small_writes_wait_for_the_flush_and_keep_their_order() {
+        let (mut conn, mut client) = pair().await;
+        conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        conn.write_all(b"body").await.unwrap();
+        let mut got = [0u8; 64];
+        // Nothing sent yet: on loopback a sent byte is in the peer's queue at once.
+        assert!(
+            matches!(client.try_read(&mut got), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        );
+        conn.flush().await.unwrap();
+        let mut want = b"HTTP/1.1 200 OK\r\n\r\nbody".to_vec();
+        let mut got = vec![0u8; want.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        assert_eq!(conn.gathered.capacity(), 0, "the buffer outlived the flush");
+
+        // A large write after a small one: both, in order, the large one unbuffered.
+        let large = vec![b'x'; 64 * 1024];
+        conn.write_all(b"head").await.unwrap();
+        let writer = tokio::spawn(async move {
+            conn.write_all(&large).await.unwrap();
+            conn.flush().await.unwrap();
+            conn
+        });
+        want = b"head".to_vec();
+        want.extend(std::iter::repeat_n(b'x', 64 * 1024));
+        let mut got = vec![0u8; want.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == want, "bytes out of order or lost");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn peeking_leaves_the_bytes_and_tells_http1_at_once() {
+        let (mut conn, mut client) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // pingora peeks 24 bytes for the HTTP/2 preface; 16 that are not one are enough.
+        let mut buf = [0u8; 24];
+        assert!(conn.try_peek(&mut buf).await.unwrap());
+        assert!(buf.starts_with(b"GET / HTTP/1.1\r\n"));
+        let mut got = [0u8; 16];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+
+        // An HTTP/2 preface in two parts is waited for.
+        let (mut conn, mut client) = pair().await;
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        let rest = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(&H2_PREFACE[10..]).await.unwrap();
+            client
+        });
+        let mut buf = [0u8; 24];
+        assert!(conn.try_peek(&mut buf).await.unwrap());
+        assert_eq!(&buf[..], H2_PREFACE);
+        let mut client = rest.await.unwrap();
+
+        // A closed connection is an error, not a peek.
+        client.shutdown().await.unwrap();
+        let mut all = vec![0u8; 24];
+        conn.read_exact(&mut all).await.unwrap();
+        assert!(conn.try_peek(&mut buf).await.is_err());
+    }
+}
