@@ -371,6 +371,27 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
         vm_id(0)
     );
     assert!(metric(&m, &bytes_out).unwrap() >= 50_000_000.0, "{m}");
+
+    // Open client connections: a keep-alive one idle after a request is counted until
+    // it closes.
+    // (The SSE connection above is still open.)
+    let open = |t: &EdgeLab| metric(&t.metrics(), "vmedge_edge_open_connections");
+    let before = open(&t).unwrap();
+    let mut conn = t.ns().enter(|| std::net::TcpStream::connect(HTTP)).unwrap();
+    let request = format!("GET /hello HTTP/1.1\r\nHost: {}\r\n\r\n", host("web", 0));
+    conn.write_all(request.as_bytes()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = [0u8; 64];
+    let n = conn.read(&mut answer).unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(open(&t), Some(before + 1.0));
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open(&t) != Some(before) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(open(&t), Some(before), "{}", t.metrics());
 }
 
 #[test]

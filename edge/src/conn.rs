@@ -25,6 +25,8 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::metrics::OpenConnection;
+
 /// Writes gathered before a send: pingora's own write buffer size (one segment).
 const GATHER: usize = 1460;
 
@@ -42,6 +44,8 @@ pub struct PlainConn {
     gathered: Vec<u8>,
     digest: Arc<SocketDigest>,
     established: SystemTime,
+    /// Counted among the open connections while it lives.
+    counted: Option<OpenConnection>,
 }
 
 impl PlainConn {
@@ -81,7 +85,14 @@ impl PlainConn {
             gathered: Vec::new(),
             digest,
             established,
+            counted: None,
         })
+    }
+
+    /// The connection, counted in the open connections for as long as it lives.
+    pub fn counted(mut self, open: OpenConnection) -> PlainConn {
+        self.counted = Some(open);
+        self
     }
 
     /// Waits until the client has sent something (or closed).

@@ -33,6 +33,7 @@ use pingora::server::ShutdownWatch;
 use tokio::sync::{oneshot, Notify};
 
 use crate::conn::PlainConn;
+use crate::metrics::Metrics;
 
 /// How long a client connection may wait for its next request, and how long a client
 /// may stay silent in the middle of one.
@@ -62,17 +63,20 @@ impl HeaderRead {
 /// An app whose new plain connections are taken off pingora's accept task (as
 /// [`PlainConn`]s, on a task of their own) and reach `A` only once their first bytes are
 /// there, within the idle timeout.
+/// Every connection, plain or TLS, is counted in `vmedge_edge_open_connections`.
 pub struct FirstBytes<A> {
     app: Arc<A>,
     idle: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl<A> FirstBytes<A> {
     /// `app` behind a bounded wait for each new connection's first bytes.
-    pub fn new(app: A, idle: Duration) -> FirstBytes<A> {
+    pub fn new(app: A, idle: Duration, metrics: Arc<Metrics>) -> FirstBytes<A> {
         FirstBytes {
             app: Arc::new(app),
             idle,
+            metrics,
         }
     }
 }
@@ -110,14 +114,19 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let open = self.metrics.connection_opened();
         if stream.get_ssl_digest().is_some() {
-            // TLS: pingora's task holds the TLS state; the connection goes on there.
-            return self.app.process_new(stream, shutdown).await;
+            // TLS: pingora's task holds the TLS state; the connection goes on there, to
+            // its end.
+            let next = self.app.process_new(stream, shutdown).await;
+            drop(open);
+            return next;
         }
         match PlainConn::take(stream) {
             // pingora's accept task (~9 kB) and its stream's buffers end here: the
             // connection waits for its first bytes holding only itself.
             Ok(conn) => {
+                let conn = conn.counted(open);
                 tokio::spawn(self.clone().serve_connection(conn, shutdown.clone()));
                 None
             }
@@ -554,7 +563,12 @@ mod tests {
         let (tx, mut seen) = mpsc::unbounded_channel();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Arc::new(FirstBytes::new(Recorder(tx), Duration::from_secs(1)));
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let app = Arc::new(FirstBytes::new(
+            Recorder(tx),
+            Duration::from_secs(1),
+            metrics,
+        ));
         let (_tx, shutdown) = tokio::sync::watch::channel(false);
         let mut clients = Vec::new();
         for _ in 0..2 {
@@ -620,7 +634,8 @@ mod tests {
         let task = app.serve_connection(Between::of(h1), shutdown.clone());
         let size = std::mem::size_of_val(&task);
         assert!(size < 1024, "IdleFirst: {size} bytes");
-        let app = Arc::new(FirstBytes::new(recorder(), Duration::ZERO));
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let app = Arc::new(FirstBytes::new(recorder(), Duration::ZERO, metrics));
         let task = app.serve_connection(PlainConn::take(stream()).unwrap(), shutdown);
         let size = std::mem::size_of_val(&task);
         assert!(size < 1024, "FirstBytes: {size} bytes");

@@ -41,6 +41,7 @@ pub struct Metrics {
     connect_seconds: Histogram,
     response_seconds: Histogram,
     open_requests: Gauge,
+    open_connections: Gauge,
     wake_calls: Family<ResultLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
 }
@@ -63,6 +64,7 @@ impl Metrics {
             connect_seconds: Histogram::new(latency_buckets()),
             response_seconds: Histogram::new(latency_buckets()),
             open_requests: Gauge::default(),
+            open_connections: Gauge::default(),
             wake_calls: Family::default(),
             tls_reloads: Family::default(),
         };
@@ -96,6 +98,11 @@ impl Metrics {
             "open_requests",
             "Requests in progress, open WebSocket and streaming exchanges included",
             m.open_requests.clone(),
+        );
+        sub.register(
+            "open_connections",
+            "Client connections open, plain and TLS",
+            m.open_connections.clone(),
         );
         sub.register(
             "wake_calls",
@@ -156,6 +163,12 @@ impl Metrics {
         self.open_requests.dec();
     }
 
+    /// Counts a client connection open until the returned value is dropped.
+    pub(crate) fn connection_opened(&self) -> OpenConnection {
+        self.open_connections.inc();
+        OpenConnection(self.open_connections.clone())
+    }
+
     pub(crate) fn wake_call(&self, result: &'static str) {
         self.wake_calls
             .get_or_create(&ResultLabels { result })
@@ -166,5 +179,15 @@ impl Metrics {
         self.tls_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+}
+
+/// A client connection counted in `vmedge_edge_open_connections` while this lives.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

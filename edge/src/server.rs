@@ -158,7 +158,11 @@ impl EdgeServer {
         proxy.server_options = Some(options);
         let mut service = Service::new(
             "vmedge edge".to_string(),
-            FirstBytes::new(IdleFirst::new(proxy, timeouts), timeouts.idle),
+            FirstBytes::new(
+                IdleFirst::new(proxy, timeouts),
+                timeouts.idle,
+                metrics.clone(),
+            ),
         );
         for addr in &settings.http {
             service.add_listener(
