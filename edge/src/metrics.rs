@@ -1,6 +1,6 @@
 //! `vmedge_edge_*` Prometheus metrics.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +42,8 @@ pub struct Metrics {
     response_seconds: Histogram,
     open_requests: Gauge,
     open_connections: Gauge,
+    /// Requests done, all labels together (what [`Metrics::requests_served`] reads).
+    served: AtomicU64,
     wake_calls: Family<ResultLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
 }
@@ -65,6 +67,7 @@ impl Metrics {
             response_seconds: Histogram::new(latency_buckets()),
             open_requests: Gauge::default(),
             open_connections: Gauge::default(),
+            served: AtomicU64::new(0),
             wake_calls: Family::default(),
             tls_reloads: Family::default(),
         };
@@ -117,7 +120,14 @@ impl Metrics {
         std::sync::Arc::new(m)
     }
 
+    /// Requests done since start: the process trims its heap after requests were served
+    /// (their machinery freed), not while the edge sits idle.
+    pub fn requests_served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn request_done(&self, code: u16, service: &str) {
+        self.served.fetch_add(1, Ordering::Relaxed);
         self.requests
             .get_or_create(&RequestLabels {
                 code,

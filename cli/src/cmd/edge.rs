@@ -79,6 +79,9 @@ pub fn start_edge(
     }
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("state_dir {}: cannot create", settings.state_dir.display()))?;
+    let served = metrics.clone();
+    crate::memory::trim_after_work(move || served.requests_served())
+        .context("cannot start the heap trim thread")?;
     let (server, stop) = EdgeServer::build(settings, registry, metrics)?;
     let activity = server.activity.clone();
     let waker = server.waker.clone();
