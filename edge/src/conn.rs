@@ -1,11 +1,11 @@
 //! Plain client connections the edge holds itself, once pingora has accepted them.
 //!
 //! pingora's stream keeps a read buffer (the edge's `client_read_buffer`) and a 1.5 kB
-//! write buffer for a connection's whole life, and peeks by reading and putting the bytes
-//! back. A [`PlainConn`] is the same socket with neither: reads go straight into
-//! pingora's parser (one `recv` per request, as with pingora's buffer), writes are
-//! gathered only until the next flush (a response's header and body leave in one `send`)
-//! and the buffer is freed after it, and peeking is `MSG_PEEK`. An idle keep-alive
+//! write buffer for a connection's whole life. A [`PlainConn`] is the same socket with
+//! buffers only while they hold something: a wait for the next request reads what
+//! arrived ahead (one `recv` for a request's header, as with pingora's buffer; the
+//! parser then reads from it, and it is freed once read), and writes are gathered until
+//! the next flush (a response's header and body leave in one `send`). An idle keep-alive
 //! connection then costs the socket, this struct and the task waiting on it.
 
 use std::io;
@@ -27,6 +27,9 @@ use tokio::net::TcpStream;
 
 use crate::metrics::OpenConnection;
 
+/// The most a wait for data reads ahead at once: a request's header, usually.
+const READ_AHEAD: usize = 4096;
+
 /// Writes gathered before a send: pingora's own write buffer size (one segment).
 const GATHER: usize = 1460;
 
@@ -40,6 +43,10 @@ const PREFACE_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct PlainConn {
     tcp: TcpStream,
+    /// Read from the socket by a wait for data, not yet by pingora (from `ahead_read`
+    /// on); empty (no allocation) between requests.
+    ahead: Vec<u8>,
+    ahead_read: usize,
     /// Written since the last flush; empty (no allocation) between responses.
     gathered: Vec<u8>,
     digest: Arc<SocketDigest>,
@@ -82,6 +89,8 @@ impl PlainConn {
         drop(stream);
         Ok(PlainConn {
             tcp,
+            ahead: Vec::new(),
+            ahead_read: 0,
             gathered: Vec::new(),
             digest,
             established,
@@ -95,9 +104,30 @@ impl PlainConn {
         self
     }
 
-    /// Waits until the client has sent something (or closed).
-    pub async fn readable(&self) -> io::Result<()> {
-        self.tcp.readable().await
+    /// Waits until the client has sent something, read ahead; `Err` when it closed.
+    pub async fn wait_for_data(&mut self) -> io::Result<()> {
+        while self.ahead_read == self.ahead.len() {
+            self.tcp.readable().await?;
+            // Readiness can be stale (the last read took all there was without hearing
+            // "would block"): then nothing is read, and the wait goes on.
+            self.read_ahead()?;
+        }
+        Ok(())
+    }
+
+    /// What is there to read now, added to what was read ahead: `Ok(false)` when nothing
+    /// was, `Err` when the client closed.
+    fn read_ahead(&mut self) -> io::Result<bool> {
+        let mut buf = [0u8; READ_AHEAD];
+        match self.tcp.try_read(&mut buf) {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                self.ahead.extend_from_slice(&buf[..n]);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends what was gathered, then frees the buffer.
@@ -125,7 +155,19 @@ impl AsyncRead for PlainConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.ahead_read < this.ahead.len() {
+            let ahead = &this.ahead[this.ahead_read..];
+            let n = ahead.len().min(buf.remaining());
+            buf.put_slice(&ahead[..n]);
+            this.ahead_read += n;
+            if this.ahead_read == this.ahead.len() {
+                this.ahead = Vec::new();
+                this.ahead_read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.tcp).poll_read(cx, buf)
     }
 }
 
@@ -158,23 +200,26 @@ impl AsyncWrite for PlainConn {
 
 #[async_trait]
 impl Peek for PlainConn {
-    /// Waits for data and copies what is there into `buf`, leaving it unread. Returns
-    /// once `buf` is full, or once the bytes differ from the HTTP/2 preface (what pingora
-    /// peeks 24 bytes for: anything else is told by its first bytes), or
+    /// Waits for data (read ahead) and copies it into `buf`, leaving it to be read.
+    /// Returns once `buf` is full, or once the bytes differ from the HTTP/2 preface (what
+    /// pingora peeks 24 bytes for: anything else is told by its first bytes), or
     /// [`PREFACE_WAIT`] after a preface began. `Err` when the client closed.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        let started = tokio::time::Instant::now();
+        self.wait_for_data().await?;
+        let deadline = tokio::time::Instant::now() + PREFACE_WAIT;
         loop {
-            let n = self.tcp.peek(buf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
+            let ahead = &self.ahead[self.ahead_read..];
+            let n = ahead.len().min(buf.len());
+            buf[..n].copy_from_slice(&ahead[..n]);
             let preface_so_far = n < buf.len() && H2_PREFACE.starts_with(&buf[..n]);
-            if !preface_so_far || started.elapsed() >= PREFACE_WAIT {
+            if !preface_so_far {
                 return Ok(true);
             }
-            // The socket stays readable with these bytes in it: wait a little instead.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            match tokio::time::timeout_at(deadline, self.tcp.readable()).await {
+                Ok(readable) => readable?,
+                Err(_) => return Ok(true),
+            }
+            self.read_ahead()?;
         }
     }
 }
@@ -289,6 +334,36 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         assert!(got == want, "bytes out of order or lost");
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_reads_ahead_and_waits_again_after_a_request_was_read() {
+        let (mut conn, mut client) = pair().await;
+        client.write_all(b"first").await.unwrap();
+        conn.wait_for_data().await.unwrap();
+        // More after what was read ahead: both, in order.
+        client.write_all(b" second").await.unwrap();
+        let mut got = [0u8; 12];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"first second");
+        assert_eq!(
+            conn.ahead.capacity(),
+            0,
+            "the read-ahead outlived its bytes"
+        );
+
+        // All was read without a "would block": the next wait must still wait for data.
+        let mut waiting = tokio::spawn(async move {
+            conn.wait_for_data().await.unwrap();
+            conn
+        });
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+        assert!(early.is_err(), "the wait ended with nothing sent");
+        client.write_all(b"third").await.unwrap();
+        let mut conn = waiting.await.unwrap();
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"third");
     }
 
     #[tokio::test]

@@ -87,11 +87,11 @@ where
 {
     /// A new plain connection, on a task of its own: its first bytes (within the idle
     /// timeout), then `A`, as pingora's accept task would have run it.
-    async fn serve_connection(self: Arc<Self>, conn: PlainConn, shutdown: ShutdownWatch) {
+    async fn serve_connection(self: Arc<Self>, mut conn: PlainConn, shutdown: ShutdownWatch) {
         let mut stopping = shutdown.clone();
         tokio::select! {
-            readable = tokio::time::timeout(self.idle, conn.readable()) => {
-                if !matches!(readable, Ok(Ok(()))) {
+            data = tokio::time::timeout(self.idle, conn.wait_for_data()) => {
+                if !matches!(data, Ok(Ok(()))) {
                     return;
                 }
             }
