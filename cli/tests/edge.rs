@@ -403,6 +403,11 @@ fn answers_its_own_errors_as_text_and_as_grpc_status() {
             .map(str::to_string)
     };
 
+    // A request shorter than the HTTP/2 preface is answered at once (pingora alone waits
+    // for 24 bytes before it tells HTTP/1 from h2c).
+    let short = raw_http(t.ns(), HTTP.parse().unwrap(), b"GET / HTTP/1.0\r\n\r\n");
+    assert!(short.starts_with("HTTP/1.1 4"), "{short:?}");
+
     // 404 is one answer for an unknown VM, an unknown service and a malformed host.
     let unknown_vm = t.get(&host("web", 0x99), "/", &[]);
     let unknown_service = t.get(&host("nope", 0), "/", &[]);
