@@ -22,7 +22,7 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::OpenConnection;
@@ -117,16 +117,29 @@ impl PlainConn {
 
     /// What is there to read now, added to what was read ahead: `Ok(false)` when nothing
     /// was, `Err` when the client closed.
+    ///
+    /// A read that takes less than it asked for has drained the socket, so the readiness
+    /// tokio keeps is cleared (as its own reads do): the next wait then needs no `recv`
+    /// to learn there is nothing (one syscall less per request, as in nginx). The clear
+    /// is of the readiness seen before the read: data arriving after it raises it again.
     fn read_ahead(&mut self) -> io::Result<bool> {
         let mut buf = [0u8; READ_AHEAD];
-        match self.tcp.try_read(&mut buf) {
-            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                self.ahead.extend_from_slice(&buf[..n]);
-                Ok(true)
+        let mut got = 0;
+        let read = self.tcp.try_io(Interest::READABLE, || {
+            got = self.tcp.try_read(&mut buf)?;
+            if 0 < got && got < buf.len() {
+                // Not an error: asks try_io to clear the readiness.
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e),
+            Ok(())
+        });
+        match read {
+            Ok(()) if got == 0 => Err(io::ErrorKind::UnexpectedEof.into()),
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => {
+                self.ahead.extend_from_slice(&buf[..got]);
+                Ok(got > 0)
+            }
         }
     }
 
@@ -167,6 +180,7 @@ impl AsyncRead for PlainConn {
             }
             return Poll::Ready(Ok(()));
         }
+        // tokio's own read clears the readiness when it took less than there was room for.
         Pin::new(&mut this.tcp).poll_read(cx, buf)
     }
 }
