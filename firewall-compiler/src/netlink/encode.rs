@@ -45,6 +45,7 @@ const NFTA_SET_FIELD_LEN: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
@@ -111,21 +112,25 @@ pub fn encode_update(
 ) -> Batch {
     let mut b = Batch::new(first_seq);
     let mut set_ids = 0u32;
+    // Block sets this batch creates, by their id in it: their elements name them by id.
+    let mut new_sets: BTreeMap<BlockSet, u32> = BTreeMap::new();
     for op in &update.ops {
         match op {
             Op::AddBlockSet(set) => {
                 set_ids += 1;
                 block_set(&mut b, set, set_ids);
+                new_sets.insert(*set, set_ids);
             }
             Op::AddFqdnSet(set, family) => {
                 set_ids += 1;
                 fqdn_set(&mut b, set, *family, set_ids);
             }
             Op::AddElements(set, elements) => {
-                block_elements(&mut b, NFT_MSG_NEWSETELEM, set, elements)
+                let id = new_sets.get(set).copied();
+                block_elements(&mut b, NFT_MSG_NEWSETELEM, set, id, elements)
             }
             Op::DeleteElements(set, elements) => {
-                block_elements(&mut b, NFT_MSG_DELSETELEM, set, elements)
+                block_elements(&mut b, NFT_MSG_DELSETELEM, set, None, elements)
             }
             Op::AddMember(member) => member_element(&mut b, NFT_MSG_NEWSETELEM, member),
             Op::DeleteMember(member) => member_element(&mut b, NFT_MSG_DELSETELEM, member),
@@ -181,7 +186,7 @@ pub fn encode_fqdn_elements(b: &mut Batch, elements: &[FqdnElement]) {
     }
     for (set, elements) in by_set {
         let describe = format!("add {} elements to {set}", elements.len());
-        let list = element_list(b, NFT_MSG_NEWSETELEM, set, describe);
+        let list = element_list(b, NFT_MSG_NEWSETELEM, SetRef::Name(set), describe);
         for element in elements {
             let ms = u64::try_from(element.timeout.as_millis()).unwrap_or(u64::MAX);
             let item = b.nest(NFTA_LIST_ELEM);
@@ -651,7 +656,7 @@ fn element_keys(element: &Element) -> (Vec<u8>, Vec<u8>) {
 
 /// Starts a message adding (`NFT_MSG_NEWSETELEM`) or deleting elements of `set`, and its
 /// element list; close both with [`end_element_list`].
-fn element_list(b: &mut Batch, kind: u16, set: &str, describe: String) -> (usize, usize) {
+fn element_list(b: &mut Batch, kind: u16, set: SetRef<'_>, describe: String) -> (usize, usize) {
     let flags = if kind == NFT_MSG_NEWSETELEM {
         NLM_F_CREATE
     } else {
@@ -659,8 +664,19 @@ fn element_list(b: &mut Batch, kind: u16, set: &str, describe: String) -> (usize
     };
     let at = b.message(kind, flags, describe);
     b.str(NFTA_SET_ELEM_LIST_TABLE, names::TABLE);
-    b.str(NFTA_SET_ELEM_LIST_SET, set);
+    match set {
+        SetRef::Name(name) => b.str(NFTA_SET_ELEM_LIST_SET, name),
+        SetRef::NewInBatch(id) => b.u32(NFTA_SET_ELEM_LIST_SET_ID, id),
+    }
     (at, b.nest(NFTA_SET_ELEM_LIST_ELEMENTS))
+}
+
+/// How an element message names its set.
+#[derive(Debug, Clone, Copy)]
+enum SetRef<'a> {
+    Name(&'a str),
+    /// A set this batch creates, by its `NFTA_SET_ID`.
+    NewInBatch(u32),
 }
 
 fn end_element_list(b: &mut Batch, (at, list): (usize, usize)) {
@@ -676,10 +692,23 @@ fn verb(kind: u16) -> &'static str {
     }
 }
 
-fn block_elements(b: &mut Batch, kind: u16, set: &BlockSet, elements: &[&Element]) {
+/// `new_id`: the set's id when this batch creates it. The kernel finds a set by name by
+/// walking the table's list of sets, thousands long with the fqdn sets, and a new set is
+/// last in it; by id it looks only through this batch.
+fn block_elements(
+    b: &mut Batch,
+    kind: u16,
+    set: &BlockSet,
+    new_id: Option<u32>,
+    elements: &[&Element],
+) {
     let name = set.to_string();
     let describe = format!("{} {} elements of {name}", verb(kind), elements.len());
-    let list = element_list(b, kind, &name, describe);
+    let named = match new_id {
+        Some(id) => SetRef::NewInBatch(id),
+        None => SetRef::Name(&name),
+    };
+    let list = element_list(b, kind, named, describe);
     for element in elements {
         let (start, end) = element_keys(element);
         let item = b.nest(NFTA_LIST_ELEM);
@@ -717,7 +746,7 @@ fn member_element(b: &mut Batch, kind: u16, member: &Member) {
     };
     let set = member.set();
     let describe = format!("{} {} in {set}", verb(kind), member.to_text());
-    let list = element_list(b, kind, set, describe);
+    let list = element_list(b, kind, SetRef::Name(set), describe);
     let item = b.nest(NFTA_LIST_ELEM);
     let k = b.nest(NFTA_SET_ELEM_KEY);
     b.bytes(NFTA_DATA_VALUE, &key);
