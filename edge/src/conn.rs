@@ -115,14 +115,14 @@ impl PlainConn {
         Ok(())
     }
 
-    /// What is there to read now, added to what was read ahead: `Ok(false)` when nothing
-    /// was, `Err` when the client closed.
+    /// What is there to read now (perhaps nothing), added to what was read ahead; `Err`
+    /// when the client closed.
     ///
     /// A read that takes less than it asked for has drained the socket, so the readiness
     /// tokio keeps is cleared (as its own reads do): the next wait then needs no `recv`
     /// to learn there is nothing (one syscall less per request, as in nginx). The clear
     /// is of the readiness seen before the read: data arriving after it raises it again.
-    fn read_ahead(&mut self) -> io::Result<bool> {
+    fn read_ahead(&mut self) -> io::Result<()> {
         let mut buf = [0u8; READ_AHEAD];
         let mut got = 0;
         let read = self.tcp.try_io(Interest::READABLE, || {
@@ -138,7 +138,7 @@ impl PlainConn {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
             _ => {
                 self.ahead.extend_from_slice(&buf[..got]);
-                Ok(got > 0)
+                Ok(())
             }
         }
     }

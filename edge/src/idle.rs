@@ -396,7 +396,8 @@ mod tests {
     }
 
     /// A connection handed to an [`IdleFirst`] (1 s idle and read timeouts, a 2 s header
-    /// timeout, unless told otherwise) as pingora hands it one; its session said 7 reuses were left.
+    /// timeout, unless told otherwise) as pingora hands it one; its session said 7
+    /// reuses were left.
     struct Served {
         app: Arc<IdleFirst<Recorder>>,
         /// What the app saw.
