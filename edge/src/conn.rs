@@ -277,14 +277,15 @@ impl GetSocketDigest for PlainConn {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
 
-    /// A connection taken over from a pingora stream, and its client's end.
-    async fn pair() -> (PlainConn, TcpStream) {
+    /// A connection taken over from a pingora stream, as the edge's first app takes it,
+    /// and its client's end.
+    pub(crate) async fn pair() -> (PlainConn, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await

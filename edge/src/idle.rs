@@ -425,14 +425,8 @@ mod tests {
     /// [`served`] with another idle timeout.
     async fn served_idle(idle: Duration) -> Served {
         let (tx, seen) = mpsc::unbounded_channel();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let l4 = pingora::protocols::l4::stream::Stream::from(server);
-        // As the edge's first app hands it on.
-        let stream: Stream = Box::new(PlainConn::take(Box::new(l4)).unwrap());
+        let (conn, client) = crate::conn::tests::pair().await;
+        let stream: Stream = Box::new(conn);
         let timeouts = ClientTimeouts {
             idle,
             read: Duration::from_secs(1),
