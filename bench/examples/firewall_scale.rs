@@ -1,6 +1,7 @@
 //! How nft's time grows with the table: a full apply of N VMs, then one VM changed (its
 //! ports; one rule more; one VM more), each change applied and undone
-//! `VMEDGE_SCALE_FLIPS` times.
+//! `VMEDGE_SCALE_FLIPS` times. `VMEDGE_SCALE_ONLY=ports|rule|vm` times one kind alone (to
+//! profile it); the others print as zero.
 //! `cargo run --release -p vmedge-bench --example firewall_scale -- 100 500 1000` (root)
 #![allow(clippy::unwrap_used)]
 
@@ -19,6 +20,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
+    let only = std::env::var("VMEDGE_SCALE_ONLY").ok();
     for n in sizes {
         let lab = vmedge_tests::Lab::new(0);
         let nft = NftBackend::in_netns(lab.worker.name());
@@ -48,11 +50,18 @@ fn main() {
             vmedge_model::state_from_value(&doc).unwrap().value.vms[i].clone()
         };
         let mut one_vm = Vec::new();
-        for vm in [
-            vm_of(vmedge_bench::firewall_state(1, 20, 1), 0),
-            vm_of(vmedge_bench::firewall_state(1, 21, 0), 0),
-            vm_of(vmedge_bench::firewall_state(n + 1, 20, 0), n as usize),
+        for (kind, vm) in [
+            ("ports", vm_of(vmedge_bench::firewall_state(1, 20, 1), 0)),
+            ("rule", vm_of(vmedge_bench::firewall_state(1, 21, 0), 0)),
+            (
+                "vm",
+                vm_of(vmedge_bench::firewall_state(n + 1, 20, 0), n as usize),
+            ),
         ] {
+            if only.as_ref().is_some_and(|only| only != kind) {
+                one_vm.push(std::time::Duration::ZERO);
+                continue;
+            }
             let mut changed = before.clone();
             changed.insert(vm.id, vmedge_firewall::compile_vm(&vm));
             let there = vmedge_firewall::update(&before, &changed, &options).unwrap();

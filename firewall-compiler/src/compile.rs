@@ -713,17 +713,22 @@ pub fn update<'a, S: Borrow<VmSection>>(
     let was = shard_uses(previous.values().map(Borrow::borrow), Some(&dirty));
     let is = shard_uses(next.values().map(Borrow::borrow), Some(&dirty));
     let mut ops = Vec::new();
+    let mut sets_gone = BTreeSet::new();
     for &shard in &dirty {
         let (was, is) = (&was[usize::from(shard)], &is[usize::from(shard)]);
         let old_sets: BTreeSet<BlockSet> = was.sets(shard).collect();
-        ops.extend(
-            is.sets(shard)
-                .filter(|s| !old_sets.contains(s))
-                .map(Op::AddBlockSet),
-        );
+        let new_sets: BTreeSet<BlockSet> = is.sets(shard).collect();
+        ops.extend(new_sets.difference(&old_sets).copied().map(Op::AddBlockSet));
+        sets_gone.extend(old_sets.difference(&new_sets).copied());
     }
     ops.extend(fqdn_sets_new.into_iter().map(|(s, f)| Op::AddFqdnSet(s, f)));
-    ops.extend(changes);
+    // A set that goes takes its elements with it. Deleting them first would cost the
+    // kernel a walk of the table's sets to find it, and the removals themselves.
+    ops.extend(
+        changes
+            .into_iter()
+            .filter(|op| !matches!(op, Op::DeleteElements(set, _) if sets_gone.contains(set))),
+    );
     for &shard in &dirty {
         let (was, is) = (&was[usize::from(shard)], &is[usize::from(shard)]);
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -736,13 +741,8 @@ pub fn update<'a, S: Borrow<VmSection>>(
                 });
             }
         }
-        let new_sets: BTreeSet<BlockSet> = is.sets(shard).collect();
-        ops.extend(
-            was.sets(shard)
-                .filter(|s| !new_sets.contains(s))
-                .map(Op::DeleteBlockSet),
-        );
     }
+    ops.extend(sets_gone.into_iter().map(Op::DeleteBlockSet));
     ops.extend(fqdn_sets_gone.into_iter().map(Op::DeleteSet));
     Some(Update { changed, ops })
 }
@@ -913,21 +913,26 @@ mod tests {
             "{text}"
         );
 
-        // VM 1 leaves: its elements and members go, and with them the sets its shard no
-        // longer uses; VM 2 is not touched.
+        // VM 1 leaves: its members go, and the sets its shard no longer uses (their
+        // elements with them, not one by one first); VM 2 is not touched.
         let mut left = vms(TWO);
         left.remove(0);
         let after = sections(&left);
         let text = update(&before, &after, &options).unwrap().text();
         for line in [
             r#"delete element inet vmedge tap_vms { "tap1" }"#.to_string(),
-            format!("delete element inet vmedge in_s{s1}_b0_allow_tcp6 {{ fd5e:ed00::1 . ::/0 . 8080 }}"),
             r#"delete element inet vmedge tap_src6 { "tap1" . fd5e:ed00::1 }"#.to_string(),
             r#"delete element inet vmedge default_deny_in_if { "tap1" }"#.to_string(),
             format!("delete set inet vmedge in_s{s1}_b0_allow_tcp6"),
         ] {
             assert!(text.contains(&line), "{line}: {text}");
         }
+        assert!(
+            !text.contains(&format!(
+                "delete element inet vmedge in_s{s1}_b0_allow_tcp6"
+            )),
+            "{text}"
+        );
         assert!(!text.contains(&format!("_s{s2}")), "{text}");
 
         // ...and comes back.
