@@ -226,7 +226,7 @@ fn fill(block: &mut Block, rules: &[Rule]) {
     }
     block.any = any
         .into_iter()
-        .map(|(f, nets)| (f, IpNet::aggregate(&nets)))
+        .map(|(f, nets)| (f, aggregate(nets)))
         .collect();
     block.ported = ported
         .into_iter()
@@ -234,8 +234,22 @@ fn fill(block: &mut Block, rules: &[Rule]) {
         .collect();
 }
 
+/// The fewest prefixes covering exactly `nets`, sorted.
+fn aggregate(mut nets: Vec<IpNet>) -> Vec<IpNet> {
+    // One prefix is its own aggregate: most groups of a policy hold one rule, and
+    // `IpNet::aggregate` sorts and allocates whatever it is given.
+    if let [net] = nets.as_mut_slice() {
+        *net = net.trunc();
+        return nets;
+    }
+    IpNet::aggregate(&nets)
+}
+
 /// Non-overlapping `(prefix, ports)` elements covering exactly the union of `elems`.
 fn disjoint(elems: &[(IpNet, PortRange)]) -> Vec<(IpNet, PortRange)> {
+    if let [(net, ports)] = elems {
+        return vec![(net.trunc(), *ports)];
+    }
     // Cut the port line at every range boundary; within a segment every element either
     // covers it whole or not at all.
     let mut cuts: Vec<u32> = elems
@@ -255,7 +269,7 @@ fn disjoint(elems: &[(IpNet, PortRange)]) -> Vec<(IpNet, PortRange)> {
         if nets.is_empty() {
             continue;
         }
-        let nets = IpNet::aggregate(&nets);
+        let nets = aggregate(nets);
         // Merge with the previous segment when adjacent with the same addresses.
         match segments.last_mut() {
             Some((prev, prev_nets))

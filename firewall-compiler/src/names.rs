@@ -186,10 +186,12 @@ pub struct FqdnSets {
 /// The sets of (VM, fqdn pattern). Rules of the VM with the same pattern share them.
 pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
     let tag = fnv1a64(pattern.to_string().as_bytes());
-    FqdnSets {
-        v4: format!("fq_{}_{tag:016x}_4", vm.hex()),
-        v6: format!("fq_{}_{tag:016x}_6", vm.hex()),
-    }
+    let v4 = format!("fq_{}_{tag:016x}_4", vm.hex());
+    // The same name but its last character: one format, not two (10k VMs name 40k sets).
+    let mut v6 = v4.clone();
+    v6.pop();
+    v6.push('6');
+    FqdnSets { v4, v6 }
 }
 
 /// True for the objects a sync creates and may delete: shard chains, block sets and fqdn
