@@ -26,7 +26,7 @@ use vmedge_model::{Vm, VmId};
 
 use crate::canonical::Family;
 use crate::names::{self, Direction};
-use crate::section::addr_type;
+use crate::section::{addr_type, by_set};
 pub use crate::section::{
     compile_vm, compile_vm_with, BlockSet, Canonicals, Element, Member, VmSection,
 };
@@ -249,10 +249,7 @@ fn every_shard_chain<'a>(
 
 /// The block sets a table holding `sections` has: each set a VM of a shard uses.
 pub fn declared_sets<'a>(sections: impl IntoIterator<Item = &'a VmSection>) -> BTreeSet<BlockSet> {
-    sections
-        .into_iter()
-        .flat_map(|s| s.sets().copied())
-        .collect()
+    sections.into_iter().flat_map(|s| s.sets()).collect()
 }
 
 /// [`assemble`] with the VMs' text written in `chunks` parts (one thread each).
@@ -263,15 +260,6 @@ fn assemble_in(
     chunks: usize,
 ) -> Ruleset {
     let mut out = Out::new();
-    // One allocation for each text: growing a large string by doubling copies it over
-    // and over (this was a tenth of a 10k-VM compile).
-    let size = |sections: &[&VmSection]| -> usize {
-        let elements = sections
-            .iter()
-            .map(|s| s.elements.values().map(BTreeSet::len).sum::<usize>());
-        64 * elements.sum::<usize>() + sections.len() * 256
-    };
-    out.text.reserve(size(sections) + 256 * 1024);
     base(&mut out, worker, sections.len(), options);
     let t = names::TABLE;
     let sets = declared_sets(sections.iter().copied());
@@ -287,10 +275,12 @@ fn assemble_in(
         out.objects.insert(set.to_string());
     }
     // The VMs' own text (fqdn sets, then elements) is most of a ruleset: written a chunk
-    // of VMs per core, then joined in order.
+    // of VMs per core, then joined in order. Each text is allocated once, at a size
+    // that holds it: growing a large string by doubling copies it over and over (a
+    // tenth of a 10k-VM compile, when the estimate fell short).
     let parts = in_parallel(sections, chunks, |chunk| {
         let mut part = Part {
-            text: String::with_capacity(size(chunk)),
+            text: String::with_capacity(chunk.iter().map(|s| text_size(s)).sum()),
             objects: Vec::new(),
         };
         for section in chunk {
@@ -300,38 +290,50 @@ fn assemble_in(
             }
             for (set, family) in &section.fqdn_sets {
                 // Added, never flushed: the DNS gate's entries survive every sync.
-                let declaration = fqdn_set_declaration(*family);
-                let _ = writeln!(part.text, "add set inet {t} {set} {{ {declaration} }}");
-                part.objects.push(set.clone());
+                for piece in [
+                    "add set inet ",
+                    t,
+                    " ",
+                    set,
+                    " { ",
+                    fqdn_set_declaration(*family),
+                    " }\n",
+                ] {
+                    part.text.push_str(piece);
+                }
+                part.objects.push(set.to_string());
             }
-            for (set, elements) in &section.elements {
-                element_line(&mut part.text, "add", set, elements.iter());
+            for (set, elements) in section.elements_by_set() {
+                element_line(&mut part.text, "add", &set, elements.iter().map(|(_, e)| e));
             }
         }
         part
     });
+    let tail: usize = sections.iter().map(|s| tail_size(s)).sum();
+    out.text
+        .reserve(parts.iter().map(|p| p.text.len()).sum::<usize>() + tail + TAIL_FIXED);
     for part in parts {
         out.text.push_str(&part.text);
         out.objects.extend(part.objects);
     }
-    let mut members: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut members: BTreeMap<&str, Vec<&Member>> = BTreeMap::new();
     for section in sections {
         for member in &section.members {
-            members
-                .entry(member.set())
-                .or_default()
-                .push(member.to_text());
+            members.entry(member.set()).or_default().push(member);
         }
     }
     if !members.is_empty() {
         emit!(out, "# -- the VMs in the worker-wide sets");
     }
-    for (set, elements) in &members {
-        emit!(
-            out,
-            "add element inet {t} {set} {{ {} }}",
-            elements.join(", ")
-        );
+    for (set, members) in &members {
+        let _ = write!(out.text, "add element inet {t} {set} {{ ");
+        for (i, member) in members.iter().enumerate() {
+            if i > 0 {
+                out.text.push_str(", ");
+            }
+            member.push_to(&mut out.text);
+        }
+        out.text.push_str(" }\n");
     }
     emit!(out, "# -- the shards' chains");
     let uses = shard_uses(sections.iter().copied(), None);
@@ -428,10 +430,50 @@ struct Part {
     objects: Vec<String>,
 }
 
-/// An fqdn set's declaration: `type ipv4_addr; flags timeout;`.
-fn fqdn_set_declaration(family: Family) -> String {
-    format!("type {}; flags timeout;", addr_type(family))
+/// An fqdn set's declaration.
+fn fqdn_set_declaration(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "type ipv4_addr; flags timeout;",
+        Family::V6 => "type ipv6_addr; flags timeout;",
+    }
 }
+
+/// At least the length of a section's own text (its comment, fqdn sets and elements),
+/// from the longest each line can be.
+fn text_size(section: &VmSection) -> usize {
+    // `add element inet vmedge out_s63_b65535_allow_tcp6 { ` and ` }`.
+    const SET_LINE: usize = 56;
+    // `<ipv6> . <ipv6>/128 . 65535-65535, `
+    const ELEMENT: usize = 39 + 3 + 43 + 3 + 11 + 2;
+    // `add set inet vmedge fq_<32>_<16>_4 { type ipv4_addr; flags timeout; }`
+    const FQDN_SET: usize = 112;
+    // `# -- vm <uuid> (org <org>), by address <ipv6>`
+    let comment = 80 + section.org.len();
+    comment
+        + SET_LINE * section.sets().count()
+        + ELEMENT * section.elements.len()
+        + FQDN_SET * section.fqdn_sets.len()
+}
+
+/// About the length of what a section adds after its own text: its members, and its
+/// fqdn rules in a shard chain.
+fn tail_size(section: &VmSection) -> usize {
+    // `"<tap>" . <ipv6>, `
+    const MEMBER: usize = 64;
+    // `add rule inet vmedge out_s63 ip6 saddr <ipv6> ip6 daddr @fq_<..>_6 tcp dport
+    // 65535 return comment "fqdn <pattern>"`
+    const FQDN_RULE: usize = 200;
+    MEMBER * section.members.len()
+        + section
+            .fqdn_rules
+            .iter()
+            .map(|r| FQDN_RULE + r.pattern.len())
+            .sum::<usize>()
+}
+
+/// About the length of what every ruleset has after the VMs' text: the shard chains'
+/// own rules and the dispatch and base chains.
+const TAIL_FIXED: usize = 2 * names::SHARDS as usize * 1024 + 16 * 1024;
 
 /// Below this many items, one thread does it all: starting threads would cost more.
 const PARALLEL_FROM: usize = 512;
@@ -482,7 +524,9 @@ fn element_line<'e>(
     if elements.peek().is_none() {
         return;
     }
-    let _ = write!(out, "{verb} element inet {} ", names::TABLE);
+    for piece in [verb, " element inet ", names::TABLE, " "] {
+        out.push_str(piece);
+    }
     set.push_name(out);
     out.push_str(" { ");
     for (i, element) in elements.enumerate() {
@@ -656,7 +700,6 @@ pub fn update<'a, S: Borrow<VmSection>>(
     next: &'a BTreeMap<VmId, S>,
     options: &CompileOptions,
 ) -> Option<Update<'a>> {
-    static NO_ELEMENTS: BTreeMap<BlockSet, BTreeSet<Element>> = BTreeMap::new();
     static NO_MEMBERS: BTreeSet<Member> = BTreeSet::new();
     let mut changes = Vec::new();
     let mut changed = 0;
@@ -668,9 +711,9 @@ pub fn update<'a, S: Borrow<VmSection>>(
         if !next.contains_key(id) {
             changed += 1;
             dirty.extend(old.shards());
-            element_changes(&mut changes, &old.elements, &NO_ELEMENTS);
+            element_changes(&mut changes, &old.elements, &[]);
             member_changes(&mut changes, &old.members, &NO_MEMBERS);
-            fqdn_sets_gone.extend(old.fqdn_sets.iter().map(|(set, _)| set.as_str()));
+            fqdn_sets_gone.extend(old.fqdn_sets.iter().map(|(set, _)| &**set));
         }
     }
     for (id, new) in next {
@@ -681,7 +724,7 @@ pub fn update<'a, S: Borrow<VmSection>>(
         }
         changed += 1;
         dirty.extend(new.shards());
-        let had = |set: &str| old.is_some_and(|o| o.fqdn_sets.iter().any(|(s, _)| s == set));
+        let had = |set: &str| old.is_some_and(|o| o.fqdn_sets.iter().any(|(s, _)| **s == *set));
         for (set, family) in &new.fqdn_sets {
             if !had(set) {
                 fqdn_sets_new.push((set, *family));
@@ -697,7 +740,7 @@ pub fn update<'a, S: Borrow<VmSection>>(
         }
         element_changes(
             &mut changes,
-            old.map_or(&NO_ELEMENTS, |o| &o.elements),
+            old.map_or(&[], |o| &o.elements),
             &new.elements,
         );
         member_changes(
@@ -747,26 +790,46 @@ pub fn update<'a, S: Borrow<VmSection>>(
     Some(Update { changed, ops })
 }
 
-/// Deletes the elements only in `old` and adds those only in `new`, set by set.
+/// Deletes the elements only in `old`, then adds those only in `new`, set by set (both
+/// sorted, as a section keeps them). Deletions first: an element replaced by one that
+/// overlaps it (a port range grown) must be out of an interval set before its
+/// successor comes in.
 fn element_changes<'a>(
     ops: &mut Vec<Op<'a>>,
-    old: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
-    new: &'a BTreeMap<BlockSet, BTreeSet<Element>>,
+    old: &'a [(BlockSet, Element)],
+    new: &'a [(BlockSet, Element)],
 ) {
-    static EMPTY: BTreeSet<Element> = BTreeSet::new();
-    let empty = &EMPTY;
-    let sets: BTreeSet<&BlockSet> = old.keys().chain(new.keys()).collect();
-    for set in sets {
-        let (was, is) = (old.get(set).unwrap_or(empty), new.get(set).unwrap_or(empty));
-        let gone: Vec<&Element> = was.difference(is).collect();
-        let added: Vec<&Element> = is.difference(was).collect();
-        if !gone.is_empty() {
-            ops.push(Op::DeleteElements(*set, gone));
-        }
-        if !added.is_empty() {
-            ops.push(Op::AddElements(*set, added));
-        }
+    let gone = sorted_difference(old, new);
+    for (set, elements) in by_set(&gone) {
+        ops.push(Op::DeleteElements(
+            set,
+            elements.iter().map(|(_, e)| *e).collect(),
+        ));
     }
+    let added = sorted_difference(new, old);
+    for (set, elements) in by_set(&added) {
+        ops.push(Op::AddElements(
+            set,
+            elements.iter().map(|(_, e)| *e).collect(),
+        ));
+    }
+}
+
+/// The pairs of `a` not in `b`, both sorted, each pair's element by reference.
+fn sorted_difference<'a>(
+    a: &'a [(BlockSet, Element)],
+    b: &[(BlockSet, Element)],
+) -> Vec<(BlockSet, &'a Element)> {
+    let mut rest = b;
+    a.iter()
+        .filter(|pair| {
+            while rest.first().is_some_and(|first| first < *pair) {
+                rest = &rest[1..];
+            }
+            rest.first() != Some(*pair)
+        })
+        .map(|(set, element)| (*set, element))
+        .collect()
 }
 
 /// Deletes the members only in `old` and adds those only in `new`.
@@ -1039,5 +1102,71 @@ mod tests {
             .iter()
             .any(|n| n.contains(&"2001:4860:4860::8888".parse::<IpAddr>().unwrap())));
         assert!(text.contains("# version: "), "the list says its version");
+    }
+
+    mod element_changes {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Sets and elements from a small space, so the two sides share some.
+        fn arb_elements() -> impl Strategy<Value = BTreeMap<BlockSet, BTreeSet<Element>>> {
+            let set = (0u16..4, 0u8..3).prop_map(|(block, shard)| BlockSet {
+                kind: crate::section::BlockKind {
+                    direction: Direction::Egress,
+                    block,
+                    action: vmedge_model::Action::Allow,
+                    family: Family::V4,
+                    l4: None,
+                },
+                shard,
+            });
+            let element = (0u8..6).prop_map(|far| Element {
+                own: "198.18.0.2".parse().unwrap(),
+                far: IpNet::new(IpAddr::from([10, 0, far, 0]), 24).unwrap(),
+                ports: None,
+            });
+            proptest::collection::btree_map(
+                set,
+                proptest::collection::btree_set(element, 1..5),
+                0..5,
+            )
+        }
+
+        fn sorted(map: &BTreeMap<BlockSet, BTreeSet<Element>>) -> Vec<(BlockSet, Element)> {
+            map.iter()
+                .flat_map(|(set, elements)| elements.iter().map(|e| (*set, *e)))
+                .collect()
+        }
+
+        proptest! {
+            #[test]
+            fn are_what_ordered_sets_say(old in arb_elements(), new in arb_elements()) {
+                let (old_sorted, new_sorted) = (sorted(&old), sorted(&new));
+                let mut ops = Vec::new();
+                element_changes(&mut ops, &old_sorted, &new_sorted);
+                // Every set's deletions, then every set's additions.
+                let mut expected = Vec::new();
+                let empty = BTreeSet::new();
+                let sets: BTreeSet<_> = old.keys().chain(new.keys()).collect();
+                for (verb, from, to) in [("delete", &old, &new), ("add", &new, &old)] {
+                    for set in &sets {
+                        let (a, b) = (from.get(set).unwrap_or(&empty), to.get(set).unwrap_or(&empty));
+                        let only: Vec<Element> = a.difference(b).copied().collect();
+                        if !only.is_empty() {
+                            expected.push((verb, **set, only));
+                        }
+                    }
+                }
+                let got: Vec<_> = ops
+                    .iter()
+                    .map(|op| match op {
+                        Op::DeleteElements(set, e) => ("delete", *set, e.iter().copied().copied().collect()),
+                        Op::AddElements(set, e) => ("add", *set, e.iter().copied().copied().collect()),
+                        other => panic!("not an element change: {other:?}"),
+                    })
+                    .collect();
+                prop_assert_eq!(got, expected);
+            }
+        }
     }
 }

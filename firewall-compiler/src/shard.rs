@@ -19,6 +19,7 @@ use vmedge_model::{Action, Ports, Protocol};
 use crate::canonical::{Family, L4};
 use crate::names::{self, Direction};
 use crate::section::{doh_set, family_of, ip, l4_name, BlockKind, BlockSet, FqdnRule, VmSection};
+use crate::text;
 
 /// The rules a shard chain can hold: every form the compiler emits there, and only those.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,23 +85,45 @@ impl ShardRule<'_> {
                 write!(out, " @{set} {}", verdict(set.kind.action))
             }
             ShardRule::Fqdn(rule) => {
+                // Written piece by piece, not through `fmt`: a shard chain holds one of
+                // these per VM, rule and family (40k lines at 10k VMs).
                 let ip = ip(family_of(&rule.own));
-                let _ = write!(out, "{ip} saddr {} {ip} daddr @{}", rule.own, rule.set);
+                for piece in [ip, " saddr "] {
+                    out.push_str(piece);
+                }
+                text::push_ip(out, rule.own);
+                for piece in [" ", ip, " daddr @", &rule.set] {
+                    out.push_str(piece);
+                }
+                let protocol = protocol_name(rule.protocol);
                 match (rule.protocol, rule.ports) {
                     (Protocol::Any, _) => {}
                     (Protocol::Tcp | Protocol::Udp, Ports::Any) => {
-                        let _ = write!(out, " meta l4proto {}", protocol_name(rule.protocol));
+                        for piece in [" meta l4proto ", protocol] {
+                            out.push_str(piece);
+                        }
                     }
-                    (Protocol::Tcp | Protocol::Udp, ports) => {
-                        let _ = write!(out, " {} dport {ports}", protocol_name(rule.protocol));
+                    (Protocol::Tcp | Protocol::Udp, Ports::Range { first, last }) => {
+                        for piece in [" ", protocol, " dport "] {
+                            out.push_str(piece);
+                        }
+                        text::push_u32(out, u32::from(first));
+                        if first != last {
+                            out.push('-');
+                            text::push_u32(out, u32::from(last));
+                        }
                     }
                 }
-                write!(
-                    out,
-                    " {} comment \"fqdn {}\"",
+                for piece in [
+                    " ",
                     verdict(rule.action),
-                    rule.pattern
-                )
+                    " comment \"fqdn ",
+                    &rule.pattern,
+                    "\"",
+                ] {
+                    out.push_str(piece);
+                }
+                Ok(())
             }
             ShardRule::DefaultDeny(direction, by_tap) => {
                 let key = match (direction, by_tap) {
@@ -270,5 +293,49 @@ fn protocol_name(protocol: Protocol) -> &'static str {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
         Protocol::Any => "any",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_fqdn_rule_is_written_for_each_protocol_and_ports() {
+        let rule = |own: &str, protocol, ports| FqdnRule {
+            block: 0,
+            own: own.parse().unwrap(),
+            set: "fq_x_6".into(),
+            protocol,
+            ports,
+            action: Action::Allow,
+            pattern: "*.example.com".into(),
+        };
+        let range = Ports::Range {
+            first: 8000,
+            last: 8080,
+        };
+        for (rule, expected) in [
+            (
+                rule("fd5e:ed00::2", Protocol::Tcp, Ports::single(443)),
+                "ip6 saddr fd5e:ed00::2 ip6 daddr @fq_x_6 tcp dport 443 return",
+            ),
+            (
+                rule("fd5e:ed00::2", Protocol::Udp, range),
+                "ip6 saddr fd5e:ed00::2 ip6 daddr @fq_x_6 udp dport 8000-8080 return",
+            ),
+            (
+                rule("198.18.0.2", Protocol::Tcp, Ports::Any),
+                "ip saddr 198.18.0.2 ip daddr @fq_x_6 meta l4proto tcp return",
+            ),
+            (
+                rule("198.18.0.2", Protocol::Any, Ports::Any),
+                "ip saddr 198.18.0.2 ip daddr @fq_x_6 return",
+            ),
+        ] {
+            let mut text = String::new();
+            ShardRule::Fqdn(&rule).write_body(&mut text);
+            assert_eq!(text, format!("{expected} comment \"fqdn *.example.com\""));
+        }
     }
 }
