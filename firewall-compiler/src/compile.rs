@@ -448,7 +448,7 @@ fn text_size(section: &VmSection) -> usize {
     // `add set inet vmedge fq_<32>_<16>_4 { type ipv4_addr; flags timeout; }`
     const FQDN_SET: usize = 112;
     // `# -- vm <uuid> (org <org>), by address <ipv6>`
-    let comment = 80 + section.org.len();
+    let comment = 104 + section.org.len();
     comment
         + SET_LINE * section.sets().count()
         + ELEMENT * section.elements.len()
