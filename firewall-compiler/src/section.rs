@@ -125,11 +125,7 @@ impl Element {
         text::push_net(out, self.far);
         if let Some(r) = self.ports {
             out.push_str(" . ");
-            text::push_u32(out, u32::from(r.first));
-            if r.first != r.last {
-                out.push('-');
-                text::push_u32(out, u32::from(r.last));
-            }
+            text::push_ports(out, r.first, r.last);
         }
     }
 }

@@ -107,11 +107,7 @@ impl ShardRule<'_> {
                         for piece in [" ", protocol, " dport "] {
                             out.push_str(piece);
                         }
-                        text::push_u32(out, u32::from(first));
-                        if first != last {
-                            out.push('-');
-                            text::push_u32(out, u32::from(last));
-                        }
+                        text::push_ports(out, first, last);
                     }
                 }
                 for piece in [

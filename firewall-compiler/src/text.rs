@@ -9,6 +9,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+/// A port or port range as nft writes it: `443`, `8000-8080`.
+pub(crate) fn push_ports(out: &mut String, first: u16, last: u16) {
+    push_u32(out, u32::from(first));
+    if first != last {
+        out.push('-');
+        push_u32(out, u32::from(last));
+    }
+}
+
 /// A decimal number.
 pub(crate) fn push_u32(out: &mut String, mut n: u32) {
     let mut digits = [0u8; 10];
