@@ -8,7 +8,7 @@
 //! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
 //!   `Connection: close`.
 //!
-//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory]`
+//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory | --http1]`
 //! (root; bench/load/edge.sh does both).
 #![allow(clippy::unwrap_used)] // a benchmark may panic on what it did not expect
 
@@ -258,6 +258,8 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // --memory: the idle-connection memory alone, on a fresh edge.
     let memory_only = std::env::args().any(|a| a == "--memory");
+    // --http1: the HTTP/1.1 keep-alive comparison alone.
+    let http1_only = std::env::args().any(|a| a == "--http1");
     let bin = std::env::var("VMEDGE_BIN").expect("VMEDGE_BIN: the vmedge binary to measure");
     let (seconds, h2_requests, idle) = if quick {
         (2, 20_000, 500)
@@ -421,6 +423,9 @@ fn main() {
         edge_rps / nginx_rps,
         edge_p99 / nginx_p99
     );
+    if http1_only {
+        return;
+    }
 
     println!("\nh2c prior knowledge to an HTTP/1.1 upstream (h2load -c10 -m10 -n{h2_requests}):");
     let mut h2 = Vec::new();
