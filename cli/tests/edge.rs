@@ -771,6 +771,111 @@ fn hands_its_listening_sockets_to_an_upgraded_edge() {
     );
 }
 
+/// Plain HTTP/1.1 requests go on the edge's own path (edge/src/direct.rs): every way an
+/// answer's body can end, interim answers, pipelined requests, and kept-alive
+/// connections the VM closes under the edge.
+#[test]
+fn proxies_plain_http1_answers_of_every_framing_on_its_own_path() {
+    let t = EdgeLab::start("running");
+    let web = host("web", 0);
+    let direct = |t: &EdgeLab| metric(&t.metrics(), "vmedge_edge_direct_requests_total");
+    let before = direct(&t).unwrap_or(0.0);
+    assert_eq!(t.get(&web, "/hello", &[]), "hello from 8000\n 200");
+    assert_eq!(
+        direct(&t),
+        Some(before + 1.0),
+        "a plain GET did not take the direct path"
+    );
+    let raw = |request: String| raw_http(t.ns(), HTTP.parse().unwrap(), request.as_bytes());
+
+    // A chunked answer is passed on as it came: extension, chunks and trailer.
+    let chunked = raw(format!(
+        "GET /chunked HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n"
+    ));
+    assert!(chunked.starts_with("HTTP/1.1 200 OK\r\n"), "{chunked}");
+    assert!(chunked.contains("\r\nconnection: close\r\n"), "{chunked}");
+    assert!(chunked.contains("\r\nx-request-id: "), "{chunked}");
+    assert!(
+        chunked.ends_with(
+            "\r\n\r\n6;name=value\r\nfirst \r\n7\r\nsecond \r\n5\r\nthird\r\n0\r\nx-end: yes\r\n\r\n"
+        ),
+        "{chunked}"
+    );
+    assert_eq!(t.get(&web, "/chunked", &[]), "first second third 200");
+
+    // Pipelined requests on one connection, answered in order: a HEAD (a length, no
+    // body), a 204, hints before an answer, and a chunked answer.
+    let pipelined = raw(format!(
+        "HEAD /hello HTTP/1.1\r\nHost: {web}\r\n\r\nGET /empty HTTP/1.1\r\nHost: {web}\r\n\r\n\
+         GET /early HTTP/1.1\r\nHost: {web}\r\n\r\n\
+         GET /chunked HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n"
+    ));
+    let starts: Vec<&str> = pipelined
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1."))
+        .collect();
+    assert_eq!(
+        starts,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 204 No Content",
+            "HTTP/1.1 103 Early Hints",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK"
+        ],
+        "{pipelined}"
+    );
+    assert!(pipelined.contains("Content-Length: 16\r\n"), "{pipelined}");
+    assert!(
+        !pipelined.contains("hello from"),
+        "a HEAD got a body: {pipelined}"
+    );
+    assert!(pipelined.contains("Link: </style.css>"), "{pipelined}");
+    assert!(pipelined.contains("after the hints\n"), "{pipelined}");
+    assert!(
+        pipelined.ends_with("0\r\nx-end: yes\r\n\r\n"),
+        "{pipelined}"
+    );
+
+    // An HTTP/1.0 answer that ends when the VM closes: whole, and the client is told
+    // its connection closes too.
+    let file = t.dir.path().join("until-close.bin");
+    let headers = t.curl(&[
+        "-D",
+        "-",
+        "-o",
+        file.to_str().unwrap(),
+        "-H",
+        &format!("Host: {web}"),
+        &format!("http://{HTTP}/until-close"),
+    ]);
+    assert!(headers.starts_with("HTTP/1.1 200 OK"), "{headers}");
+    assert!(headers.contains("connection: close"), "{headers}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 100_000);
+
+    // The VM closes a kept-alive connection after an answer without saying so, or
+    // reads the next request on it and closes without answering: the edge does not hand
+    // out the closed one, and sends a GET again on a new connection.
+    assert_eq!(t.get(&web, "/close-after", &[]), "closing\n 200");
+    assert_eq!(t.get(&web, "/hello", &[]), "hello from 8000\n 200");
+    assert_eq!(t.get(&web, "/drop-next", &[]), "armed\n 200");
+    assert_eq!(t.get(&web, "/hello", &[]), "hello from 8000\n 200");
+    // A POST is not sent twice: the client is told the VM's answer was cut off.
+    assert_eq!(t.get(&web, "/drop-next", &[]), "armed\n 200");
+    let post = t.get(&web, "/upload", &["--data-binary", "once"]);
+    assert!(
+        post.starts_with("502 Bad Gateway: the VM's answer was cut off"),
+        "{post}"
+    );
+    assert!(post.ends_with(" 502"), "{post}");
+    let m = t.metrics();
+    assert!(
+        m.contains(r#"vmedge_edge_refusals_total{reason="bad_upstream_answer"} 1"#),
+        "{m}"
+    );
+    assert!(direct(&t).unwrap() >= before + 12.0, "{m}");
+}
+
 #[test]
 fn limits_each_vms_request_rate_and_the_header_size() {
     let t = EdgeLab::start_with("running", "rate_limit = 5\nmax_header_bytes = 4096\n");

@@ -48,6 +48,9 @@ pub enum Refusal {
     WakeTimeout,
     /// 504: the VM did not answer within the upstream timeout.
     UpstreamTimeout,
+    /// 502: the VM closed the connection before its answer was complete, or answered
+    /// with what is not HTTP/1.1.
+    BadUpstreamAnswer,
 }
 
 impl Refusal {
@@ -59,7 +62,9 @@ impl Refusal {
             Refusal::NotOurs => 421,
             Refusal::HeadersTooLarge { .. } => 431,
             Refusal::RateLimited => 429,
-            Refusal::NothingListening { .. } | Refusal::OutsidePrefixes => 502,
+            Refusal::NothingListening { .. }
+            | Refusal::OutsidePrefixes
+            | Refusal::BadUpstreamAnswer => 502,
             Refusal::Unavailable { .. } | Refusal::CannotWake { .. } => 503,
             Refusal::WakeTimeout | Refusal::UpstreamTimeout => 504,
         }
@@ -98,6 +103,9 @@ impl Refusal {
             }
             Refusal::WakeTimeout => "the VM did not wake up in time".to_string(),
             Refusal::UpstreamTimeout => "the VM did not answer in time".to_string(),
+            Refusal::BadUpstreamAnswer => {
+                "the VM's answer was cut off or is not HTTP/1.1".to_string()
+            }
         }
     }
 
@@ -115,6 +123,7 @@ impl Refusal {
             Refusal::CannotWake { .. } => "cannot_wake",
             Refusal::WakeTimeout => "wake_timeout",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::BadUpstreamAnswer => "bad_upstream_answer",
         }
     }
 }
@@ -156,13 +165,7 @@ pub async fn respond(
         return Ok(());
     }
     let status = refusal.status();
-    let body = Bytes::from(format!(
-        "{status} {}: {line}\nrequest id: {request_id}\n",
-        http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("Error")
-    ));
+    let body = Bytes::from(text_page(refusal, request_id));
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
@@ -176,6 +179,24 @@ pub async fn respond(
         .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// The text answer's body: the status, the line and the request id.
+pub fn text_page(refusal: &Refusal, request_id: &str) -> String {
+    let status = refusal.status();
+    format!(
+        "{status} {}: {}\nrequest id: {request_id}\n",
+        reason_phrase(status),
+        refusal.message()
+    )
+}
+
+/// The status line's reason phrase for `status`.
+pub fn reason_phrase(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error")
 }
 
 /// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec): printable ASCII but `%` as is.

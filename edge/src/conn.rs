@@ -115,6 +115,36 @@ impl PlainConn {
         Ok(())
     }
 
+    /// The client's address.
+    pub(crate) fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.digest.peer_addr().and_then(|a| a.as_inet()).copied()
+    }
+
+    /// What was read ahead and not yet taken: the start of a request, usually.
+    pub(crate) fn ahead(&self) -> &[u8] {
+        &self.ahead[self.ahead_read..]
+    }
+
+    /// Takes the first `n` bytes of what was read ahead (freed once all is taken).
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.ahead_read = (self.ahead_read + n).min(self.ahead.len());
+        if self.ahead_read == self.ahead.len() {
+            self.ahead = Vec::new();
+            self.ahead_read = 0;
+        }
+    }
+
+    /// Waits until more than what was read ahead has arrived, and reads it ahead too;
+    /// `Err` when the client closed.
+    pub(crate) async fn read_more(&mut self) -> io::Result<()> {
+        let had = self.ahead.len();
+        while self.ahead.len() == had {
+            self.tcp.readable().await?;
+            self.read_ahead()?;
+        }
+        Ok(())
+    }
+
     /// What is there to read now (perhaps nothing), added to what was read ahead; `Err`
     /// when the client closed.
     ///
@@ -170,14 +200,10 @@ impl AsyncRead for PlainConn {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.ahead_read < this.ahead.len() {
-            let ahead = &this.ahead[this.ahead_read..];
+            let ahead = this.ahead();
             let n = ahead.len().min(buf.remaining());
             buf.put_slice(&ahead[..n]);
-            this.ahead_read += n;
-            if this.ahead_read == this.ahead.len() {
-                this.ahead = Vec::new();
-                this.ahead_read = 0;
-            }
+            this.consume(n);
             return Poll::Ready(Ok(()));
         }
         // tokio's own read clears the readiness when it took less than there was room for.

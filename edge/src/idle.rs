@@ -28,11 +28,12 @@ use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::v1::server::HttpSession as Http1Session;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
+use pingora::protocols::{Peek, Stream};
 use pingora::server::ShutdownWatch;
 use tokio::sync::{oneshot, Notify};
 
 use crate::conn::PlainConn;
+use crate::direct::{Direct, Outcome};
 use crate::metrics::Metrics;
 
 /// How long a client connection may wait for its next request, and how long a client
@@ -146,6 +147,8 @@ where
 /// An HTTP app whose HTTP/1 sessions reach `A` only once a request has begun to arrive.
 pub struct IdleFirst<A> {
     app: Arc<A>,
+    /// Takes the plain HTTP/1.1 requests it can before `app` sees them.
+    direct: Option<Arc<Direct>>,
     timeouts: ClientTimeouts,
     stopping: AtomicBool,
     stop: Notify,
@@ -156,10 +159,17 @@ impl<A> IdleFirst<A> {
     pub fn new(app: A, timeouts: ClientTimeouts) -> IdleFirst<A> {
         IdleFirst {
             app: Arc::new(app),
+            direct: None,
             timeouts,
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
         }
+    }
+
+    /// Plain HTTP/1.1 requests offered to `direct` first.
+    pub fn with_direct(mut self, direct: Arc<Direct>) -> IdleFirst<A> {
+        self.direct = Some(direct);
+        self
     }
 
     /// The session once its next request has begun to arrive, and whether that was seen
@@ -174,7 +184,7 @@ impl<A> IdleFirst<A> {
             Between::Pipelined(h1) => return Some((ServerSession::H1(*h1), true)),
             Between::Idle { stream, reuses } => (stream, reuses),
         };
-        let peeked = self.first_byte(&mut stream).await?;
+        let peeked = self.first_byte(&mut *stream).await?;
         let mut session = ServerSession::new_http1(stream);
         // Keep-alive "off" until the request says otherwise (pingora decides it from the
         // request's header) makes the header reads use the read timeout. A stream that
@@ -188,7 +198,7 @@ impl<A> IdleFirst<A> {
 
     /// Waits until `stream` has a byte to read, left unread (`Some(false)`: a stream that
     /// cannot be peeked at, not waited for); `None` when closed, timed out or stopping.
-    async fn first_byte(&self, stream: &mut Stream) -> Option<bool> {
+    async fn first_byte<S: Peek + Send + ?Sized>(&self, stream: &mut S) -> Option<bool> {
         let stop = self.stop.notified();
         if self.stopping.load(Ordering::Acquire) {
             return None;
@@ -213,6 +223,17 @@ where
     /// pingora's (the accept task that would otherwise wait with it is ~9 kB).
     async fn serve_connection(self: Arc<Self>, mut between: Between, shutdown: ShutdownWatch) {
         loop {
+            between = match between {
+                Between::Idle { stream, reuses } => match self.try_direct(stream).await {
+                    Offered::Served(stream) => {
+                        between = Between::Idle { stream, reuses };
+                        continue;
+                    }
+                    Offered::Declined(stream) => Between::Idle { stream, reuses },
+                    Offered::Closed => return,
+                },
+                pipelined => pipelined,
+            };
             let Some((session, seen)) = self.next_request(between).await else {
                 return;
             };
@@ -229,6 +250,30 @@ where
                 return;
             };
             between = Between::of(h1);
+        }
+    }
+
+    /// A plain connection's next request, offered to the direct path once its first byte
+    /// is in.
+    async fn try_direct(&self, stream: Stream) -> Offered {
+        let Some(direct) = &self.direct else {
+            return Offered::Declined(stream);
+        };
+        if !stream.as_any().is::<PlainConn>() {
+            return Offered::Declined(stream);
+        }
+        let Ok(mut conn) = stream.into_any().downcast::<PlainConn>() else {
+            return Offered::Closed;
+        };
+        if self.first_byte(&mut *conn).await.is_none() {
+            return Offered::Closed;
+        }
+        let stopping = self.stopping.load(Ordering::Acquire);
+        // Boxed, as pingora's request machinery is: the idle wait stays small.
+        match Box::pin(direct.serve(&mut conn, stopping)).await {
+            Outcome::Declined => Offered::Declined(conn),
+            Outcome::KeepAlive => Offered::Served(conn),
+            Outcome::Close => Offered::Closed,
         }
     }
 
@@ -263,6 +308,16 @@ where
         }
         proxied.await
     }
+}
+
+/// A request offered to the direct path.
+enum Offered {
+    /// Served there; the connection goes on.
+    Served(Stream),
+    /// Not one for it: the request's bytes are still to be read.
+    Declined(Stream),
+    /// The connection is done.
+    Closed,
 }
 
 /// An HTTP/1 connection between two requests.

@@ -37,10 +37,14 @@ impl RequestIds {
 
     /// The request's id: its own `X-Request-Id` if sane, else a new one.
     pub fn take(&self, req: &RequestHeader) -> String {
-        if let Some(v) = req.headers.get("x-request-id") {
-            let b = v.as_bytes();
+        self.keep_or_make(req.headers.get("x-request-id").map(|v| v.as_bytes()))
+    }
+
+    /// The id a request sent (the value of its `X-Request-Id`) if sane, else a new one.
+    pub fn keep_or_make(&self, sent: Option<&[u8]>) -> String {
+        if let Some(b) = sent {
             if !b.is_empty() && b.len() <= MAX_LEN && b.iter().all(|c| c.is_ascii_graphic()) {
-                if let Ok(s) = v.to_str() {
+                if let Ok(s) = std::str::from_utf8(b) {
                     return s.to_string();
                 }
             }

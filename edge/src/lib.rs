@@ -10,18 +10,22 @@
 //!   in place.
 //! - [`idle`]: idle keep-alive connections held without the request machinery.
 //! - [`conn`]: plain client connections without pingora's per-connection buffers.
+//! - [`direct`]: plain HTTP/1.1 requests proxied without pingora's request machinery,
+//!   over [`upstream`]'s kept-alive connections; the rest goes to [`proxy`].
 //! - [`server`]: listeners, threads, shutdown and upgrade: one pingora `Server`.
 //! - [`metrics`], [`ids`]: `vmedge_edge_*` metrics; request ids.
 
 pub mod activity;
 pub mod answers;
 pub mod conn;
+pub mod direct;
 pub mod idle;
 pub mod ids;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 pub mod wake;
 
 use std::net::SocketAddr;

@@ -36,6 +36,7 @@ struct ResultLabels {
 #[derive(Debug)]
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
+    direct_requests: Counter,
     refusals: Family<ReasonLabels, Counter>,
     bytes: Family<VmLabels, Counter<u64, AtomicU64>>,
     connect_seconds: Histogram,
@@ -61,6 +62,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> std::sync::Arc<Metrics> {
         let m = Metrics {
             requests: Family::default(),
+            direct_requests: Counter::default(),
             refusals: Family::default(),
             bytes: Family::default(),
             connect_seconds: Histogram::new(latency_buckets()),
@@ -76,6 +78,11 @@ impl Metrics {
             "requests",
             "Requests answered, by status code and service name (empty: no route)",
             m.requests.clone(),
+        );
+        sub.register(
+            "direct_requests",
+            "Of those, plain HTTP/1.1 requests proxied on the edge's own path, not pingora's",
+            m.direct_requests.clone(),
         );
         sub.register(
             "refusals",
@@ -134,6 +141,10 @@ impl Metrics {
                 service: service.to_string(),
             })
             .inc();
+    }
+
+    pub(crate) fn direct_request(&self) {
+        self.direct_requests.inc();
     }
 
     pub(crate) fn refused(&self, reason: &'static str) {

@@ -34,7 +34,7 @@ pub struct EdgeProxy {
     waker: Arc<Waker>,
     activity: Arc<Activity>,
     metrics: Arc<Metrics>,
-    ids: RequestIds,
+    ids: Arc<RequestIds>,
 }
 
 /// Where a request goes, decided in `request_filter`.
@@ -67,6 +67,7 @@ impl EdgeProxy {
         waker: Arc<Waker>,
         activity: Arc<Activity>,
         metrics: Arc<Metrics>,
+        ids: Arc<RequestIds>,
     ) -> EdgeProxy {
         EdgeProxy {
             settings,
@@ -74,7 +75,7 @@ impl EdgeProxy {
             waker,
             activity,
             metrics,
-            ids: RequestIds::new(),
+            ids,
         }
     }
 

@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use vmedge_registry::Registry;
 
 use crate::activity::Activity;
+use crate::direct::Direct;
 use crate::idle::{ClientTimeouts, FirstBytes, IdleFirst};
+use crate::ids::RequestIds;
 use crate::metrics::Metrics;
 use crate::proxy::EdgeProxy;
 use crate::tls::{CertStore, TlsError};
@@ -140,12 +142,14 @@ impl EdgeServer {
             metrics.clone(),
         ));
         let settings = Arc::new(settings);
+        let ids = Arc::new(RequestIds::new());
         let proxy = EdgeProxy::new(
             settings.clone(),
             registry.clone(),
             waker.clone(),
             activity.clone(),
             metrics.clone(),
+            ids.clone(),
         );
         let mut options = HttpServerOptions::default();
         options.h2c = true;
@@ -154,12 +158,20 @@ impl EdgeServer {
             read: settings.client_timeout,
             header: settings.header_timeout,
         };
+        let direct = Arc::new(Direct::new(
+            settings.clone(),
+            registry.clone(),
+            activity.clone(),
+            metrics.clone(),
+            ids,
+            timeouts,
+        ));
         let mut proxy = pingora::proxy::http_proxy(&conf, proxy);
         proxy.server_options = Some(options);
         let mut service = Service::new(
             "vmedge edge".to_string(),
             FirstBytes::new(
-                IdleFirst::new(proxy, timeouts),
+                IdleFirst::new(proxy, timeouts).with_direct(direct.clone()),
                 timeouts.idle,
                 metrics.clone(),
             ),
@@ -194,6 +206,7 @@ impl EdgeServer {
             Maintenance {
                 certs: certs.clone(),
                 activity: activity.clone(),
+                direct,
                 registry,
                 metrics,
             },
@@ -259,6 +272,7 @@ fn l4_buffer(settings: &EdgeSettings) -> L4BufferSettings {
 struct Maintenance {
     certs: Option<Arc<CertStore>>,
     activity: Arc<Activity>,
+    direct: Arc<Direct>,
     registry: Arc<dyn Registry>,
     metrics: Arc<Metrics>,
 }
@@ -279,6 +293,7 @@ impl BackgroundService for Maintenance {
                     self.activity.retain(|id| snapshot.vm(id).is_some());
                 }
                 _ = poll.tick() => {
+                    self.direct.sweep();
                     let Some(certs) = &self.certs else { continue };
                     match certs.reload_if_changed() {
                         Ok(false) => {}

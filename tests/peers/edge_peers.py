@@ -34,8 +34,13 @@ def pattern(n):
 
 class Http(http.server.BaseHTTPRequestHandler):
     """GET /hello, /headers (request headers as JSON), /download?n=N (x-sha256 header),
-    /sse (one event, then waits for GET /release, then a second), /slow (sleeps 5 s);
-    POST /upload (answers bytes and sha256 of the body, chunked or not)."""
+    /sse (one event, then waits for GET /release, then a second), /slow (sleeps 5 s),
+    /chunked (chunks with an extension and a trailer), /until-close (an HTTP/1.0 answer
+    that ends when the connection does), /empty (204), /early (103 then 200),
+    /close-after (answers, then closes the connection without saying so), /drop-next
+    (answers; the next request on the same connection is read and left unanswered, the
+    connection closed); HEAD of any GET; POST /upload (answers bytes and sha256 of the
+    body, chunked or not)."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -53,9 +58,35 @@ class Http(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_HEAD(self):
+        self.head = True
+        try:
+            self.do_GET()
+        finally:
+            self.head = False
+
+    def reply_or_head(self, status, body):
+        if getattr(self, "head", False):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+        else:
+            self.reply(status, body)
+
+    def dropped(self):
+        """The request is left unanswered and the connection closed, once armed."""
+        if getattr(self, "drop_next", False):
+            self.close_connection = True
+            return True
+        return False
+
     def do_GET(self):
         path, _, query = self.path.partition("?")
-        if path == "/hello":
+        if self.dropped():
+            return
+        if getattr(self, "head", False):
+            self.reply_or_head(200, f"hello from {self.server.server_address[1]}\n".encode())
+        elif path == "/hello":
             port = self.server.server_address[1]
             self.reply(200, f"hello from {port}\n".encode())
         elif path == "/headers":
@@ -85,6 +116,31 @@ class Http(http.server.BaseHTTPRequestHandler):
         elif path == "/release":
             Http.release.set()
             self.reply(200, b"released\n")
+        elif path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "x-end")
+            self.end_headers()
+            self.wfile.write(b"6;name=value\r\nfirst \r\n")
+            self.wfile.flush()
+            self.wfile.write(b"7\r\nsecond \r\n5\r\nthird\r\n0\r\nx-end: yes\r\n\r\n")
+        elif path == "/until-close":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            self.wfile.write(pattern(100000))
+            self.close_connection = True
+        elif path == "/empty":
+            self.send_response(204)
+            self.end_headers()
+        elif path == "/early":
+            self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            self.wfile.flush()
+            self.reply(200, b"after the hints\n")
+        elif path == "/close-after":
+            self.reply(200, b"closing\n")
+            self.close_connection = True
+        elif path == "/drop-next":
+            self.reply(200, b"armed\n")
+            self.drop_next = True
         elif path == "/slow":
             time.sleep(5)
             self.reply(200, b"late\n")
@@ -96,6 +152,8 @@ class Http(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def do_POST(self):
+        if self.dropped():
+            return
         digest, n = hashlib.sha256(), 0
         if self.headers.get("Transfer-Encoding", "").lower().endswith("chunked"):
             while True:
