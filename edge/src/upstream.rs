@@ -40,7 +40,13 @@ impl Idle {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        self.tcp.poll_read_ready(&mut cx).is_pending()
+        if self.tcp.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
+        // Readiness can be stale (the last read took all there was, exactly filling its
+        // buffer): a read says for sure, and clears it when there is nothing.
+        let mut byte = [0u8; 1];
+        matches!(self.tcp.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -99,7 +105,6 @@ impl UpstreamPool {
     }
 }
 
-/// Whether `poll_read_ready` says what is needed here: checked with real sockets.
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,8 +130,27 @@ mod tests {
         let n = client.read(&mut got).await.unwrap();
         assert_eq!(&got[..n], b"answer");
         pool.put(addr, client);
-        let client = pool.take(addr).expect("a quiet connection is usable");
+        let mut client = pool.take(addr).expect("a quiet connection is usable");
         assert!(pool.take(addr).is_none(), "taken twice");
+
+        // Read to its end by a read that filled its buffer: readiness is left set.
+        server.write_all(b"full").await.unwrap();
+        let mut exact = [0u8; 4];
+        client.read_exact(&mut exact).await.unwrap();
+        pool.put(addr, client);
+        let client = pool
+            .take(addr)
+            .expect("a quiet connection with stale readiness");
+
+        // Bytes nobody asked for: not handed out.
+        server.write_all(b"unasked").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.put(addr, client);
+        assert!(
+            pool.take(addr).is_none(),
+            "a connection with stray bytes was handed out"
+        );
+        let (client, server, addr) = pair().await;
 
         // The VM closes it while it is idle: not handed out again.
         pool.put(addr, client);
