@@ -8,7 +8,7 @@
 //! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
 //!   `Connection: close`.
 //!
-//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory | --http1]`
+//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory | --http1 | --h2]`
 //! (root; bench/load/edge.sh does both).
 #![allow(clippy::unwrap_used)] // a benchmark may panic on what it did not expect
 
@@ -258,8 +258,9 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // --memory: the idle-connection memory alone, on a fresh edge.
     let memory_only = std::env::args().any(|a| a == "--memory");
-    // --http1: the HTTP/1.1 keep-alive comparison alone.
+    // --http1: the HTTP/1.1 keep-alive comparison alone; --h2: h2c and gRPC alone.
     let http1_only = std::env::args().any(|a| a == "--http1");
+    let h2_only = std::env::args().any(|a| a == "--h2");
     let bin = std::env::var("VMEDGE_BIN").expect("VMEDGE_BIN: the vmedge binary to measure");
     let (seconds, h2_requests, idle) = if quick {
         (2, 20_000, 500)
@@ -404,47 +405,16 @@ fn main() {
         idle_memory_section(w, &proxies, [edge.id(), nginx.id()], idle);
         return;
     }
-    println!("\nHTTP/1.1 keep-alive, small body (wrk -t1 -c50 -d{seconds}s):");
-    let direct = wrk(w, &format!("http://{backend}/"), seconds);
-    println!(
-        "  {:<8} {:>10.0} req/s  p99 {:>7.2} ms",
-        "direct", direct.0, direct.1
-    );
-    let mut h1 = Vec::new();
-    for p in &proxies {
-        let (rps, p99) = wrk(w, &format!("http://{}/", p.http), seconds);
-        println!("  {:<8} {:>10.0} req/s  p99 {:>7.2} ms", p.name, rps, p99);
-        h1.push((p.name, rps, p99));
+    if !h2_only {
+        http1_section(w, &proxies, backend, seconds);
     }
-    let (_, edge_rps, edge_p99) = h1[0];
-    let (_, nginx_rps, nginx_p99) = h1[1];
-    println!(
-        "  vmedge/nginx: {:.2}x req/s, p99 {:.2}x",
-        edge_rps / nginx_rps,
-        edge_p99 / nginx_p99
-    );
     if http1_only {
         return;
     }
-
-    println!("\nh2c prior knowledge to an HTTP/1.1 upstream (h2load -c10 -m10 -n{h2_requests}):");
-    let mut h2 = Vec::new();
-    for p in &proxies {
-        if let Some(addr) = p.h2c {
-            let rps = h2load(w, addr, h2_requests);
-            println!("  {:<8} {:>10.0} req/s", p.name, rps);
-            h2.push(rps);
-        }
+    h2_sections(w, &proxies, &message, h2_requests);
+    if h2_only {
+        return;
     }
-    println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
-
-    println!("\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{h2_requests}; nginx: grpc_pass):");
-    let grpc_edge = grpc_h2load(w, proxies[0].http, &message, h2_requests);
-    let grpc_nginx = grpc_h2load(w, "127.0.0.1:8182".parse().unwrap(), &message, h2_requests);
-    println!("  {:<8} {:>10.0} req/s", "vmedge", grpc_edge);
-    println!("  {:<8} {:>10.0} req/s", "nginx", grpc_nginx);
-    println!("  vmedge/nginx: {:.2}x", grpc_edge / grpc_nginx);
-
     println!("\nTLS handshakes, ECDSA P-256, a new connection per request (wrk -c20 Connection: close, {seconds}s):");
     let mut tls = Vec::new();
     for p in &proxies {
@@ -480,4 +450,47 @@ fn idle_memory_section(w: &Netns, proxies: &[Proxy], pids: [u32; 2], idle: usize
         edge_kb[1] as f64 / nginx_kb[1].max(1) as f64,
         edge_kb[2] as f64 / nginx_kb[2].max(1) as f64
     );
+}
+
+/// HTTP/1.1 keep-alive, small body: the backend direct, then each proxy (wrk).
+fn http1_section(w: &Netns, proxies: &[Proxy], backend: SocketAddr, seconds: u32) {
+    println!("\nHTTP/1.1 keep-alive, small body (wrk -t1 -c50 -d{seconds}s):");
+    let direct = wrk(w, &format!("http://{backend}/"), seconds);
+    println!(
+        "  {:<8} {:>10.0} req/s  p99 {:>7.2} ms",
+        "direct", direct.0, direct.1
+    );
+    let mut h1 = Vec::new();
+    for p in proxies {
+        let (rps, p99) = wrk(w, &format!("http://{}/", p.http), seconds);
+        println!("  {:<8} {:>10.0} req/s  p99 {:>7.2} ms", p.name, rps, p99);
+        h1.push((rps, p99));
+    }
+    let ((edge_rps, edge_p99), (nginx_rps, nginx_p99)) = (h1[0], h1[1]);
+    println!(
+        "  vmedge/nginx: {:.2}x req/s, p99 {:.2}x",
+        edge_rps / nginx_rps,
+        edge_p99 / nginx_p99
+    );
+}
+
+/// h2c to an HTTP/1.1 upstream, and gRPC unary to an h2c upstream (h2load).
+fn h2_sections(w: &Netns, proxies: &[Proxy], message: &Path, requests: u32) {
+    println!("\nh2c prior knowledge to an HTTP/1.1 upstream (h2load -c10 -m10 -n{requests}):");
+    let mut h2 = Vec::new();
+    for p in proxies {
+        if let Some(addr) = p.h2c {
+            let rps = h2load(w, addr, requests);
+            println!("  {:<8} {:>10.0} req/s", p.name, rps);
+            h2.push(rps);
+        }
+    }
+    println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
+
+    println!("\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{requests}; nginx: grpc_pass):");
+    let grpc_edge = grpc_h2load(w, proxies[0].http, message, requests);
+    let grpc_nginx = grpc_h2load(w, "127.0.0.1:8182".parse().unwrap(), message, requests);
+    println!("  {:<8} {:>10.0} req/s", "vmedge", grpc_edge);
+    println!("  {:<8} {:>10.0} req/s", "nginx", grpc_nginx);
+    println!("  vmedge/nginx: {:.2}x", grpc_edge / grpc_nginx);
 }
