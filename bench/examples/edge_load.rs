@@ -487,7 +487,9 @@ fn h2_sections(w: &Netns, proxies: &[Proxy], message: &Path, requests: u32) {
     }
     println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
 
-    println!("\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{requests}; nginx: grpc_pass):");
+    println!(
+        "\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{requests}; nginx: grpc_pass):"
+    );
     let grpc_edge = grpc_h2load(w, proxies[0].http, message, requests);
     let grpc_nginx = grpc_h2load(w, "127.0.0.1:8182".parse().unwrap(), message, requests);
     println!("  {:<8} {:>10.0} req/s", "vmedge", grpc_edge);
