@@ -1165,4 +1165,121 @@ mod tests {
         assert_eq!(connection_close(b"Keep-Alive, close"), Some(true));
         assert_eq!(connection_close(b"upgrade"), None);
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A chunked body: chunks of the given sizes (a last zero chunk added), each size
+        /// line with or without an extension, and trailer fields.
+        fn chunked(sizes: &[usize], ext: bool, trailers: usize) -> Vec<u8> {
+            let mut body = Vec::new();
+            for &n in sizes.iter().filter(|&&n| n > 0).chain([&0]) {
+                body.extend_from_slice(format!("{n:x}").as_bytes());
+                if ext {
+                    body.extend_from_slice(b";a=\"b\"");
+                }
+                body.extend_from_slice(b"\r\n");
+                if n > 0 {
+                    body.extend(std::iter::repeat_n(b'\r', n));
+                    body.extend_from_slice(b"\r\n");
+                }
+            }
+            for i in 0..trailers {
+                body.extend_from_slice(format!("t{i}: v\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            body
+        }
+
+        /// Field names that matter to framing and forwarding, and any other.
+        fn field_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("Content-Length".to_string()),
+                Just("Transfer-Encoding".to_string()),
+                Just("Connection".to_string()),
+                Just("Keep-Alive".to_string()),
+                Just("X-Forwarded-For".to_string()),
+                Just("X-Request-Id".to_string()),
+                Just("Upgrade".to_string()),
+                "[A-Za-z-]{1,10}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn a_chunked_body_ends_exactly_at_its_end(
+                sizes in proptest::collection::vec(0usize..600, 0..8),
+                ext: bool,
+                trailers in 0usize..3,
+                cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..4),
+            ) {
+                let body = chunked(&sizes, ext, trailers);
+                let mut bytes = body.clone();
+                bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(body.len())).collect();
+                cuts.sort_unstable();
+                let mut end = ChunkedEnd::default();
+                let mut at = 0;
+                for cut in cuts {
+                    prop_assert_eq!(end.feed(&bytes[at..cut]), Ok(None));
+                    at = cut;
+                }
+                prop_assert_eq!(end.feed(&bytes[at..]), Ok(Some(body.len() - at)));
+            }
+
+            #[test]
+            fn what_a_request_becomes_is_one_request_for_the_same_host(
+                fields in proptest::collection::vec((field_name(), "[ -~]{0,12}"), 0..6),
+                host in "[a-z0-9.-]{1,20}",
+            ) {
+                let mut bytes = format!("GET /p HTTP/1.1\r\nHost: {host}\r\n").into_bytes();
+                for (name, value) in &fields {
+                    bytes.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                }
+                bytes.extend_from_slice(b"\r\n");
+                let Ok(Some(req)) = parse_request(&bytes, 32 * 1024, None, &RequestIds::new()) else {
+                    return Ok(());
+                };
+                let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS + 8];
+                let mut again = httparse::Request::new(&mut fields);
+                let parsed = again.parse(&req.upstream);
+                prop_assert_eq!(parsed, Ok(httparse::Status::Complete(req.upstream.len())));
+                let named = |n: &str| again.headers.iter().filter(|f| f.name.eq_ignore_ascii_case(n)).map(|f| f.value).collect::<Vec<_>>();
+                prop_assert_eq!(named("host"), vec![host.as_bytes()]);
+                prop_assert_eq!(named("x-forwarded-for").len(), 1);
+                prop_assert_eq!(named("x-request-id"), vec![req.id.as_bytes()]);
+                for hop in ["transfer-encoding", "connection", "keep-alive", "upgrade"] {
+                    prop_assert!(named(hop).is_empty(), "{} passed on", hop);
+                }
+            }
+
+            #[test]
+            fn an_answer_is_refused_or_rewritten_into_one_answer(
+                fields in proptest::collection::vec((field_name(), "[ -~]{0,12}"), 0..6),
+                status in 200u16..600,
+            ) {
+                let mut bytes = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+                for (name, value) in &fields {
+                    bytes.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                }
+                bytes.extend_from_slice(b"\r\nbody");
+                let Ok(Some((answer, len))) = parse_answer(&bytes, false, "id") else {
+                    return Ok(());
+                };
+                prop_assert_eq!(len, bytes.len() - 4);
+                let mut header = answer.header.clone();
+                header.extend_from_slice(b"connection: close\r\n\r\n");
+                let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS + 8];
+                let mut again = httparse::Response::new(&mut fields);
+                prop_assert_eq!(again.parse(&header), Ok(httparse::Status::Complete(header.len())));
+                prop_assert_eq!(again.code, Some(status));
+                let named = |n: &str| again.headers.iter().filter(|f| f.name.eq_ignore_ascii_case(n)).count();
+                prop_assert_eq!(named("connection"), 1);
+                prop_assert_eq!(named("keep-alive"), 0);
+                prop_assert!(named("transfer-encoding") == 0 || named("content-length") == 0);
+            }
+        }
+    }
 }
