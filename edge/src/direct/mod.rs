@@ -1,0 +1,508 @@
+//! Plain HTTP/1.1 requests the edge proxies itself, without pingora's request machinery.
+//!
+//! pingora's HTTP/1 proxy path spends about as much user time on a small request as nginx
+//! spends in all (its per-request futures and header maps, the channel between its two
+//! halves: bench/RESULTS.md). Most requests need nothing of it beyond parsing and
+//! framing: a running VM's HTTP/1.1 service, a body whose length the header gives, no
+//! upgrade. Those are proxied here. The header is parsed in place (httparse, the parser
+//! pingora uses) and rewritten into one buffer. It goes to the VM on a kept-alive
+//! connection ([`UpstreamPool`]), and the answer comes back as it arrives, its header and
+//! first body bytes in one send.
+//!
+//! Everything else is declined before anything is taken from the connection or counted,
+//! and pingora serves it from the same bytes: `Expect`, `Upgrade` and chunked requests, a
+//! VM that is not running (wake, 503), an h2c service, a host that does not route, a
+//! header that is malformed or too large. TLS and h2c connections never come here.
+//!
+//! This module moves the bytes and keeps the books (timeouts, retries, metrics, the
+//! access log); `message` decides what the bytes become: which request fields the VM
+//! gets, which answer fields the client gets, and where an answer's body ends.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pingora::protocols::http::date;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vmedge_model::{ServiceName, VmId};
+use vmedge_registry::Registry;
+
+use crate::activity::{Activity, VmActivity};
+use crate::answers::{self, Refusal};
+use crate::conn::PlainConn;
+use crate::idle::ClientTimeouts;
+use crate::ids::RequestIds;
+use crate::metrics::Metrics;
+use crate::upstream::UpstreamPool;
+use crate::EdgeSettings;
+
+mod message;
+
+use message::{
+    clamp, parse_answer, parse_request, Answer, Body, Declined, Framing, Malformed, Request,
+};
+
+/// The largest answer header read from a VM.
+const MAX_ANSWER_HEADER: usize = 64 * 1024;
+
+/// Bytes read at once from either side while a body streams.
+const CHUNK: usize = 16 * 1024;
+
+/// What became of a request offered to the direct path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not one for this path: nothing was taken from the connection and nothing counted.
+    Declined,
+    /// Served; the connection may carry the next request.
+    KeepAlive,
+    /// Served or failed; the connection is to be closed.
+    Close,
+}
+
+/// The direct path's shared state: what the proxy has, and the upstream pool.
+pub struct Direct {
+    settings: Arc<EdgeSettings>,
+    registry: Arc<dyn Registry>,
+    activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+    ids: Arc<RequestIds>,
+    timeouts: ClientTimeouts,
+    pool: UpstreamPool,
+}
+
+/// A malformed answer, found before any of it went to the client.
+impl From<Malformed> for Failure {
+    fn from(_: Malformed) -> Failure {
+        Failure::Refuse(Refusal::BadUpstreamAnswer)
+    }
+}
+
+/// Why a request taken did not end with the VM's whole answer.
+#[derive(Debug)]
+enum Failure {
+    /// Nothing was written to the client yet: it gets this answer.
+    Refuse(Refusal),
+    /// The client went away or stopped reading.
+    Client(&'static str),
+    /// The VM's answer broke off after part of it went to the client.
+    Cut(&'static str),
+    /// A kept-alive connection turned out closed before any answer: the request may
+    /// go again on a new one.
+    UpstreamClosed,
+}
+
+/// What a request came to, for the metrics and the access log.
+#[derive(Default)]
+struct Done {
+    status: u16,
+    refusal: Option<Refusal>,
+    bytes_in: u64,
+    bytes_out: u64,
+    error: &'static str,
+}
+
+impl Direct {
+    /// The direct path over the proxy's state.
+    pub fn new(
+        settings: Arc<EdgeSettings>,
+        registry: Arc<dyn Registry>,
+        activity: Arc<Activity>,
+        metrics: Arc<Metrics>,
+        ids: Arc<RequestIds>,
+        timeouts: ClientTimeouts,
+    ) -> Direct {
+        let pool = UpstreamPool::new(Duration::from_secs(60));
+        Direct {
+            settings,
+            registry,
+            activity,
+            metrics,
+            ids,
+            timeouts,
+            pool,
+        }
+    }
+
+    /// Closes kept connections to VMs that are no longer usable.
+    pub fn sweep(&self) {
+        self.pool.sweep();
+    }
+
+    /// Serves the request whose first bytes `conn` has read ahead, if it is one for this
+    /// path. `stopping`: the edge is shutting down, so the connection is not kept.
+    pub async fn serve(&self, conn: &mut PlainConn, stopping: bool) -> Outcome {
+        let started = Instant::now();
+        let header_deadline = tokio::time::Instant::now() + self.timeouts.header;
+        let client = conn.peer();
+        let req = loop {
+            let limit = self.settings.max_header_bytes;
+            match parse_request(conn.ahead(), limit, client, &self.ids) {
+                Ok(Some(req)) => break req,
+                Ok(None) => {}
+                Err(Declined) => return Outcome::Declined,
+            }
+            let read = tokio::time::timeout(self.timeouts.read, conn.read_more());
+            match tokio::time::timeout_at(header_deadline, read).await {
+                Ok(Ok(Ok(()))) => {}
+                // The client went away, or was too slow (nginx: client_header_timeout).
+                _ => return Outcome::Close,
+            }
+        };
+        let Some((vm, service, target)) = self.route(&req) else {
+            return Outcome::Declined;
+        };
+
+        // Taken: from here on the request is counted, and answered here.
+        conn.consume(req.header_len);
+        self.metrics.open();
+        let activity = self.activity.vm(vm, self.settings.rate_limit);
+        activity.request();
+        let mut done = Done::default();
+        let mut req = req;
+        let result = if activity.admit() {
+            self.exchange(conn, &mut req, target, &activity, &mut done, stopping)
+                .await
+        } else {
+            Err(Failure::Refuse(Refusal::RateLimited))
+        };
+        let keep_alive = match result {
+            Ok(keep_alive) => keep_alive,
+            Err(Failure::Refuse(refusal)) => {
+                // An unread body leaves the connection's framing unknown.
+                let keep = done.bytes_in == req.body_len
+                    && !req.close
+                    && !stopping
+                    && refusal == Refusal::RateLimited;
+                self.metrics.refused(refusal.reason());
+                done.status = refusal.status();
+                if let Err(e) = self.answer(conn, &refusal, &req.id, keep).await {
+                    done.error = e;
+                }
+                done.refusal = Some(refusal);
+                keep
+            }
+            Err(Failure::UpstreamClosed) => {
+                done.error = "the VM closed the connection";
+                false
+            }
+            Err(Failure::Client(e) | Failure::Cut(e)) => {
+                done.error = e;
+                false
+            }
+        };
+        self.finish(&req, client, vm, service, &done, started);
+        if keep_alive {
+            Outcome::KeepAlive
+        } else {
+            Outcome::Close
+        }
+    }
+
+    /// The running VM service the request's host names, if this path may take it there
+    /// (refusals, waits and h2c are pingora's).
+    fn route(&self, req: &Request) -> Option<(VmId, ServiceName, SocketAddr)> {
+        let snapshot = self.registry.load();
+        let route = snapshot
+            .route_host(req.text(&req.host), &self.settings.domain)
+            .ok()?;
+        let target = route.target();
+        let dialable = self
+            .settings
+            .vm_prefixes
+            .iter()
+            .any(|p| p.contains(&target.ip()));
+        (route.vm().status.is_running() && !route.h2c() && dialable)
+            .then(|| (route.vm().id, route.service().name, target))
+    }
+
+    /// The request to the VM and its answer back; whether the client's connection is
+    /// kept for another request (as its answer told the client).
+    async fn exchange(
+        &self,
+        conn: &mut PlainConn,
+        req: &mut Request,
+        target: SocketAddr,
+        activity: &VmActivity,
+        done: &mut Done,
+        stopping: bool,
+    ) -> Result<bool, Failure> {
+        // The body's first bytes, read with the header, go with it.
+        let first = conn.ahead().len().min(clamp(req.body_len));
+        req.upstream.extend_from_slice(&conn.ahead()[..first]);
+        conn.consume(first);
+        done.bytes_in = first as u64;
+        activity.inbound(first);
+
+        let mut buf = Vec::with_capacity(4096);
+        let (mut tcp, answer, sent) = loop {
+            let (mut tcp, reused) = match self.pool.take(target) {
+                Some(tcp) => (tcp, true),
+                None => (self.connect(target).await?, false),
+            };
+            let retry = reused && req.can_retry(req.body_len - done.bytes_in);
+            let written =
+                upstream_io(self.settings.upstream_timeout, tcp.write_all(&req.upstream)).await;
+            if written.is_err() && retry {
+                continue;
+            }
+            written.map_err(Failure::Refuse)?;
+            self.send_body(conn, &mut tcp, req.body_len, activity, done)
+                .await?;
+            let sent = Instant::now();
+            match self.read_answer(&mut tcp, conn, req, &mut buf).await {
+                Err(Failure::UpstreamClosed) if retry => continue,
+                Err(Failure::UpstreamClosed) => {
+                    return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
+                }
+                answer => break (tcp, answer?, sent),
+            }
+        };
+        self.metrics.responded(sent.elapsed().as_secs_f64());
+        done.status = answer.status;
+        // An answer that ends only when the VM closes ends the client's connection too.
+        let keep = !req.close && !stopping && answer.framing != Framing::UntilClose;
+        let reusable = self
+            .stream_answer(conn, &mut tcp, answer, &buf, keep, activity, done)
+            .await?;
+        if reusable {
+            self.pool.put(target, tcp);
+        }
+        Ok(keep)
+    }
+
+    /// A new connection to `target`.
+    async fn connect(&self, target: SocketAddr) -> Result<TcpStream, Failure> {
+        let started = Instant::now();
+        match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(target)).await
+        {
+            Err(_) => Err(Failure::Refuse(Refusal::UpstreamTimeout)),
+            Ok(Err(_)) => Err(Failure::Refuse(Refusal::NothingListening {
+                port: target.port(),
+            })),
+            Ok(Ok(tcp)) => {
+                // Requests and answers are written whole: no reason to wait for an ack.
+                let _ = tcp.set_nodelay(true);
+                self.metrics.connected(started.elapsed().as_secs_f64());
+                Ok(tcp)
+            }
+        }
+    }
+
+    /// The rest of the request's body (what did not come with its header), client to VM.
+    async fn send_body(
+        &self,
+        conn: &mut PlainConn,
+        tcp: &mut TcpStream,
+        body_len: u64,
+        activity: &VmActivity,
+        done: &mut Done,
+    ) -> Result<(), Failure> {
+        let mut left = body_len - done.bytes_in;
+        if left == 0 {
+            return Ok(());
+        }
+        let mut chunk = vec![0u8; clamp(left).min(CHUNK)];
+        while left > 0 {
+            let want = clamp(left).min(chunk.len());
+            let n = match tokio::time::timeout(self.timeouts.read, conn.read(&mut chunk[..want]))
+                .await
+            {
+                Ok(Ok(0) | Err(_)) => return Err(Failure::Client("the client closed mid-body")),
+                Err(_) => return Err(Failure::Client("the client stopped sending its body")),
+                Ok(Ok(n)) => n,
+            };
+            upstream_io(self.settings.upstream_timeout, tcp.write_all(&chunk[..n]))
+                .await
+                .map_err(Failure::Refuse)?;
+            activity.inbound(n);
+            done.bytes_in += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// The VM's answer header, parsed; interim answers (1xx) are passed on to the client
+    /// as they come. What was read past the header is left in `buf`.
+    async fn read_answer(
+        &self,
+        tcp: &mut TcpStream,
+        conn: &mut PlainConn,
+        req: &Request,
+        buf: &mut Vec<u8>,
+    ) -> Result<Answer, Failure> {
+        let mut interim = false;
+        loop {
+            if !buf.is_empty() {
+                match parse_answer(buf, req.is_head(), &req.id)? {
+                    Some((answer, len)) if answer.status < 200 => {
+                        // 100 Continue, 103 Early Hints: passed on as they came.
+                        client_io(self.timeouts.read, conn, &buf[..len]).await?;
+                        buf.drain(..len);
+                        interim = true;
+                        continue;
+                    }
+                    Some((answer, len)) => {
+                        buf.drain(..len);
+                        return Ok(answer);
+                    }
+                    None if buf.len() > MAX_ANSWER_HEADER => {
+                        return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
+                    }
+                    None => {}
+                }
+            }
+            buf.reserve(4096);
+            match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
+                Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
+                Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => {
+                    return Err(Failure::UpstreamClosed)
+                }
+                Ok(Ok(0) | Err(_)) => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The answer's header (with the connection field `keep` calls for) and body to the
+    /// client, as the body arrives; whether the VM's connection may carry another request.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_answer(
+        &self,
+        conn: &mut PlainConn,
+        tcp: &mut TcpStream,
+        answer: Answer,
+        rest: &[u8],
+        keep: bool,
+        activity: &VmActivity,
+        done: &mut Done,
+    ) -> Result<bool, Failure> {
+        let mut reusable = answer.reusable;
+        let mut body = Body::new(answer.framing);
+        let mut out = answer.header;
+        out.extend_from_slice(if keep {
+            b"connection: keep-alive\r\n\r\n"
+        } else {
+            b"connection: close\r\n\r\n"
+        });
+        // The body's first bytes go in the header's send.
+        let (take, mut end) = body.feed(rest)?;
+        reusable &= take == rest.len();
+        out.extend_from_slice(&rest[..take]);
+        client_io(self.timeouts.read, conn, &out).await?;
+        activity.outbound(take);
+        done.bytes_out = take as u64;
+        let mut buf = Vec::new();
+        while !end {
+            buf.clear();
+            buf.reserve(CHUNK);
+            let n =
+                match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(&mut buf))
+                    .await
+                {
+                    Err(_) => return Err(Failure::Cut("the VM stopped answering mid-body")),
+                    Ok(Ok(0)) if answer.framing == Framing::UntilClose => break,
+                    Ok(Ok(0) | Err(_)) => return Err(Failure::Cut("the VM closed mid-body")),
+                    Ok(Ok(n)) => n,
+                };
+            let (take, fin) = body
+                .feed(&buf)
+                .map_err(|Malformed| Failure::Cut("the VM's chunked body is malformed"))?;
+            reusable &= take == n;
+            end = fin;
+            // Each piece is sent as it comes: an event stream's events are not held back.
+            client_io(self.timeouts.read, conn, &buf[..take]).await?;
+            activity.outbound(take);
+            done.bytes_out += take as u64;
+        }
+        Ok(reusable)
+    }
+
+    /// The edge's own answer for `refusal`, as text (gRPC requests are pingora's).
+    async fn answer(
+        &self,
+        conn: &mut PlainConn,
+        refusal: &Refusal,
+        id: &str,
+        keep: bool,
+    ) -> Result<(), &'static str> {
+        let body = answers::text_page(refusal, id);
+        let status = refusal.status();
+        let mut out = Vec::with_capacity(body.len() + 256);
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+             cache-control: no-store\r\nx-request-id: {id}\r\ndate: ",
+            answers::reason_phrase(status),
+            body.len(),
+        );
+        out.extend_from_slice(date::get_cached_date().as_bytes());
+        out.extend_from_slice(if keep {
+            b"\r\nconnection: keep-alive\r\n\r\n"
+        } else {
+            b"\r\nconnection: close\r\n\r\n"
+        });
+        out.extend_from_slice(body.as_bytes());
+        client_io(self.timeouts.read, conn, &out)
+            .await
+            .map_err(|_| "the client went away before the answer")
+    }
+
+    /// The request's metrics and access log line.
+    fn finish(
+        &self,
+        req: &Request,
+        client: Option<SocketAddr>,
+        vm: VmId,
+        service: ServiceName,
+        done: &Done,
+        started: Instant,
+    ) {
+        self.metrics.closed();
+        self.metrics.direct_request();
+        self.metrics.request_done(done.status, service.as_str());
+        self.metrics.vm_bytes(&vm, done.bytes_in, done.bytes_out);
+        tracing::info!(
+            target: "vmedge::access",
+            request_id = %req.id,
+            client = %client.map(|a| a.to_string()).unwrap_or_default(),
+            method = req.text(&req.method),
+            host = req.text(&req.host),
+            path = req.text(&req.path),
+            status = done.status,
+            vm = %vm,
+            service = service.as_str(),
+            refusal = done.refusal.as_ref().map_or("", |r| r.reason()),
+            error = done.error,
+            bytes_in = done.bytes_in,
+            bytes_out = done.bytes_out,
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+/// A read or write of the VM's connection under the upstream timeout.
+async fn upstream_io<T>(
+    limit: Duration,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, Refusal> {
+    match tokio::time::timeout(limit, io).await {
+        Err(_) => Err(Refusal::UpstreamTimeout),
+        Ok(Err(_)) => Err(Refusal::BadUpstreamAnswer),
+        Ok(Ok(t)) => Ok(t),
+    }
+}
+
+/// `bytes` to the client, sent now, under the client timeout.
+async fn client_io(limit: Duration, conn: &mut PlainConn, bytes: &[u8]) -> Result<(), Failure> {
+    let write = async {
+        conn.write_all(bytes).await?;
+        conn.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Failure::Client("the client went away")),
+        Err(_) => Err(Failure::Client("the client stopped reading")),
+    }
+}
