@@ -119,6 +119,19 @@ impl EdgeLab {
         self.curl(&args)
     }
 
+    /// `GET http://HTTP/PATH` with `Host: HOST`, the body saved to `file`; the header.
+    fn download(&self, host: &str, path: &str, file: &Path) -> String {
+        self.curl(&[
+            "-D",
+            "-",
+            "-o",
+            file.to_str().unwrap(),
+            "-H",
+            &format!("Host: {host}"),
+            &format!("http://{HTTP}{path}"),
+        ])
+    }
+
     fn metrics(&self) -> String {
         http_get(self.ns(), ADMIN.parse().unwrap(), "admin", "/metrics")
     }
@@ -238,15 +251,7 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
 
     // A large download and upload, streamed, checked end to end.
     let file = t.dir.path().join("down.bin");
-    let headers = t.curl(&[
-        "-D",
-        "-",
-        "-o",
-        file.to_str().unwrap(),
-        "-H",
-        &format!("Host: {web}"),
-        &format!("http://{HTTP}/download?n=50000000"),
-    ]);
+    let headers = t.download(&web, "/download?n=50000000", &file);
     let want = headers
         .lines()
         .find_map(|l| l.strip_prefix("x-sha256: "))
@@ -840,15 +845,7 @@ fn proxies_plain_http1_answers_of_every_framing_on_its_own_path() {
     // An HTTP/1.0 answer that ends when the VM closes: whole, and the client is told
     // its connection closes too.
     let file = t.dir.path().join("until-close.bin");
-    let headers = t.curl(&[
-        "-D",
-        "-",
-        "-o",
-        file.to_str().unwrap(),
-        "-H",
-        &format!("Host: {web}"),
-        &format!("http://{HTTP}/until-close"),
-    ]);
+    let headers = t.download(&web, "/until-close", &file);
     assert!(headers.starts_with("HTTP/1.1 200 OK"), "{headers}");
     assert!(headers.contains("connection: close"), "{headers}");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 100_000);
