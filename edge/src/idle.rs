@@ -18,7 +18,9 @@
 //!   `client_header_timeout` does); the request machinery is allocated only while a
 //!   request is under way (nginx, likewise, frees its buffers between requests). TLS
 //!   connections stay on pingora's task (it holds their TLS state) and wait in the proxy,
-//!   under the idle timeout; h2 sessions go straight to the proxy.
+//!   under the idle timeout; h2 sessions go straight to the proxy. Each plain request is
+//!   offered to the edge's own HTTP/1.1 path ([`Direct`]) first, and reaches the proxy
+//!   only when declined there.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

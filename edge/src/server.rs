@@ -268,7 +268,8 @@ fn l4_buffer(settings: &EdgeSettings) -> L4BufferSettings {
     }
 }
 
-/// Certificate reloads and forgetting the activity of VMs that left.
+/// Certificate reloads, forgetting the activity of VMs that left, and closing kept
+/// connections to VMs that are no longer usable.
 struct Maintenance {
     certs: Option<Arc<CertStore>>,
     activity: Arc<Activity>,
