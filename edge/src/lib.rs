@@ -122,4 +122,9 @@ impl EdgeSettings {
             grace_period: Duration::from_secs(5),
         }
     }
+
+    /// Whether `ip` is inside the VM prefixes: the only addresses the edge dials.
+    pub fn may_dial(&self, ip: std::net::IpAddr) -> bool {
+        self.vm_prefixes.iter().any(|p| p.contains(&ip))
+    }
 }

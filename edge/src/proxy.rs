@@ -165,12 +165,7 @@ impl EdgeProxy {
         if !activity.admit() {
             return Err(Refusal::RateLimited);
         }
-        if !self
-            .settings
-            .vm_prefixes
-            .iter()
-            .any(|p| p.contains(&target.ip()))
-        {
+        if !self.settings.may_dial(target.ip()) {
             tracing::warn!(%vm, %target, "refused to dial an address outside vm_prefixes");
             return Err(Refusal::OutsidePrefixes);
         }

@@ -208,11 +208,7 @@ impl Direct {
             .route_host(req.text(&req.host), &self.settings.domain)
             .ok()?;
         let target = route.target();
-        let dialable = self
-            .settings
-            .vm_prefixes
-            .iter()
-            .any(|p| p.contains(&target.ip()));
+        let dialable = self.settings.may_dial(target.ip());
         (route.vm().status.is_running() && !route.h2c() && dialable)
             .then(|| (route.vm().id, route.service().name, target))
     }
