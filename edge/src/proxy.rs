@@ -24,6 +24,7 @@ use crate::answers::{self, Refusal};
 use crate::idle::HeaderRead;
 use crate::ids::RequestIds;
 use crate::metrics::Metrics;
+use crate::upstream;
 use crate::wake::{WakeError, Waker};
 use crate::EdgeSettings;
 
@@ -313,7 +314,7 @@ impl ProxyHttp for EdgeProxy {
         options.connection_timeout = Some(self.settings.connect_timeout);
         options.read_timeout = Some(self.settings.upstream_timeout);
         options.write_timeout = Some(self.settings.upstream_timeout);
-        options.idle_timeout = Some(Duration::from_secs(60));
+        options.idle_timeout = Some(upstream::IDLE_TIMEOUT);
         if routed.h2c {
             options.alpn = ALPN::H2;
             options.max_h2_streams = self.settings.h2_streams_per_connection;

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+/// How long a connection to a VM is kept unused, in this pool and in pingora's.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Idle connections kept per VM service address: enough for the concurrency one
 /// service sees from one edge, as nginx's `keepalive` directive bounds it.
 const PER_TARGET: usize = 128;

@@ -35,7 +35,7 @@ use crate::conn::PlainConn;
 use crate::idle::ClientTimeouts;
 use crate::ids::RequestIds;
 use crate::metrics::Metrics;
-use crate::upstream::UpstreamPool;
+use crate::upstream::{UpstreamPool, IDLE_TIMEOUT};
 use crate::EdgeSettings;
 
 mod message;
@@ -113,7 +113,7 @@ impl Direct {
         ids: Arc<RequestIds>,
         timeouts: ClientTimeouts,
     ) -> Direct {
-        let pool = UpstreamPool::new(Duration::from_secs(60));
+        let pool = UpstreamPool::new(IDLE_TIMEOUT);
         Direct {
             settings,
             registry,
