@@ -88,9 +88,6 @@ enum Failure {
     Client(&'static str),
     /// The VM's answer broke off after part of it went to the client.
     Cut(&'static str),
-    /// A kept-alive connection turned out closed before any answer: the request may
-    /// go again on a new one.
-    UpstreamClosed,
 }
 
 /// What a request came to, for the metrics and the access log.
@@ -183,10 +180,6 @@ impl Direct {
                 done.refusal = Some(refusal);
                 keep
             }
-            Err(Failure::UpstreamClosed) => {
-                done.error = "the VM closed the connection";
-                false
-            }
             Err(Failure::Client(e) | Failure::Cut(e)) => {
                 done.error = e;
                 false
@@ -247,12 +240,10 @@ impl Direct {
             self.send_body(conn, &mut tcp, req.body_len, activity, done)
                 .await?;
             let sent = Instant::now();
-            match self.read_answer(&mut tcp, conn, req, &mut buf).await {
-                Err(Failure::UpstreamClosed) if retry => continue,
-                Err(Failure::UpstreamClosed) => {
-                    return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
-                }
-                answer => break (tcp, answer?, sent),
+            match self.read_answer(&mut tcp, conn, req, &mut buf).await? {
+                Some(answer) => break (tcp, answer, sent),
+                None if retry => continue,
+                None => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
             }
         };
         self.metrics.responded(sent.elapsed().as_secs_f64());
@@ -320,14 +311,15 @@ impl Direct {
     }
 
     /// The VM's answer header, parsed; interim answers (1xx) are passed on to the client
-    /// as they come. What was read past the header is left in `buf`.
+    /// as they come. What was read past the header is left in `buf`. `None` when the
+    /// connection closed before any answer: the request may go again on a new one.
     async fn read_answer(
         &self,
         tcp: &mut TcpStream,
         conn: &mut PlainConn,
         req: &Request,
         buf: &mut Vec<u8>,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<Option<Answer>, Failure> {
         let mut interim = false;
         loop {
             if !buf.is_empty() {
@@ -341,7 +333,7 @@ impl Direct {
                     }
                     Some((answer, len)) => {
                         buf.drain(..len);
-                        return Ok(answer);
+                        return Ok(Some(answer));
                     }
                     None if buf.len() > MAX_ANSWER_HEADER => {
                         return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
@@ -352,9 +344,7 @@ impl Direct {
             buf.reserve(4096);
             match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
                 Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
-                Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => {
-                    return Err(Failure::UpstreamClosed)
-                }
+                Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => return Ok(None),
                 Ok(Ok(0) | Err(_)) => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
                 Ok(Ok(_)) => {}
             }
