@@ -367,11 +367,7 @@ impl Direct {
         let mut reusable = answer.reusable;
         let mut body = Body::new(answer.framing);
         let mut out = answer.header;
-        out.extend_from_slice(if keep {
-            b"connection: keep-alive\r\n\r\n"
-        } else {
-            b"connection: close\r\n\r\n"
-        });
+        out.extend_from_slice(header_end(keep));
         // The body's first bytes go in the header's send.
         let (take, mut end) = body.feed(rest)?;
         reusable &= take == rest.len();
@@ -424,11 +420,8 @@ impl Direct {
             body.len(),
         );
         out.extend_from_slice(date::get_cached_date().as_bytes());
-        out.extend_from_slice(if keep {
-            b"\r\nconnection: keep-alive\r\n\r\n"
-        } else {
-            b"\r\nconnection: close\r\n\r\n"
-        });
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(header_end(keep));
         out.extend_from_slice(body.as_bytes());
         client_io(self.timeouts.read, conn, &out)
             .await
@@ -465,6 +458,16 @@ impl Direct {
             bytes_out = done.bytes_out,
             ms = started.elapsed().as_secs_f64() * 1000.0,
         );
+    }
+}
+
+/// The connection field that says whether the client's connection is kept, and the
+/// header's end.
+fn header_end(keep: bool) -> &'static [u8] {
+    if keep {
+        b"connection: keep-alive\r\n\r\n"
+    } else {
+        b"connection: close\r\n\r\n"
     }
 }
 
