@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmedge_tests::edge::{
-    backend, curl, edge, http_get, peers_script, raw_http, wake_hook, wrk_requests, Process,
+    backend, curl, edge, http_get, peers_script, raw_http, read_until, wake_hook, wrk_requests,
+    Process,
 };
 use vmedge_tests::gate::metric;
 use vmedge_tests::{Lab, Netns};
@@ -1006,13 +1007,5 @@ fn closes_idle_keep_alive_connections_and_stalled_requests() {
 fn read_hello(conn: &mut std::net::TcpStream) -> String {
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !answer.ends_with(b"hello from 8000\n") {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&answer).into_owned()
+    read_until(conn, b"hello from 8000\n")
 }

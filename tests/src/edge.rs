@@ -176,15 +176,7 @@ pub fn wake_hook(
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             // Header and body may come in separate segments: read up to the JSON's end.
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !got.ends_with(b"}") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&got).into_owned();
+            let text = read_until(&mut conn, b"}");
             assert!(text.starts_with("POST /wake HTTP/1.1"), "{text}");
             assert!(
                 text.contains(&format!(r#"{{"vm_id":"{vm_id}"}}"#)),
@@ -206,6 +198,20 @@ pub fn wrk_requests(report: &str) -> u64 {
         .find_map(|l| l.trim().split_once(" requests in "))
         .and_then(|(n, _)| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no request count in the wrk report:\n{report}"))
+}
+
+/// What `conn` gives up to and including `end` (a message whose header and body may
+/// come in separate segments); what it gave when it closed or failed first.
+pub fn read_until(conn: &mut TcpStream, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(end) {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// Runs curl in `ns`: `-sS` plus `args`.
