@@ -49,7 +49,9 @@ pub struct PlainConn {
     ahead_read: usize,
     /// Written since the last flush; empty (no allocation) between responses.
     gathered: Vec<u8>,
-    digest: Arc<SocketDigest>,
+    /// The client's address, as pingora's accept had it (no `getpeername`). pingora's
+    /// socket digest (~400 bytes) is made only when a request goes to pingora.
+    peer: Option<std::net::SocketAddr>,
     established: SystemTime,
     /// Counted among the open connections while it lives.
     counted: Option<OpenConnection>,
@@ -84,15 +86,16 @@ impl PlainConn {
             .first()
             .and_then(|t| t.as_ref().map(|t| t.established_ts))
             .unwrap_or_else(SystemTime::now);
-        // From the new descriptor: the old one's number may be reused once it is closed.
-        let digest = Arc::new(SocketDigest::from_raw_fd(tcp.as_fd().as_raw_fd()));
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
         drop(stream);
         Ok(PlainConn {
             tcp,
             ahead: Vec::new(),
             ahead_read: 0,
             gathered: Vec::new(),
-            digest,
+            peer,
             established,
             counted: None,
         })
@@ -117,7 +120,7 @@ impl PlainConn {
 
     /// The client's address.
     pub(crate) fn peer(&self) -> Option<std::net::SocketAddr> {
-        self.digest.peer_addr().and_then(|a| a.as_inet()).copied()
+        self.peer
     }
 
     /// What was read ahead and not yet taken: the start of a request, usually.
@@ -297,8 +300,14 @@ impl GetProxyDigest for PlainConn {
 }
 
 impl GetSocketDigest for PlainConn {
+    /// Made when asked, from this connection's own descriptor (the accepted one's number
+    /// may be reused once it is closed): pingora asks once per request it serves.
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        Some(self.digest.clone())
+        let digest = SocketDigest::from_raw_fd(self.tcp.as_fd().as_raw_fd());
+        if let Some(peer) = self.peer {
+            let _ = digest.peer_addr.set(Some(peer.into()));
+        }
+        Some(Arc::new(digest))
     }
 }
 
