@@ -872,6 +872,47 @@ fn proxies_plain_http1_answers_of_every_framing_on_its_own_path() {
         "{m}"
     );
     assert!(direct(&t).unwrap() >= before + 12.0, "{m}");
+
+    // A VM that refuses an upload before reading it, and closes: the client gets the
+    // VM's answer, not a 502 for the body the edge could not pass on (32 MB: more than
+    // the sockets on the way hold).
+    let refused = refused_upload(&t, &web, 32 << 20);
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused}");
+    assert!(refused.contains("\r\nconnection: close\r\n"), "{refused}");
+    assert!(refused.ends_with("\r\n\r\ntoo large\n"), "{refused}");
+    let m = t.metrics();
+    assert!(
+        m.contains(r#"vmedge_edge_refusals_total{reason="bad_upstream_answer"} 1"#),
+        "the early answer was taken for a broken one: {m}"
+    );
+}
+
+/// A POST of `len` bytes to the VM's `/reject`, its body sent by another thread while
+/// the answer is read: the answer, to the end of the connection.
+fn refused_upload(t: &EdgeLab, host: &str, len: usize) -> String {
+    t.ns().enter(|| {
+        let mut client = std::net::TcpStream::connect(HTTP).unwrap();
+        let header =
+            format!("POST /reject HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\n\r\n");
+        client.write_all(header.as_bytes()).unwrap();
+        let mut sender = client.try_clone().unwrap();
+        let sending = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..len / chunk.len() {
+                // The edge may close first: the rest is not wanted.
+                if sender.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = client.read_to_end(&mut answer);
+        sending.join().unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    })
 }
 
 #[test]

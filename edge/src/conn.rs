@@ -22,7 +22,7 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::OpenConnection;
@@ -38,6 +38,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How long a peek waits for the rest of an HTTP/2 preface that began to arrive.
 const PREFACE_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a lingering close reads what the client still sends, at most, and how long it
+/// waits for more (nginx's `lingering_time` and `lingering_timeout`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+const LINGER_QUIET: Duration = Duration::from_secs(5);
 
 /// A plain TCP client connection: see the module.
 #[derive(Debug)]
@@ -116,6 +121,26 @@ impl PlainConn {
             self.read_ahead()?;
         }
         Ok(())
+    }
+
+    /// Ends the connection after an answer that left part of the request unread, as
+    /// nginx's lingering close does. Closing a socket with bytes unread resets the
+    /// connection, and a reset can discard the answer before the client has read it; so
+    /// the answer's end is sent (`FIN`), and what the client still sends is read and
+    /// dropped until it stops, is quiet for [`LINGER_QUIET`], or [`LINGER_TIME`] is up.
+    pub(crate) async fn linger(&mut self) {
+        if AsyncWriteExt::shutdown(self).await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut sink = vec![0u8; READ_AHEAD];
+        loop {
+            let read = tokio::time::timeout(LINGER_QUIET, self.tcp.read(&mut sink));
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(Ok(n))) if n > 0 => {}
+                _ => return,
+            }
+        }
     }
 
     /// The client's address.
@@ -351,6 +376,31 @@ pub(crate) mod tests {
         // Closing it closes the connection (pingora's descriptor is long gone).
         drop(conn);
         assert_eq!(client.read(&mut got).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lingering_close_delivers_the_whole_answer_to_a_client_still_sending() {
+        let (mut conn, mut client) = pair().await;
+        // A body the server never reads: closing with it unread would reset the
+        // connection, and the answer's tail, still in the server's send queue, with it.
+        client.write_all(&[b'x'; 16 * 1024]).await.unwrap();
+        let answer = vec![b'a'; 8 << 20];
+        let server = tokio::spawn(async move {
+            conn.write_all(&answer).await.unwrap();
+            conn.flush().await.unwrap();
+            conn.linger().await;
+        });
+        // The client reads late, and keeps sending meanwhile.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.write_all(&[b'y'; 16 * 1024]).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 8 << 20, "the answer was cut off");
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("the linger outlived the client")
+            .unwrap();
     }
 
     #[tokio::test]

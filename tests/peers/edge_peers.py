@@ -40,7 +40,8 @@ class Http(http.server.BaseHTTPRequestHandler):
     /close-after (answers, then closes the connection without saying so), /drop-next
     (answers; the next request on the same connection is read and left unanswered, the
     connection closed); HEAD of any GET; POST /upload (answers bytes and sha256 of the
-    body, chunked or not)."""
+    body, chunked or not); POST /reject (413 before reading the body, then closes, as a
+    server with a size limit does)."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -153,6 +154,10 @@ class Http(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         if self.dropped():
+            return
+        if self.path == "/reject":
+            self.close_connection = True
+            self.reply(413, b"too large\n", extra=[("Connection", "close")])
             return
         digest, n = hashlib.sha256(), 0
         if self.headers.get("Transfer-Encoding", "").lower().endswith("chunked"):

@@ -164,8 +164,8 @@ impl Direct {
         } else {
             Err(Failure::Refuse(Refusal::RateLimited))
         };
-        let keep_alive = match result {
-            Ok(keep_alive) => keep_alive,
+        let (keep_alive, answered) = match result {
+            Ok(keep_alive) => (keep_alive, true),
             Err(Failure::Refuse(refusal)) => {
                 // An unread body leaves the connection's framing unknown.
                 let keep = done.bytes_in == req.body_len
@@ -174,23 +174,28 @@ impl Direct {
                     && refusal == Refusal::RateLimited;
                 self.metrics.refused(refusal.reason());
                 done.status = refusal.status();
-                if let Err(e) = self.answer(conn, &refusal, &req.id, keep).await {
+                let answered = self.answer(conn, &refusal, &req.id, keep).await;
+                if let Err(e) = answered {
                     done.error = e;
                 }
                 done.refusal = Some(refusal);
-                keep
+                (keep, answered.is_ok())
             }
             Err(Failure::Client(e) | Failure::Cut(e)) => {
                 done.error = e;
-                false
+                (false, false)
             }
         };
         self.finish(&req, client, vm, service, &done, started);
         if keep_alive {
-            Outcome::KeepAlive
-        } else {
-            Outcome::Close
+            return Outcome::KeepAlive;
         }
+        if answered && done.bytes_in < req.body_len {
+            // The client may still be sending the body: closing now would reset the
+            // connection, and could take the answer with it.
+            conn.linger().await;
+        }
+        Outcome::Close
     }
 
     /// The running VM service the request's host names, if this path may take it there
@@ -225,7 +230,7 @@ impl Direct {
         activity.inbound(first);
 
         let mut buf = Vec::with_capacity(4096);
-        let (mut tcp, answer, sent) = loop {
+        let (mut tcp, answer, sent, whole) = loop {
             let (mut tcp, reused) = match self.pool.take(target) {
                 Some(tcp) => (tcp, true),
                 None => (self.connect(target).await?, false),
@@ -237,23 +242,25 @@ impl Direct {
                 continue;
             }
             written.map_err(Failure::Refuse)?;
-            self.send_body(conn, &mut tcp, req.body_len, activity, done)
+            let whole = self
+                .send_body(conn, &mut tcp, req.body_len, activity, done)
                 .await?;
             let sent = Instant::now();
             match self.read_answer(&mut tcp, conn, req, &mut buf).await? {
-                Some(answer) => break (tcp, answer, sent),
+                Some(answer) => break (tcp, answer, sent, whole),
                 None if retry => continue,
                 None => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
             }
         };
         self.metrics.responded(sent.elapsed().as_secs_f64());
         done.status = answer.status;
-        // An answer that ends only when the VM closes ends the client's connection too.
-        let keep = !req.close && !stopping && answer.framing != Framing::UntilClose;
+        // An answer that ends only when the VM closes ends the client's connection too,
+        // and so does a body left unread (its end is where the next request would begin).
+        let keep = whole && !req.close && !stopping && answer.framing != Framing::UntilClose;
         let reusable = self
             .stream_answer(conn, &mut tcp, answer, &buf, keep, activity, done)
             .await?;
-        if reusable {
+        if reusable && whole {
             self.pool.put(target, tcp);
         }
         Ok(keep)
@@ -277,7 +284,10 @@ impl Direct {
         }
     }
 
-    /// The rest of the request's body (what did not come with its header), client to VM.
+    /// The rest of the request's body (what did not come with its header), client to VM;
+    /// `false` when the VM stopped taking it. A VM may answer before it has read a whole
+    /// body (a 413, a 401) and close its connection: its answer is then still to be read,
+    /// and the client gets it, as from nginx.
     async fn send_body(
         &self,
         conn: &mut PlainConn,
@@ -285,10 +295,10 @@ impl Direct {
         body_len: u64,
         activity: &VmActivity,
         done: &mut Done,
-    ) -> Result<(), Failure> {
+    ) -> Result<bool, Failure> {
         let mut left = body_len - done.bytes_in;
         if left == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let mut chunk = vec![0u8; clamp(left).min(CHUNK)];
         while left > 0 {
@@ -300,14 +310,18 @@ impl Direct {
                 Err(_) => return Err(Failure::Client("the client stopped sending its body")),
                 Ok(Ok(n)) => n,
             };
-            upstream_io(self.settings.upstream_timeout, tcp.write_all(&chunk[..n]))
-                .await
-                .map_err(Failure::Refuse)?;
             activity.inbound(n);
             done.bytes_in += n as u64;
             left -= n as u64;
+            let write = tcp.write_all(&chunk[..n]);
+            match tokio::time::timeout(self.settings.upstream_timeout, write).await {
+                Ok(Ok(())) => {}
+                // The VM closed: it may have answered first.
+                Ok(Err(_)) => return Ok(false),
+                Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The VM's answer header, parsed; interim answers (1xx) are passed on to the client
