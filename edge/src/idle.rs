@@ -22,6 +22,8 @@
 //!   offered to the edge's own HTTP/1.1 path ([`Direct`]) first, and reaches the proxy
 //!   only when declined there.
 
+use std::future::Future;
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +32,7 @@ use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::v1::server::HttpSession as Http1Session;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Peek, Stream};
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::sync::{oneshot, Notify};
 
@@ -186,7 +188,8 @@ impl<A> IdleFirst<A> {
             Between::Pipelined(h1) => return Some((ServerSession::H1(*h1), true)),
             Between::Idle { stream, reuses } => (stream, reuses),
         };
-        let peeked = self.first_byte(&mut *stream).await?;
+        let mut byte = [0u8; 1];
+        let peeked = self.first_byte(stream.try_peek(&mut byte)).await?;
         let mut session = ServerSession::new_http1(stream);
         // Keep-alive "off" until the request says otherwise (pingora decides it from the
         // request's header) makes the header reads use the read timeout. A stream that
@@ -198,15 +201,15 @@ impl<A> IdleFirst<A> {
         Some((session, peeked))
     }
 
-    /// Waits until `stream` has a byte to read, left unread (`Some(false)`: a stream that
-    /// cannot be peeked at, not waited for); `None` when closed, timed out or stopping.
-    async fn first_byte<S: Peek + Send + ?Sized>(&self, stream: &mut S) -> Option<bool> {
+    /// Waits until `arrived`: a stream has a byte to read, left unread (`Some(false)`: a
+    /// stream that cannot be peeked at, not waited for); `None` when closed, timed out or
+    /// stopping.
+    async fn first_byte(&self, arrived: impl Future<Output = io::Result<bool>>) -> Option<bool> {
         let stop = self.stop.notified();
         if self.stopping.load(Ordering::Acquire) {
             return None;
         }
-        let mut byte = [0u8; 1];
-        let peek = tokio::time::timeout(self.timeouts.idle, stream.try_peek(&mut byte));
+        let peek = tokio::time::timeout(self.timeouts.idle, arrived);
         tokio::select! {
             biased;
             peeked = peek => peeked.ok()?.ok(),
@@ -267,7 +270,10 @@ where
         let Ok(mut conn) = stream.into_any().downcast::<PlainConn>() else {
             return Offered::Closed;
         };
-        if self.first_byte(&mut *conn).await.is_none() {
+        // Waited for in place: `Peek`'s boxed future would cost each idle connection an
+        // allocation of its own.
+        let arrived = async { conn.wait_for_data().await.map(|()| true) };
+        if self.first_byte(arrived).await.is_none() {
             return Offered::Closed;
         }
         let stopping = self.stopping.load(Ordering::Acquire);
