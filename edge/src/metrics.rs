@@ -1,25 +1,47 @@
 //! `vmedge_edge_*` Prometheus metrics.
 
+use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use vmedge_model::VmId;
+use vmedge_model::{ServiceName, VmId};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     code: u16,
-    service: String,
+    service: ServiceLabel,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VmLabels {
-    vm: String,
+    vm: VmLabel,
     direction: &'static str,
+}
+
+/// A service name as a label value (empty: no route). Label sets are looked up on every
+/// request: these are copied, and written out as text only when scraped.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct ServiceLabel(Option<ServiceName>);
+
+impl EncodeLabelValue for ServiceLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(self.0.as_ref().map_or("", |s| s.as_str()))
+    }
+}
+
+/// A VM id as a label value, hyphenated.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct VmLabel(VmId);
+
+impl EncodeLabelValue for VmLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        write!(encoder, "{}", self.0)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,14 +155,14 @@ impl Metrics {
         self.served.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn request_done(&self, code: u16, service: &str) {
+    /// A request answered with `code`, for `service` (`None`: it had no route).
+    pub(crate) fn request_done(&self, code: u16, service: Option<ServiceName>) {
         self.served.fetch_add(1, Ordering::Relaxed);
-        self.requests
-            .get_or_create(&RequestLabels {
-                code,
-                service: service.to_string(),
-            })
-            .inc();
+        let labels = RequestLabels {
+            code,
+            service: ServiceLabel(service),
+        };
+        self.requests.get_or_create(&labels).inc();
     }
 
     pub(crate) fn direct_request(&self) {
@@ -155,14 +177,12 @@ impl Metrics {
         if bytes_in == 0 && bytes_out == 0 {
             return;
         }
-        // One label string for both directions.
-        let mut labels = VmLabels {
-            vm: vm.to_string(),
-            direction: "in",
-        };
         for (direction, n) in [("in", bytes_in), ("out", bytes_out)] {
             if n > 0 {
-                labels.direction = direction;
+                let labels = VmLabels {
+                    vm: VmLabel(*vm),
+                    direction,
+                };
                 self.bytes.get_or_create(&labels).inc_by(n);
             }
         }

@@ -477,8 +477,7 @@ impl ProxyHttp for EdgeProxy {
             None => session.response_written().map_or(0, |r| r.status.as_u16()),
         };
         let service = ctx.routed.as_ref().map(|r| r.service);
-        let service_name = service.as_ref().map_or("", |s| s.as_str());
-        self.metrics.request_done(status, service_name);
+        self.metrics.request_done(status, service);
         let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
         if let Some(routed) = &ctx.routed {
             self.metrics
@@ -494,7 +493,7 @@ impl ProxyHttp for EdgeProxy {
             path = %req.uri.path(),
             status,
             vm = %ctx.routed.as_ref().map(|r| r.vm.to_string()).unwrap_or_default(),
-            service = service_name,
+            service = service.as_ref().map_or("", |s| s.as_str()),
             refusal = ctx.refusal.as_ref().map_or("", |r| r.reason()),
             error = %e.map(|e| e.to_string()).unwrap_or_default(),
             bytes_in,

@@ -454,7 +454,7 @@ impl Direct {
     ) {
         self.metrics.closed();
         self.metrics.direct_request();
-        self.metrics.request_done(done.status, service.as_str());
+        self.metrics.request_done(done.status, Some(service));
         self.metrics.vm_bytes(&vm, done.bytes_in, done.bytes_out);
         tracing::info!(
             target: "vmedge::access",
