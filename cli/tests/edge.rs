@@ -876,10 +876,40 @@ fn proxies_plain_http1_answers_of_every_framing_on_its_own_path() {
     // A VM that refuses an upload before reading it, and closes: the client gets the
     // VM's answer, not a 502 for the body the edge could not pass on (32 MB: more than
     // the sockets on the way hold).
-    let refused = refused_upload(&t, &web, 32 << 20);
+    let refused = refused_upload(&t, &web, "/reject", 32 << 20);
     assert!(refused.starts_with("HTTP/1.1 413 "), "{refused}");
     assert!(refused.contains("\r\nconnection: close\r\n"), "{refused}");
     assert!(refused.ends_with("\r\n\r\ntoo large\n"), "{refused}");
+    // The same, the VM's connection left open with the body unread: the answer comes
+    // while the body still waits to be sent (it used to wait for the upstream timeout).
+    let refused = refused_upload(&t, &web, "/reject?open=60", 32 << 20);
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused}");
+    assert!(refused.ends_with("\r\n\r\ntoo large\n"), "{refused}");
+
+    // A VM that answers with the body as it reads it: 50 MB through, both ways at once.
+    let file = t.dir.path().join("echo-in.bin");
+    t.download(&web, "/download?n=50000000", &file);
+    let echoed = t.dir.path().join("echo-out.bin");
+    let upload = format!("@{}", file.display());
+    let status = t.get(
+        &web,
+        "/echo",
+        &[
+            "-H",
+            "Expect:",
+            "--data-binary",
+            &upload,
+            "-o",
+            echoed.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(status, " 200");
+    assert_eq!(std::fs::metadata(&echoed).unwrap().len(), 50_000_000);
+    assert_eq!(
+        sha256_of(t.ns(), &echoed),
+        sha256_of(t.ns(), &file),
+        "echo intact"
+    );
     let m = t.metrics();
     assert!(
         m.contains(r#"vmedge_edge_refusals_total{reason="bad_upstream_answer"} 1"#),
@@ -887,13 +917,13 @@ fn proxies_plain_http1_answers_of_every_framing_on_its_own_path() {
     );
 }
 
-/// A POST of `len` bytes to the VM's `/reject`, its body sent by another thread while
+/// A POST of `len` bytes to the VM's `path`, its body sent by another thread while
 /// the answer is read: the answer, to the end of the connection.
-fn refused_upload(t: &EdgeLab, host: &str, len: usize) -> String {
+fn refused_upload(t: &EdgeLab, host: &str, path: &str, len: usize) -> String {
     t.ns().enter(|| {
         let mut client = std::net::TcpStream::connect(HTTP).unwrap();
         let header =
-            format!("POST /reject HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\n\r\n");
+            format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len}\r\n\r\n");
         client.write_all(header.as_bytes()).unwrap();
         let mut sender = client.try_clone().unwrap();
         let sending = std::thread::spawn(move || {

@@ -23,6 +23,7 @@ use pingora::protocols::{
     TimingDigest, UniqueID, UniqueIDType,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use crate::metrics::OpenConnection;
@@ -148,6 +149,15 @@ impl PlainConn {
     /// is ~350, held by every idle connection.
     async fn readable(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.tcp.poll_read_ready(cx)).await
+    }
+
+    /// The socket's two halves, to read a request's body while its answer is written.
+    /// What was read ahead and what was gathered must be taken and sent first (they are,
+    /// once a request's header and the body's first bytes are taken, and before any of
+    /// the answer is written): the halves bypass both.
+    pub(crate) fn halves(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        debug_assert!(self.ahead_read == self.ahead.len() && self.gathered.is_empty());
+        self.tcp.split()
     }
 
     /// The client's address.

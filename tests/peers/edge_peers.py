@@ -40,8 +40,9 @@ class Http(http.server.BaseHTTPRequestHandler):
     /close-after (answers, then closes the connection without saying so), /drop-next
     (answers; the next request on the same connection is read and left unanswered, the
     connection closed); HEAD of any GET; POST /upload (answers bytes and sha256 of the
-    body, chunked or not); POST /reject (413 before reading the body, then closes, as a
-    server with a size limit does)."""
+    body, chunked or not); POST /reject[?open=S] (413 before reading the body, then
+    closes, as a server with a size limit does; after S seconds); POST /echo (the body
+    back, chunked, as it is read)."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -155,9 +156,27 @@ class Http(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         if self.dropped():
             return
-        if self.path == "/reject":
+        path, _, query = self.path.partition("?")
+        if path == "/reject":
             self.close_connection = True
             self.reply(413, b"too large\n", extra=[("Connection", "close")])
+            # ?open=S: the connection is left open, its body unread, for S seconds.
+            self.wfile.flush()
+            time.sleep(float(query.removeprefix("open=") or "0"))
+            return
+        if path == "/echo":
+            # The body back as it is read: the answer needs the body to keep coming.
+            left = int(self.headers.get("Content-Length", "0"))
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            while left:
+                data = self.rfile.read(min(left, 65536))
+                if not data:
+                    break
+                self.chunk(data)
+                left -= len(data)
+            self.wfile.write(b"0\r\n\r\n")
             return
         digest, n = hashlib.sha256(), 0
         if self.headers.get("Transfer-Encoding", "").lower().endswith("chunked"):

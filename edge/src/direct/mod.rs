@@ -7,7 +7,8 @@
 //! upgrade. Those are proxied here. The header is parsed in place (httparse, the parser
 //! pingora uses) and rewritten into one buffer. It goes to the VM on a kept-alive
 //! connection ([`UpstreamPool`]), and the answer comes back as it arrives, its header and
-//! first body bytes in one send.
+//! first body bytes in one send. A request's body goes on to the VM while its answer
+//! comes back: a VM may answer first (a 413), or answer as it reads (an echo).
 //!
 //! Everything else is declined before anything is taken from the connection or counted,
 //! and pingora serves it from the same bytes: `Expect`, `Upgrade` and chunked requests, a
@@ -20,12 +21,14 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora::protocols::http::date;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use vmedge_model::{ServiceName, VmId};
 use vmedge_registry::Registry;
 
@@ -88,6 +91,14 @@ enum Failure {
     Client(&'static str),
     /// The VM's answer broke off after part of it went to the client.
     Cut(&'static str),
+}
+
+/// Whether the two connections of an exchange may carry another request.
+struct Kept {
+    /// The client's: what its answer told it.
+    client: bool,
+    /// The VM's: its answer ended where its framing said, and it took the whole request.
+    reusable: bool,
 }
 
 /// What a request came to, for the metrics and the access log.
@@ -228,42 +239,159 @@ impl Direct {
         conn.consume(first);
         done.bytes_in = first as u64;
         activity.inbound(first);
+        let body_left = req.body_len - done.bytes_in;
 
         let mut buf = Vec::with_capacity(4096);
-        let (mut tcp, answer, sent, whole) = loop {
+        loop {
             let (mut tcp, reused) = match self.pool.take(target) {
                 Some(tcp) => (tcp, true),
                 None => (self.connect(target).await?, false),
             };
-            let retry = reused && req.can_retry(req.body_len - done.bytes_in);
+            let retry = reused && req.can_retry(body_left);
             let written =
                 upstream_io(self.settings.upstream_timeout, tcp.write_all(&req.upstream)).await;
             if written.is_err() && retry {
                 continue;
             }
             written.map_err(Failure::Refuse)?;
-            let whole = self
-                .send_body(conn, &mut tcp, req.body_len, activity, done)
-                .await?;
             let sent = Instant::now();
-            match self.read_answer(&mut tcp, conn, req, &mut buf).await? {
-                Some(answer) => break (tcp, answer, sent, whole),
-                None if retry => continue,
-                None => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
+            if body_left > 0 {
+                let keep = self
+                    .duplex(conn, &mut tcp, req, sent, activity, done, stopping)
+                    .await?;
+                if keep.reusable {
+                    self.pool.put(target, tcp);
+                }
+                return Ok(keep.client);
+            }
+            let Some(answer) = self.read_answer(&mut tcp, conn, req, &mut buf).await? else {
+                if retry {
+                    continue;
+                }
+                return Err(Failure::Refuse(Refusal::BadUpstreamAnswer));
+            };
+            let keep = !req.close && !stopping;
+            let keep = self
+                .relay(conn, &mut tcp, answer, &buf, sent, keep, activity, done)
+                .await?;
+            if keep.reusable {
+                self.pool.put(target, tcp);
+            }
+            return Ok(keep.client);
+        }
+    }
+
+    /// The rest of a request's body to the VM while its answer comes back, as pingora
+    /// does: a VM may answer before it has read the whole body (a 413, a 401: the client
+    /// gets that answer, as from nginx), or stream its answer while it reads (an echo).
+    /// A client connection whose body was not all read by the time the answer began is
+    /// closed after it (the body's end is where the next request would begin).
+    #[allow(clippy::too_many_arguments)]
+    async fn duplex(
+        &self,
+        conn: &mut PlainConn,
+        tcp: &mut TcpStream,
+        req: &Request,
+        sent: Instant,
+        activity: &VmActivity,
+        done: &mut Done,
+        stopping: bool,
+    ) -> Result<Kept, Failure> {
+        let body_read = AtomicU64::new(done.bytes_in);
+        let body_whole = AtomicBool::new(false);
+        let body_sent = Notify::new();
+        let mut out = Done::default();
+        let kept = {
+            let (mut client_in, mut client_out) = conn.halves();
+            let (mut vm_in, mut vm_out) = tcp.split();
+            let pump = self.send_body(
+                &mut client_in,
+                &mut vm_out,
+                req.body_len,
+                &body_read,
+                activity,
+            );
+            let answered = async {
+                // No limit on the VM's answer while the body is still going (a slow upload
+                // is not a slow VM); the upstream timeout from then on, as nginx's
+                // proxy_read_timeout.
+                tokio::select! {
+                    _ = vm_in.readable() => {}
+                    _ = body_sent.notified() => {}
+                }
+                let mut buf = Vec::with_capacity(4096);
+                let answer = self.read_answer(&mut vm_in, &mut client_out, req, &mut buf);
+                let answer = answer
+                    .await?
+                    .ok_or(Failure::Refuse(Refusal::BadUpstreamAnswer))?;
+                let keep = body_whole.load(Ordering::Acquire) && !req.close && !stopping;
+                self.relay(
+                    &mut client_out,
+                    &mut vm_in,
+                    answer,
+                    &buf,
+                    sent,
+                    keep,
+                    activity,
+                    &mut out,
+                )
+                .await
+            };
+            tokio::pin!(pump, answered);
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    pumped = &mut pump, if pumping => match pumped {
+                        Ok(whole) => {
+                            pumping = false;
+                            body_whole.store(whole, Ordering::Release);
+                            body_sent.notify_one();
+                        }
+                        Err(failure) => break Err(failure),
+                    },
+                    kept = &mut answered => break kept,
+                }
             }
         };
+        done.bytes_in = body_read.load(Ordering::Relaxed);
+        (done.status, done.bytes_out) = (out.status, out.bytes_out);
+        let mut kept = kept?;
+        // A body the VM did not take whole leaves its connection mid-request.
+        kept.reusable &= body_whole.load(Ordering::Acquire);
+        Ok(kept)
+    }
+
+    /// An answer's header and body to the client, once its header is in: see
+    /// [`Direct::stream_answer`]. `keep`: the client's connection may be kept, as far as
+    /// the request goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay<C, V>(
+        &self,
+        client: &mut C,
+        vm: &mut V,
+        answer: Answer,
+        rest: &[u8],
+        sent: Instant,
+        keep: bool,
+        activity: &VmActivity,
+        done: &mut Done,
+    ) -> Result<Kept, Failure>
+    where
+        C: AsyncWrite + Unpin,
+        V: AsyncRead + Unpin,
+    {
         self.metrics.responded(sent.elapsed().as_secs_f64());
         done.status = answer.status;
-        // An answer that ends only when the VM closes ends the client's connection too,
-        // and so does a body left unread (its end is where the next request would begin).
-        let keep = whole && !req.close && !stopping && answer.framing != Framing::UntilClose;
+        // An answer that ends only when the VM closes ends the client's connection too.
+        let client_keep = keep && answer.framing != Framing::UntilClose;
         let reusable = self
-            .stream_answer(conn, &mut tcp, answer, &buf, keep, activity, done)
+            .stream_answer(client, vm, answer, rest, client_keep, activity, done)
             .await?;
-        if reusable && whole {
-            self.pool.put(target, tcp);
-        }
-        Ok(keep)
+        Ok(Kept {
+            client: client_keep,
+            reusable,
+        })
     }
 
     /// A new connection to `target`.
@@ -285,25 +413,25 @@ impl Direct {
     }
 
     /// The rest of the request's body (what did not come with its header), client to VM;
-    /// `false` when the VM stopped taking it. A VM may answer before it has read a whole
-    /// body (a 413, a 401) and close its connection: its answer is then still to be read,
-    /// and the client gets it, as from nginx.
-    async fn send_body(
+    /// `false` when the VM stopped taking it (it closed, or stopped reading: its answer
+    /// may still come). `read` counts the body's bytes read from the client.
+    async fn send_body<C, V>(
         &self,
-        conn: &mut PlainConn,
-        tcp: &mut TcpStream,
+        client: &mut C,
+        vm: &mut V,
         body_len: u64,
+        read: &AtomicU64,
         activity: &VmActivity,
-        done: &mut Done,
-    ) -> Result<bool, Failure> {
-        let mut left = body_len - done.bytes_in;
-        if left == 0 {
-            return Ok(true);
-        }
+    ) -> Result<bool, Failure>
+    where
+        C: AsyncRead + Unpin,
+        V: AsyncWrite + Unpin,
+    {
+        let mut left = body_len - read.load(Ordering::Relaxed);
         let mut chunk = vec![0u8; clamp(left).min(CHUNK)];
         while left > 0 {
             let want = clamp(left).min(chunk.len());
-            let n = match tokio::time::timeout(self.timeouts.read, conn.read(&mut chunk[..want]))
+            let n = match tokio::time::timeout(self.timeouts.read, client.read(&mut chunk[..want]))
                 .await
             {
                 Ok(Ok(0) | Err(_)) => return Err(Failure::Client("the client closed mid-body")),
@@ -311,14 +439,14 @@ impl Direct {
                 Ok(Ok(n)) => n,
             };
             activity.inbound(n);
-            done.bytes_in += n as u64;
+            read.fetch_add(n as u64, Ordering::Relaxed);
             left -= n as u64;
-            let write = tcp.write_all(&chunk[..n]);
-            match tokio::time::timeout(self.settings.upstream_timeout, write).await {
-                Ok(Ok(())) => {}
-                // The VM closed: it may have answered first.
-                Ok(Err(_)) => return Ok(false),
-                Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
+            let write = vm.write_all(&chunk[..n]);
+            if !matches!(
+                tokio::time::timeout(self.settings.upstream_timeout, write).await,
+                Ok(Ok(()))
+            ) {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -327,13 +455,17 @@ impl Direct {
     /// The VM's answer header, parsed; interim answers (1xx) are passed on to the client
     /// as they come. What was read past the header is left in `buf`. `None` when the
     /// connection closed before any answer: the request may go again on a new one.
-    async fn read_answer(
+    async fn read_answer<V, C>(
         &self,
-        tcp: &mut TcpStream,
-        conn: &mut PlainConn,
+        tcp: &mut V,
+        conn: &mut C,
         req: &Request,
         buf: &mut Vec<u8>,
-    ) -> Result<Option<Answer>, Failure> {
+    ) -> Result<Option<Answer>, Failure>
+    where
+        V: AsyncRead + Unpin,
+        C: AsyncWrite + Unpin,
+    {
         let mut interim = false;
         loop {
             if !buf.is_empty() {
@@ -368,16 +500,20 @@ impl Direct {
     /// The answer's header (with the connection field `keep` calls for) and body to the
     /// client, as the body arrives; whether the VM's connection may carry another request.
     #[allow(clippy::too_many_arguments)]
-    async fn stream_answer(
+    async fn stream_answer<C, V>(
         &self,
-        conn: &mut PlainConn,
-        tcp: &mut TcpStream,
+        conn: &mut C,
+        tcp: &mut V,
         answer: Answer,
         rest: &[u8],
         keep: bool,
         activity: &VmActivity,
         done: &mut Done,
-    ) -> Result<bool, Failure> {
+    ) -> Result<bool, Failure>
+    where
+        C: AsyncWrite + Unpin,
+        V: AsyncRead + Unpin,
+    {
         let mut reusable = answer.reusable;
         let mut body = Body::new(answer.framing);
         let mut out = answer.header;
@@ -498,7 +634,11 @@ async fn upstream_io<T>(
 }
 
 /// `bytes` to the client, sent now, under the client timeout.
-async fn client_io(limit: Duration, conn: &mut PlainConn, bytes: &[u8]) -> Result<(), Failure> {
+async fn client_io<C: AsyncWrite + Unpin>(
+    limit: Duration,
+    conn: &mut C,
+    bytes: &[u8],
+) -> Result<(), Failure> {
     let write = async {
         conn.write_all(bytes).await?;
         conn.flush().await
