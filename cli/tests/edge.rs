@@ -917,6 +917,106 @@ fn proxies_plain_http1_answers_of_every_framing_on_its_own_path() {
     );
 }
 
+#[test]
+fn proxies_h2_requests_to_http1_services_on_its_own_path() {
+    let t = EdgeLab::start("running");
+    let web = host("web", 0);
+    let direct = |t: &EdgeLab| metric(&t.metrics(), "vmedge_edge_direct_requests_total");
+    let h2 = |path: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--http2-prior-knowledge",
+            "-w",
+            " %{http_version} %{http_code}",
+        ];
+        args.extend_from_slice(extra);
+        t.get(&web, path, &args)
+    };
+    let before = direct(&t).unwrap_or(0.0);
+    assert_eq!(h2("/hello", &[]), "hello from 8000\n 2 200");
+    assert_eq!(
+        direct(&t),
+        Some(before + 1.0),
+        "an h2 GET did not take the direct path"
+    );
+
+    // Answers of every framing, decoded: chunked, until the VM closes, none (a 204, a
+    // HEAD), and a final answer after hints.
+    assert_eq!(h2("/chunked", &[]), "first second third 2 200");
+    let file = t.dir.path().join("h2-until-close.bin");
+    let headers = t.curl(&[
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        file.to_str().unwrap(),
+        "-H",
+        &format!("Host: {web}"),
+        &format!("http://{HTTP}/until-close"),
+    ]);
+    assert!(headers.starts_with("HTTP/2 200"), "{headers}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 100_000);
+    assert_eq!(h2("/empty", &[]), " 2 204");
+    let head = h2("/hello", &["-I"]);
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(head.contains("content-length: 16\r\n"), "{head}");
+    assert!(head.contains("x-request-id: "), "{head}");
+    assert_eq!(h2("/early", &[]), "after the hints\n 2 200");
+
+    // 50 MB down, streamed and intact.
+    let file = t.dir.path().join("h2-down.bin");
+    let headers = t.curl(&[
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-o",
+        file.to_str().unwrap(),
+        "-H",
+        &format!("Host: {web}"),
+        &format!("http://{HTTP}/download?n=50000000"),
+    ]);
+    let want = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-sha256: "))
+        .unwrap_or_else(|| panic!("{headers}"))
+        .trim();
+    assert_eq!(sha256_of(t.ns(), &file), want, "download intact");
+
+    // What the VM sees: the public host, the edge's fields, the cookies in one field.
+    let seen = h2(
+        "/headers?x",
+        &[
+            "-H",
+            "cookie: a=1",
+            "-H",
+            "cookie: b=2",
+            "-H",
+            "x-forwarded-for: 203.0.113.9",
+        ],
+    );
+    let seen: Value = serde_json::from_str(seen.trim_end_matches(" 2 200")).unwrap();
+    assert_eq!(seen["host"], web);
+    assert_eq!(seen["x-forwarded-host"], web);
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["cookie"], "a=1; b=2", "{seen}");
+    assert!(seen["x-request-id"].is_string(), "{seen}");
+
+    // A VM that closes kept connections after an answer, or reads the next request and
+    // closes without answering: the GET goes again on a new connection.
+    assert_eq!(h2("/close-after", &[]), "closing\n 2 200");
+    assert_eq!(h2("/hello", &[]), "hello from 8000\n 2 200");
+    assert_eq!(h2("/drop-next", &[]), "armed\n 2 200");
+    assert_eq!(h2("/hello", &[]), "hello from 8000\n 2 200");
+
+    // The edge's own answer when nothing listens, over h2.
+    let dead = t.get(&host("dead", 0), "/", &["--http2-prior-knowledge"]);
+    assert!(
+        dead.contains("nothing is listening on port 8999 of the VM") && dead.ends_with(" 502"),
+        "{dead}"
+    );
+    assert_eq!(direct(&t), Some(before + 13.0), "{}", t.metrics());
+}
+
 /// A POST of `len` bytes to the VM's `path`, its body sent by another thread while
 /// the answer is read: the answer, to the end of the connection.
 fn refused_upload(t: &EdgeLab, host: &str, path: &str, len: usize) -> String {

@@ -103,7 +103,7 @@ impl Metrics {
         );
         sub.register(
             "direct_requests",
-            "Of those, plain HTTP/1.1 requests proxied on the edge's own path, not pingora's",
+            "Of those, requests to HTTP/1.1 services proxied on the edge's own path, not pingora's",
             m.direct_requests.clone(),
         );
         sub.register(

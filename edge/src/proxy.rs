@@ -21,6 +21,7 @@ use vmedge_registry::{Registry, RouteError};
 
 use crate::activity::{Activity, VmActivity};
 use crate::answers::{self, Refusal};
+use crate::direct::{Direct, H2Failure, H2Target};
 use crate::idle::HeaderRead;
 use crate::ids::RequestIds;
 use crate::metrics::Metrics;
@@ -36,6 +37,8 @@ pub struct EdgeProxy {
     activity: Arc<Activity>,
     metrics: Arc<Metrics>,
     ids: Arc<RequestIds>,
+    /// Takes the h2 requests it can to HTTP/1.1 services, from `request_filter`.
+    direct: Option<Arc<Direct>>,
 }
 
 /// Where a request goes, decided in `request_filter`.
@@ -77,6 +80,47 @@ impl EdgeProxy {
             activity,
             metrics,
             ids,
+            direct: None,
+        }
+    }
+
+    /// h2 requests to HTTP/1.1 services exchanged on `direct`'s upstream connections.
+    pub fn with_direct(mut self, direct: Arc<Direct>) -> EdgeProxy {
+        self.direct = Some(direct);
+        self
+    }
+
+    /// A routed h2 request to an HTTP/1.1 service, exchanged on the direct path, if it
+    /// is one for it: whether it was (and an answer went to the client).
+    async fn try_direct(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        routed: &Routed,
+    ) -> pingora::Result<bool> {
+        let Some(direct) = &self.direct else {
+            return Ok(false);
+        };
+        if !Direct::takes_h2(session, routed.h2c, ctx.grpc) {
+            return Ok(false);
+        }
+        let to = H2Target {
+            target: routed.target,
+            host: &ctx.host,
+            id: &ctx.id,
+            activity: &routed.activity,
+        };
+        let served = direct.serve_h2(session, &to).await;
+        self.metrics.direct_request();
+        match served {
+            Ok(()) => Ok(true),
+            Err(H2Failure::Refused(refusal)) => {
+                self.metrics.refused(refusal.reason());
+                answers::respond(session, &refusal, &ctx.id, ctx.grpc).await?;
+                ctx.refusal = Some(refusal);
+                Ok(true)
+            }
+            Err(H2Failure::Broken(e)) => Err(e),
         }
     }
 
@@ -286,8 +330,9 @@ impl ProxyHttp for EdgeProxy {
         ctx.grpc = answers::is_grpc(session);
         match self.route(session, ctx).await {
             Ok(routed) => {
+                let served = self.try_direct(session, ctx, &routed).await;
                 ctx.routed = Some(routed);
-                Ok(false)
+                served
             }
             Err(refusal) => {
                 self.metrics.refused(refusal.reason());

@@ -143,16 +143,6 @@ impl EdgeServer {
         ));
         let settings = Arc::new(settings);
         let ids = Arc::new(RequestIds::new());
-        let proxy = EdgeProxy::new(
-            settings.clone(),
-            registry.clone(),
-            waker.clone(),
-            activity.clone(),
-            metrics.clone(),
-            ids.clone(),
-        );
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
         let timeouts = ClientTimeouts {
             idle: settings.idle_timeout,
             read: settings.client_timeout,
@@ -163,9 +153,20 @@ impl EdgeServer {
             registry.clone(),
             activity.clone(),
             metrics.clone(),
-            ids,
+            ids.clone(),
             timeouts,
         ));
+        let proxy = EdgeProxy::new(
+            settings.clone(),
+            registry.clone(),
+            waker.clone(),
+            activity.clone(),
+            metrics.clone(),
+            ids,
+        )
+        .with_direct(direct.clone());
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
         let mut proxy = pingora::proxy::http_proxy(&conf, proxy);
         proxy.server_options = Some(options);
         let mut service = Service::new(

@@ -41,7 +41,10 @@ use crate::metrics::Metrics;
 use crate::upstream::{UpstreamPool, IDLE_TIMEOUT};
 use crate::EdgeSettings;
 
+mod h2;
 mod message;
+
+pub use h2::{H2Failure, H2Target};
 
 use message::{
     clamp, parse_answer, parse_request, Answer, Body, Declined, Framing, Malformed, Request,

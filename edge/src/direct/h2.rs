@@ -1,0 +1,225 @@
+//! h2 requests to a VM's HTTP/1.1 service, exchanged on the direct path's own upstream
+//! connections.
+//!
+//! pingora reads an h2 stream's request, and the edge's proxy routes it; from there,
+//! pingora's HTTP/1.1 client held h2c at 0.6-0.7x nginx (its pool's watcher task for
+//! every connection put back, a `getpeername` for every one taken, its per-request
+//! machinery: bench/RESULTS.md), where the edge's own answers over h2 run at twice
+//! nginx's proxied rate. A request without a body is sent here instead, from
+//! `request_filter`: its header is written as HTTP/1.1 for the VM
+//! ([`message::h1_request`]), on a kept connection of the [`UpstreamPool`], and the answer
+//! goes back through pingora's h2 session, its body decoded from its framing as it comes.
+//! Requests with a body, gRPC and h2c services stay pingora's. Interim answers (1xx) are
+//! not passed on, and neither are a chunked answer's trailer fields.
+//!
+//! [`UpstreamPool`]: crate::upstream::UpstreamPool
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::Method;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::message::{self, parse_answer, Answer, Body, Framing, Malformed};
+use super::{upstream_io, Direct, Failure, CHUNK, MAX_ANSWER_HEADER};
+use crate::activity::VmActivity;
+use crate::answers::Refusal;
+
+/// What an h2 request taken here came to, when not the VM's whole answer.
+#[derive(Debug)]
+pub enum H2Failure {
+    /// Nothing was sent to the client yet: it gets this answer.
+    Refused(Refusal),
+    /// The answer broke off (the VM's side or the client's, as the error says).
+    Broken(Box<Error>),
+}
+
+impl From<Failure> for H2Failure {
+    fn from(failure: Failure) -> H2Failure {
+        match failure {
+            Failure::Refuse(refusal) => H2Failure::Refused(refusal),
+            Failure::Client(why) => H2Failure::Broken(broken(ErrorSource::Downstream, why)),
+            Failure::Cut(why) => H2Failure::Broken(broken(ErrorSource::Upstream, why)),
+        }
+    }
+}
+
+fn broken(source: ErrorSource, why: &'static str) -> Box<Error> {
+    let etype = match source {
+        ErrorSource::Downstream => ErrorType::WriteError,
+        _ => ErrorType::ReadError,
+    };
+    Error::create(etype, source, Some(why.into()), None)
+}
+
+/// Where a request routed to a running VM's HTTP/1.1 service goes, for [`Direct::serve_h2`].
+pub struct H2Target<'a> {
+    pub target: SocketAddr,
+    pub host: &'a str,
+    pub id: &'a str,
+    pub activity: &'a VmActivity,
+}
+
+impl Direct {
+    /// Whether a routed request is one for [`Direct::serve_h2`]: h2 from the client, no
+    /// body, not gRPC, to a service that is not h2c.
+    pub fn takes_h2(session: &mut Session, h2c: bool, grpc: bool) -> bool {
+        session.is_http2()
+            && !h2c
+            && !grpc
+            && session.req_header().method != Method::CONNECT
+            && session.is_body_empty()
+    }
+
+    /// The request to the VM and its answer back through `session`.
+    pub async fn serve_h2(
+        &self,
+        session: &mut Session,
+        to: &H2Target<'_>,
+    ) -> Result<(), H2Failure> {
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let req = session.req_header();
+        let head = req.method == Method::HEAD;
+        // No side effects (RFC 9110 9.2.2): sent again when a kept connection turns out
+        // closed before any answer.
+        let retryable = matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let proto = if tls { "https" } else { "http" };
+        let upstream = message::h1_request(req, to.host, client, proto, to.id);
+
+        let mut buf = Vec::with_capacity(4096);
+        let (mut tcp, answer, sent) = loop {
+            let (mut tcp, reused) = match self.pool.take(to.target) {
+                Some(tcp) => (tcp, true),
+                None => (self.connect(to.target).await?, false),
+            };
+            let retry = reused && retryable;
+            let written =
+                upstream_io(self.settings.upstream_timeout, tcp.write_all(&upstream)).await;
+            if written.is_err() && retry {
+                continue;
+            }
+            written.map_err(H2Failure::Refused)?;
+            let sent = Instant::now();
+            match self
+                .read_final_answer(&mut tcp, head, to.id, &mut buf)
+                .await?
+            {
+                Some(answer) => break (tcp, answer, sent),
+                None if retry => continue,
+                None => return Err(H2Failure::Refused(Refusal::BadUpstreamAnswer)),
+            }
+        };
+        self.metrics.responded(sent.elapsed().as_secs_f64());
+        let reusable = self
+            .relay_h2(session, &mut tcp, answer, Bytes::from(buf), to.activity)
+            .await?;
+        if reusable {
+            self.pool.put(to.target, tcp);
+        }
+        Ok(())
+    }
+
+    /// The VM's final answer header, parsed for pingora (interim answers are skipped);
+    /// what was read past it is left in `buf`. `None` when the connection closed before
+    /// any answer.
+    async fn read_final_answer(
+        &self,
+        tcp: &mut TcpStream,
+        head: bool,
+        id: &str,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<Answer<ResponseHeader>>, Failure> {
+        let mut interim = false;
+        loop {
+            if !buf.is_empty() {
+                match parse_answer::<ResponseHeader>(buf, head, id)? {
+                    Some((answer, len)) => {
+                        buf.drain(..len);
+                        if answer.status >= 200 {
+                            return Ok(Some(answer));
+                        }
+                        interim = true;
+                        continue;
+                    }
+                    None if buf.len() > MAX_ANSWER_HEADER => {
+                        return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
+                    }
+                    None => {}
+                }
+            }
+            buf.reserve(4096);
+            match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
+                Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
+                Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => return Ok(None),
+                Ok(Ok(0) | Err(_)) => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The answer's header, then its body as it arrives, decoded from its framing, to the
+    /// client; whether the VM's connection may carry another request.
+    async fn relay_h2(
+        &self,
+        session: &mut Session,
+        tcp: &mut TcpStream,
+        answer: Answer<ResponseHeader>,
+        rest: Bytes,
+        activity: &VmActivity,
+    ) -> Result<bool, H2Failure> {
+        let mut body = Body::new(answer.framing);
+        session
+            .write_response_header(Box::new(answer.header), false)
+            .await
+            .map_err(|_| Failure::Client("the client went away"))?;
+        let mut reusable = answer.reusable;
+        let mut piece = rest;
+        let mut buf = BytesMut::new();
+        loop {
+            let mut spans = Vec::new();
+            let (take, end) = body
+                .decode(&piece, &mut |span| spans.push(span))
+                .map_err(|Malformed| Failure::Cut("the VM's chunked body is malformed"))?;
+            reusable &= take == piece.len();
+            let last = spans.len();
+            for (i, span) in spans.into_iter().enumerate() {
+                let data = piece.slice(span);
+                activity.outbound(data.len());
+                let fin = end && i + 1 == last;
+                session
+                    .write_response_body(Some(data), fin)
+                    .await
+                    .map_err(|_| Failure::Client("the client went away"))?;
+            }
+            if end {
+                if last == 0 {
+                    session
+                        .write_response_body(None, true)
+                        .await
+                        .map_err(|_| Failure::Client("the client went away"))?;
+                }
+                return Ok(reusable);
+            }
+            buf.reserve(CHUNK);
+            let read = tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(&mut buf));
+            match read.await {
+                Err(_) => return Err(Failure::Cut("the VM stopped answering mid-body").into()),
+                Ok(Ok(0)) if answer.framing == Framing::UntilClose => {
+                    session
+                        .write_response_body(None, true)
+                        .await
+                        .map_err(|_| Failure::Client("the client went away"))?;
+                    return Ok(false);
+                }
+                Ok(Ok(0) | Err(_)) => return Err(Failure::Cut("the VM closed mid-body").into()),
+                Ok(Ok(_)) => piece = buf.split().freeze(),
+            }
+        }
+    }
+}
