@@ -122,15 +122,16 @@ impl EdgeLab {
 
     /// `GET http://HTTP/PATH` with `Host: HOST`, the body saved to `file`; the header.
     fn download(&self, host: &str, path: &str, file: &Path) -> String {
-        self.curl(&[
-            "-D",
-            "-",
-            "-o",
-            file.to_str().unwrap(),
-            "-H",
-            &format!("Host: {host}"),
-            &format!("http://{HTTP}{path}"),
-        ])
+        self.download_with(host, path, file, &[])
+    }
+
+    /// [`EdgeLab::download`] with more curl arguments.
+    fn download_with(&self, host: &str, path: &str, file: &Path, extra: &[&str]) -> String {
+        let (host, url) = (format!("Host: {host}"), format!("http://{HTTP}{path}"));
+        let mut args = vec!["-D", "-", "-o", file.to_str().unwrap(), "-H", &host];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        self.curl(&args)
     }
 
     fn metrics(&self) -> String {
@@ -942,17 +943,9 @@ fn proxies_h2_requests_to_http1_services_on_its_own_path() {
     // Answers of every framing, decoded: chunked, until the VM closes, none (a 204, a
     // HEAD), and a final answer after hints.
     assert_eq!(h2("/chunked", &[]), "first second third 2 200");
+    let prior_knowledge = ["--http2-prior-knowledge"];
     let file = t.dir.path().join("h2-until-close.bin");
-    let headers = t.curl(&[
-        "--http2-prior-knowledge",
-        "-D",
-        "-",
-        "-o",
-        file.to_str().unwrap(),
-        "-H",
-        &format!("Host: {web}"),
-        &format!("http://{HTTP}/until-close"),
-    ]);
+    let headers = t.download_with(&web, "/until-close", &file, &prior_knowledge);
     assert!(headers.starts_with("HTTP/2 200"), "{headers}");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 100_000);
     assert_eq!(h2("/empty", &[]), " 2 204");
@@ -964,16 +957,7 @@ fn proxies_h2_requests_to_http1_services_on_its_own_path() {
 
     // 50 MB down, streamed and intact.
     let file = t.dir.path().join("h2-down.bin");
-    let headers = t.curl(&[
-        "--http2-prior-knowledge",
-        "-D",
-        "-",
-        "-o",
-        file.to_str().unwrap(),
-        "-H",
-        &format!("Host: {web}"),
-        &format!("http://{HTTP}/download?n=50000000"),
-    ]);
+    let headers = t.download_with(&web, "/download?n=50000000", &file, &prior_knowledge);
     let want = headers
         .lines()
         .find_map(|l| l.strip_prefix("x-sha256: "))
