@@ -22,11 +22,11 @@ use http::Method;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::message::{self, parse_answer, Answer, Body, Framing, Malformed};
-use super::{upstream_io, Direct, Failure, CHUNK, MAX_ANSWER_HEADER};
+use super::{Direct, Failure, CHUNK};
 use crate::activity::VmActivity;
 use crate::answers::Refusal;
 
@@ -94,17 +94,8 @@ impl Direct {
 
         let mut buf = Vec::with_capacity(4096);
         let (mut tcp, answer, sent) = loop {
-            let (mut tcp, reused) = match self.pool.take(to.target) {
-                Some(tcp) => (tcp, true),
-                None => (self.connect(to.target).await?, false),
-            };
+            let (mut tcp, reused) = self.send_header(to.target, &upstream, retryable).await?;
             let retry = reused && retryable;
-            let written =
-                upstream_io(self.settings.upstream_timeout, tcp.write_all(&upstream)).await;
-            if written.is_err() && retry {
-                continue;
-            }
-            written.map_err(H2Failure::Refused)?;
             let sent = Instant::now();
             match self
                 .read_final_answer(&mut tcp, head, to.id, &mut buf)
@@ -137,28 +128,16 @@ impl Direct {
     ) -> Result<Option<Answer<ResponseHeader>>, Failure> {
         let mut interim = false;
         loop {
-            if !buf.is_empty() {
-                match parse_answer::<ResponseHeader>(buf, head, id)? {
-                    Some((answer, len)) => {
-                        buf.drain(..len);
-                        if answer.status >= 200 {
-                            return Ok(Some(answer));
-                        }
-                        interim = true;
-                        continue;
-                    }
-                    None if buf.len() > MAX_ANSWER_HEADER => {
-                        return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
-                    }
-                    None => {}
+            if let Some((answer, len)) = parse_answer::<ResponseHeader>(buf, head, id)? {
+                buf.drain(..len);
+                if answer.status >= 200 {
+                    return Ok(Some(answer));
                 }
+                interim = true;
+                continue;
             }
-            buf.reserve(4096);
-            match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
-                Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
-                Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => return Ok(None),
-                Ok(Ok(0) | Err(_)) => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
-                Ok(Ok(_)) => {}
+            if !self.read_answer_bytes(tcp, buf, interim).await? {
+                return Ok(None);
             }
         }
     }

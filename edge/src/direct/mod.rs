@@ -245,42 +245,29 @@ impl Direct {
         let body_left = req.body_len - done.bytes_in;
 
         let mut buf = Vec::with_capacity(4096);
+        let retryable = req.can_retry(body_left);
         loop {
-            let (mut tcp, reused) = match self.pool.take(target) {
-                Some(tcp) => (tcp, true),
-                None => (self.connect(target).await?, false),
-            };
-            let retry = reused && req.can_retry(body_left);
-            let written =
-                upstream_io(self.settings.upstream_timeout, tcp.write_all(&req.upstream)).await;
-            if written.is_err() && retry {
-                continue;
-            }
-            written.map_err(Failure::Refuse)?;
+            let (mut tcp, reused) = self.send_header(target, &req.upstream, retryable).await?;
+            let retry = reused && retryable;
             let sent = Instant::now();
-            if body_left > 0 {
-                let keep = self
-                    .duplex(conn, &mut tcp, req, sent, activity, done, stopping)
-                    .await?;
-                if keep.reusable {
-                    self.pool.put(target, tcp);
-                }
-                return Ok(keep.client);
-            }
-            let Some(answer) = self.read_answer(&mut tcp, conn, req, &mut buf).await? else {
-                if retry {
-                    continue;
-                }
-                return Err(Failure::Refuse(Refusal::BadUpstreamAnswer));
+            let kept = if body_left > 0 {
+                self.duplex(conn, &mut tcp, req, sent, activity, done, stopping)
+                    .await?
+            } else {
+                let Some(answer) = self.read_answer(&mut tcp, conn, req, &mut buf).await? else {
+                    if retry {
+                        continue;
+                    }
+                    return Err(Failure::Refuse(Refusal::BadUpstreamAnswer));
+                };
+                let keep = !req.close && !stopping;
+                self.relay(conn, &mut tcp, answer, &buf, sent, keep, activity, done)
+                    .await?
             };
-            let keep = !req.close && !stopping;
-            let keep = self
-                .relay(conn, &mut tcp, answer, &buf, sent, keep, activity, done)
-                .await?;
-            if keep.reusable {
+            if kept.reusable {
                 self.pool.put(target, tcp);
             }
-            return Ok(keep.client);
+            return Ok(kept.client);
         }
     }
 
@@ -397,6 +384,28 @@ impl Direct {
         })
     }
 
+    /// A connection to `target` with `header` written on it, and whether it was a kept
+    /// one. A kept connection may turn out closed: a `retryable` request then goes on
+    /// the next one, or a new one.
+    async fn send_header(
+        &self,
+        target: SocketAddr,
+        header: &[u8],
+        retryable: bool,
+    ) -> Result<(TcpStream, bool), Failure> {
+        loop {
+            let (mut tcp, reused) = match self.pool.take(target) {
+                Some(tcp) => (tcp, true),
+                None => (self.connect(target).await?, false),
+            };
+            match upstream_io(self.settings.upstream_timeout, tcp.write_all(header)).await {
+                Ok(()) => return Ok((tcp, reused)),
+                Err(_) if reused && retryable => continue,
+                Err(refusal) => return Err(Failure::Refuse(refusal)),
+            }
+        }
+    }
+
     /// A new connection to `target`.
     async fn connect(&self, target: SocketAddr) -> Result<TcpStream, Failure> {
         let started = Instant::now();
@@ -484,19 +493,32 @@ impl Direct {
                         buf.drain(..len);
                         return Ok(Some(answer));
                     }
-                    None if buf.len() > MAX_ANSWER_HEADER => {
-                        return Err(Failure::Refuse(Refusal::BadUpstreamAnswer))
-                    }
                     None => {}
                 }
             }
-            buf.reserve(4096);
-            match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
-                Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
-                Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => return Ok(None),
-                Ok(Ok(0) | Err(_)) => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
-                Ok(Ok(_)) => {}
+            if !self.read_answer_bytes(tcp, buf, interim).await? {
+                return Ok(None);
             }
+        }
+    }
+
+    /// Reads more of an answer's header into `buf`, under the upstream timeout; `false`
+    /// when the connection closed before any answer began (`interim`: one did).
+    async fn read_answer_bytes<V: AsyncRead + Unpin>(
+        &self,
+        tcp: &mut V,
+        buf: &mut Vec<u8>,
+        interim: bool,
+    ) -> Result<bool, Failure> {
+        if buf.len() > MAX_ANSWER_HEADER {
+            return Err(Failure::Refuse(Refusal::BadUpstreamAnswer));
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
+            Err(_) => Err(Failure::Refuse(Refusal::UpstreamTimeout)),
+            Ok(Ok(0) | Err(_)) if buf.is_empty() && !interim => Ok(false),
+            Ok(Ok(0) | Err(_)) => Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
+            Ok(Ok(_)) => Ok(true),
         }
     }
 
