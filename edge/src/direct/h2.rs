@@ -142,6 +142,23 @@ impl Direct {
         }
     }
 
+    /// A piece of the answer's body (`end`: the last) to the client, under the client
+    /// timeout: a client that stops reading (its flow-control window full) is cut off,
+    /// as on the HTTP/1.1 path.
+    async fn send(
+        &self,
+        session: &mut Session,
+        data: Option<Bytes>,
+        end: bool,
+    ) -> Result<(), Failure> {
+        let write = session.write_response_body(data, end);
+        match tokio::time::timeout(self.timeouts.read, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Failure::Client("the client went away")),
+            Err(_) => Err(Failure::Client("the client stopped reading")),
+        }
+    }
+
     /// The answer's header, then its body as it arrives, decoded from its framing, to the
     /// client; whether the VM's connection may carry another request.
     async fn relay_h2(
@@ -171,17 +188,11 @@ impl Direct {
                 let data = piece.slice(span);
                 activity.outbound(data.len());
                 let fin = end && i + 1 == last;
-                session
-                    .write_response_body(Some(data), fin)
-                    .await
-                    .map_err(|_| Failure::Client("the client went away"))?;
+                self.send(session, Some(data), fin).await?;
             }
             if end {
                 if last == 0 {
-                    session
-                        .write_response_body(None, true)
-                        .await
-                        .map_err(|_| Failure::Client("the client went away"))?;
+                    self.send(session, None, true).await?;
                 }
                 return Ok(reusable);
             }
@@ -190,10 +201,7 @@ impl Direct {
             match read.await {
                 Err(_) => return Err(Failure::Cut("the VM stopped answering mid-body").into()),
                 Ok(Ok(0)) if answer.framing == Framing::UntilClose => {
-                    session
-                        .write_response_body(None, true)
-                        .await
-                        .map_err(|_| Failure::Client("the client went away"))?;
+                    self.send(session, None, true).await?;
                     return Ok(false);
                 }
                 Ok(Ok(0) | Err(_)) => return Err(Failure::Cut("the VM closed mid-body").into()),
