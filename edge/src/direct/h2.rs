@@ -22,11 +22,10 @@ use http::Method;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::message::{self, parse_answer, Answer, Body, Framing, Malformed};
-use super::{Direct, Failure, CHUNK};
+use super::message::{self, parse_answer, Answer, Body, Framing};
+use super::{malformed_body, Direct, Failure};
 use crate::activity::VmActivity;
 use crate::answers::Refusal;
 
@@ -175,13 +174,14 @@ impl Direct {
             .await
             .map_err(|_| Failure::Client("the client went away"))?;
         let mut reusable = answer.reusable;
+        let until_close = answer.framing == Framing::UntilClose;
         let mut piece = rest;
         let mut buf = BytesMut::new();
         loop {
             let mut spans = Vec::new();
             let (take, end) = body
                 .decode(&piece, &mut |span| spans.push(span))
-                .map_err(|Malformed| Failure::Cut("the VM's chunked body is malformed"))?;
+                .map_err(malformed_body)?;
             reusable &= take == piece.len();
             let last = spans.len();
             for (i, span) in spans.into_iter().enumerate() {
@@ -196,17 +196,11 @@ impl Direct {
                 }
                 return Ok(reusable);
             }
-            buf.reserve(CHUNK);
-            let read = tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(&mut buf));
-            match read.await {
-                Err(_) => return Err(Failure::Cut("the VM stopped answering mid-body").into()),
-                Ok(Ok(0)) if answer.framing == Framing::UntilClose => {
-                    self.send(session, None, true).await?;
-                    return Ok(false);
-                }
-                Ok(Ok(0) | Err(_)) => return Err(Failure::Cut("the VM closed mid-body").into()),
-                Ok(Ok(_)) => piece = buf.split().freeze(),
+            if self.read_body_bytes(tcp, &mut buf, until_close).await? == 0 {
+                self.send(session, None, true).await?;
+                return Ok(false);
             }
+            piece = buf.split().freeze();
         }
     }
 }

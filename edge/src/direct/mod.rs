@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use pingora::protocols::http::date;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -84,6 +85,11 @@ impl From<Malformed> for Failure {
     fn from(_: Malformed) -> Failure {
         Failure::Refuse(Refusal::BadUpstreamAnswer)
     }
+}
+
+/// A chunked body that broke its framing after part of it went to the client.
+fn malformed_body(_: Malformed) -> Failure {
+    Failure::Cut("the VM's chunked body is malformed")
 }
 
 /// Why a request taken did not end with the VM's whole answer.
@@ -551,22 +557,15 @@ impl Direct {
         client_io(self.timeouts.read, conn, &out).await?;
         activity.outbound(take);
         done.bytes_out = take as u64;
-        let mut buf = Vec::new();
+        let mut buf = BytesMut::new();
+        let until_close = answer.framing == Framing::UntilClose;
         while !end {
             buf.clear();
-            buf.reserve(CHUNK);
-            let n =
-                match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(&mut buf))
-                    .await
-                {
-                    Err(_) => return Err(Failure::Cut("the VM stopped answering mid-body")),
-                    Ok(Ok(0)) if answer.framing == Framing::UntilClose => break,
-                    Ok(Ok(0) | Err(_)) => return Err(Failure::Cut("the VM closed mid-body")),
-                    Ok(Ok(n)) => n,
-                };
-            let (take, fin) = body
-                .feed(&buf)
-                .map_err(|Malformed| Failure::Cut("the VM's chunked body is malformed"))?;
+            let n = self.read_body_bytes(tcp, &mut buf, until_close).await?;
+            if n == 0 {
+                break;
+            }
+            let (take, fin) = body.feed(&buf).map_err(malformed_body)?;
             reusable &= take == n;
             end = fin;
             // Each piece is sent as it comes: an event stream's events are not held back.
@@ -575,6 +574,23 @@ impl Direct {
             done.bytes_out += take as u64;
         }
         Ok(reusable)
+    }
+
+    /// Reads more of an answer's body into `buf`, under the upstream timeout; how much
+    /// (0: the VM closed, which ends a body framed by the close, `until_close`).
+    async fn read_body_bytes<V: AsyncRead + Unpin>(
+        &self,
+        tcp: &mut V,
+        buf: &mut BytesMut,
+        until_close: bool,
+    ) -> Result<usize, Failure> {
+        buf.reserve(CHUNK);
+        match tokio::time::timeout(self.settings.upstream_timeout, tcp.read_buf(buf)).await {
+            Err(_) => Err(Failure::Cut("the VM stopped answering mid-body")),
+            Ok(Ok(0)) if until_close => Ok(0),
+            Ok(Ok(0) | Err(_)) => Err(Failure::Cut("the VM closed mid-body")),
+            Ok(Ok(n)) => Ok(n),
+        }
     }
 
     /// The edge's own answer for `refusal`, as text (gRPC requests are pingora's).
