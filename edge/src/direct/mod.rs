@@ -154,7 +154,7 @@ impl Direct {
         let started = Instant::now();
         let header_deadline = tokio::time::Instant::now() + self.timeouts.header;
         let client = conn.peer();
-        let req = loop {
+        let mut req = loop {
             let limit = self.settings.max_header_bytes;
             match parse_request(conn.ahead(), limit, client, &self.ids) {
                 Ok(Some(req)) => break req,
@@ -178,7 +178,6 @@ impl Direct {
         let activity = self.activity.vm(vm, self.settings.rate_limit);
         activity.request();
         let mut done = Done::default();
-        let mut req = req;
         let result = if activity.admit() {
             self.exchange(conn, &mut req, target, &activity, &mut done, stopping)
                 .await
@@ -251,7 +250,6 @@ impl Direct {
         activity.inbound(first);
         let body_left = req.body_len - done.bytes_in;
 
-        let mut buf = Vec::with_capacity(4096);
         let retryable = req.can_retry(body_left);
         loop {
             let (mut tcp, reused) = self.send_header(target, &req.upstream, retryable).await?;
@@ -261,6 +259,7 @@ impl Direct {
                 self.duplex(conn, &mut tcp, req, sent, activity, done, stopping)
                     .await?
             } else {
+                let mut buf = Vec::with_capacity(4096);
                 let Some(answer) = self.read_answer(&mut tcp, conn, req, &mut buf).await? else {
                     if retry {
                         continue;
@@ -297,7 +296,6 @@ impl Direct {
         let body_read = AtomicU64::new(done.bytes_in);
         let body_whole = AtomicBool::new(false);
         let body_sent = Notify::new();
-        let mut out = Done::default();
         let kept = {
             let (mut client_in, mut client_out) = conn.halves();
             let (mut vm_in, mut vm_out) = tcp.split();
@@ -330,7 +328,7 @@ impl Direct {
                     sent,
                     keep,
                     activity,
-                    &mut out,
+                    done,
                 )
                 .await
             };
@@ -352,7 +350,6 @@ impl Direct {
             }
         };
         done.bytes_in = body_read.load(Ordering::Relaxed);
-        (done.status, done.bytes_out) = (out.status, out.bytes_out);
         let mut kept = kept?;
         // A body the VM did not take whole leaves its connection mid-request.
         kept.reusable &= body_whole.load(Ordering::Acquire);
