@@ -139,12 +139,7 @@ pub(super) fn parse_request(
             sent_id = Some(value);
             continue;
         }
-        if is("keep-alive")
-            || is("proxy-connection")
-            || is("x-forwarded-for")
-            || is("x-forwarded-proto")
-            || is("x-forwarded-host")
-        {
+        if replaced_on_the_way(name) {
             continue;
         }
         upstream.extend_from_slice(name.as_bytes());
@@ -212,6 +207,21 @@ impl AnswerHeader for ResponseHeader {
     }
 }
 
+/// Fields a request loses on its way to the VM, whatever its version: hop-by-hop ones
+/// no `Connection` field names (RFC 9110 7.6.1), and the forwarding fields the edge
+/// writes itself ([`edge_fields`]).
+fn replaced_on_the_way(name: &str) -> bool {
+    [
+        "keep-alive",
+        "proxy-connection",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+}
+
 /// The edge's own fields and the header's end, after the client's fields; where the host
 /// is in `upstream`. The edge is the first hop: what a client says about earlier hops
 /// was not kept.
@@ -258,24 +268,15 @@ pub(super) fn h1_request(
     );
     let mut cookies = 0;
     for (name, value) in &req.headers {
-        if matches!(
-            name.as_str(),
-            "host"
-                | "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "transfer-encoding"
-                | "upgrade"
-                | "te"
-                | "cookie"
-                | "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-forwarded-host"
-                | "x-request-id"
-        ) {
+        let name = name.as_str();
+        // Written here (host, cookie, the id), or fields of a connection h2 has none of.
+        let written_here = matches!(name, "host" | "cookie" | "x-request-id");
+        let connection_field =
+            matches!(name, "connection" | "transfer-encoding" | "upgrade" | "te");
+        if written_here || connection_field || replaced_on_the_way(name) {
             continue;
         }
-        let _ = upstream.field(name.as_str(), value.as_bytes());
+        let _ = upstream.field(name, value.as_bytes());
     }
     for cookie in req.headers.get_all(http::header::COOKIE) {
         upstream.extend_from_slice(if cookies == 0 { b"cookie: " } else { b"; " });
@@ -436,7 +437,8 @@ impl Body {
 
 /// Finds the end of a chunked body (RFC 9112 section 7.1): chunk sizes in hex, each
 /// chunk's data and CRLF, a zero-size chunk, trailer fields and an empty line. Only
-/// the framing is read; the bytes are passed on as they are.
+/// the framing is read: the bytes are passed on as they are, or (for an h2 client) the
+/// chunks' data, where the reader says it is.
 #[derive(Debug, Default)]
 pub(super) struct ChunkedEnd {
     state: Chunk,
