@@ -96,15 +96,11 @@ impl UpstreamPool {
         });
     }
 
-    /// Idle connections held, for tests and metrics.
-    pub fn len(&self) -> usize {
+    /// Idle connections held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.values().map(Vec::len).sum()
-    }
-
-    /// No idle connection held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -173,7 +169,7 @@ mod tests {
         assert_eq!(pool.len(), 1);
         tokio::time::sleep(Duration::from_millis(60)).await;
         pool.sweep();
-        assert!(pool.is_empty(), "an expired connection outlived the sweep");
+        assert_eq!(pool.len(), 0, "an expired connection outlived the sweep");
 
         let (client, _server2, addr) = pair().await;
         pool.put(addr, client);
