@@ -10,8 +10,10 @@
 //!   in place.
 //! - [`idle`]: idle keep-alive connections held without the request machinery.
 //! - [`conn`]: plain client connections without pingora's per-connection buffers.
-//! - [`direct`]: plain HTTP/1.1 requests proxied without pingora's request machinery,
-//!   over [`upstream`]'s kept-alive connections; the rest goes to [`proxy`].
+//! - [`direct`]: requests to HTTP/1.1 services exchanged without pingora's upstream
+//!   machinery (plain HTTP/1.1 from the first byte, h2 from the proxy's
+//!   `request_filter`), over [`upstream`]'s kept-alive connections; the rest goes to
+//!   [`proxy`].
 //! - [`server`]: listeners, threads, shutdown and upgrade: one pingora `Server`.
 //! - [`metrics`], [`ids`]: `vmedge_edge_*` metrics; request ids.
 
