@@ -69,7 +69,8 @@ pub struct EdgeSettings {
     /// How long a client connection may wait for its next request (then closed).
     pub idle_timeout: Duration,
     /// How long a client may stay silent in the middle of a request (each read of its
-    /// header or body; then closed): the bound on slowloris clients.
+    /// header or body), or leave its answer unread (each write); then closed: the bound
+    /// on slowloris clients, and on clients that stop reading.
     pub client_timeout: Duration,
     /// How long a request's whole header may take to arrive, from its first byte (then the
     /// connection is closed): the bound on clients that trickle a header in.

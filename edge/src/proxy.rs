@@ -326,6 +326,10 @@ impl ProxyHttp for EdgeProxy {
     ) -> pingora::Result<bool> {
         self.metrics.open();
         ctx.open = true;
+        // A client that stops reading (its window or socket buffer full) is cut off, as
+        // nginx's send_timeout does: pingora has no write timeout of its own, and such a
+        // client would hold its stream and the VM connection behind it for ever.
+        session.set_write_timeout(Some(self.settings.client_timeout));
         ctx.id = self.ids.take(session.req_header());
         ctx.grpc = answers::is_grpc(session);
         match self.route(session, ctx).await {
