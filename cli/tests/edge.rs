@@ -1156,6 +1156,73 @@ fn closes_idle_keep_alive_connections_and_stalled_requests() {
     }
 }
 
+#[test]
+fn cuts_off_clients_that_stop_reading() {
+    let t = EdgeLab::start_with("running", "client_timeout = \"1s\"\n");
+    let web = host("web", 0);
+    // Far more than the kernel buffers between the edge and a client (4 MiB at most here).
+    let n: u64 = 32 << 20;
+    let path = format!("/download?n={n}");
+    // The edge's own paths (HTTP/1.1; h2 to an HTTP/1.1 service) and pingora's (TLS; an h2
+    // request with a body).
+    let cases = [
+        ("h1", "GET", "8080"),
+        ("h1-tls", "GET", "8443"),
+        ("h2c", "GET", "8080"),
+        ("h2c", "POST", "8080"),
+    ];
+    let stalled = |mode: &str, method: &str, port: &str, wait: &str| -> Value {
+        let out = t
+            .ns()
+            .command("python3")
+            .arg(peers_script())
+            .args([
+                "stalled-client",
+                mode,
+                method,
+                "127.0.0.1",
+                port,
+                &web,
+                &path,
+                wait,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stalled client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for (mode, method, port) in cases {
+        // A client that reads right away gets the whole answer: the cut below is the
+        // edge's doing, not the client's.
+        let reading = stalled(mode, method, port, "0");
+        assert_eq!(
+            (
+                &reading["status"],
+                &reading["ended"],
+                reading["bytes"].as_u64()
+            ),
+            (&json!(200), &json!("complete"), Some(n)),
+            "{mode} {method}: {reading}"
+        );
+        // One that stops reading for 4 s (the client timeout is 1 s) is cut off before the
+        // answer is all sent: stream reset or connection closed.
+        let stopped = stalled(mode, method, port, "4");
+        assert_eq!(stopped["status"], 200, "{mode} {method}: {stopped}");
+        assert!(
+            matches!(stopped["ended"].as_str(), Some("closed" | "reset")),
+            "{mode} {method}: a client that stopped reading was not cut off: {stopped}"
+        );
+        assert!(
+            stopped["bytes"].as_u64().is_some_and(|b| b < n),
+            "{mode} {method}: {stopped}"
+        );
+    }
+}
+
 /// The answer to `GET /hello` on `conn`, read to its body's end (the VM may send its
 /// header and body apart, and the edge passes each on as it comes); what was read when
 /// the connection closed or went quiet for 10 s otherwise.

@@ -8,6 +8,8 @@ Backends run inside VM namespaces; clients run where the edge's listeners are.
   edge_peers.py grpc PORT            gRPC backend, generic handlers (no protoc needed)
   edge_peers.py ws-client URL ADDR PORT      checks echo of small, large and fragmented messages
   edge_peers.py grpc-client ADDR AUTHORITY   runs every gRPC case, prints one JSON object
+  edge_peers.py stalled-client MODE METHOD ADDR PORT AUTHORITY PATH WAIT
+                                     asks, then stops reading for WAIT s (see stalled_client)
 
 Clients print what they saw as JSON on stdout and exit 0; the Rust test decides.
 """
@@ -42,7 +44,7 @@ class Http(http.server.BaseHTTPRequestHandler):
     connection closed); HEAD of any GET; POST /upload (answers bytes and sha256 of the
     body, chunked or not); POST /reject[?open=S] (413 before reading the body, then
     closes, as a server with a size limit does; after S seconds); POST /echo (the body
-    back, chunked, as it is read)."""
+    back, chunked, as it is read); POST /download?n=N (the body read, then as GET)."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -95,16 +97,7 @@ class Http(http.server.BaseHTTPRequestHandler):
             headers = {k.lower(): v for k, v in self.headers.items()}
             self.reply(200, json.dumps(headers).encode(), "application/json")
         elif path == "/download":
-            n = int(query.split("=", 1)[1])
-            body = pattern(n)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(n))
-            self.send_header("x-sha256", hashlib.sha256(body).hexdigest())
-            self.end_headers()
-            view = memoryview(body)
-            for i in range(0, n, 65536):
-                self.wfile.write(view[i : i + 65536])
+            self.download(int(query.split("=", 1)[1]))
         elif path == "/sse":
             Http.release.clear()
             self.send_response(200)
@@ -149,6 +142,17 @@ class Http(http.server.BaseHTTPRequestHandler):
         else:
             self.reply(404, b"backend: not found\n")
 
+    def download(self, n):
+        body = pattern(n)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.send_header("x-sha256", hashlib.sha256(body).hexdigest())
+        self.end_headers()
+        view = memoryview(body)
+        for i in range(0, n, 65536):
+            self.wfile.write(view[i : i + 65536])
+
     def chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
@@ -163,6 +167,11 @@ class Http(http.server.BaseHTTPRequestHandler):
             # ?open=S: the connection is left open, its body unread, for S seconds.
             self.wfile.flush()
             time.sleep(float(query.removeprefix("open=") or "0"))
+            return
+        if path == "/download":
+            # The (small) body read, then GET /download's answer.
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.download(int(query.split("=", 1)[1]))
             return
         if path == "/echo":
             # The body back as it is read: the answer needs the body to keep coming.
@@ -331,6 +340,126 @@ def grpc_client(addr, authority):
     print(json.dumps(out))
 
 
+def stalled_client(mode, method, addr, port, authority, path, wait):
+    """A client that stops reading: asks for PATH (METHOD POST sends a one-byte body) over
+    MODE (h1, h1-tls or h2c), takes the answer's header, then reads nothing for WAIT
+    seconds. Then it reads on as any client does (h2 data acknowledged) until the answer
+    ends ("complete"), the connection or the stream is cut ("closed", "reset"), or 10 s
+    pass with nothing ("stuck"). Prints the status, the body bytes it got and the end."""
+    import socket as sockets
+    import ssl
+
+    body = b"x" if method == "POST" else b""
+    sock = sockets.socket(sockets.AF_INET)
+    # A small receive buffer, so that what the edge can hand the kernel runs out soon.
+    sock.setsockopt(sockets.SOL_SOCKET, sockets.SO_RCVBUF, 8192)
+    sock.connect((addr, port))
+    if mode == "h1-tls":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["http/1.1"])
+        sock = ctx.wrap_socket(sock, server_hostname=authority)
+    seen = {"status": None, "bytes": 0, "ended": None}
+    if mode == "h2c":
+        read = h2_stalled_reader(sock, method, authority, path, body, seen)
+    else:
+        read = h1_stalled_reader(sock, method, authority, path, body, seen)
+    sock.settimeout(10)
+    try:
+        # Up to the answer's header; then the stall; then the rest.
+        seen["ended"] = next(read)
+        if seen["ended"] is None:
+            time.sleep(wait)
+            seen["ended"] = next(read)
+    except sockets.timeout:
+        seen["ended"] = "stuck"
+    except (ConnectionResetError, ssl.SSLError):
+        seen["ended"] = "closed"
+    print(json.dumps(seen))
+
+
+def h1_stalled_reader(sock, method, authority, path, body, seen):
+    """Sends the request and reads its answer's header, then (resumed) its body; yields
+    how the answer ended."""
+    sock.sendall(
+        f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    got = b""
+    while b"\r\n\r\n" not in got:
+        data = sock.recv(4096)
+        if not data:
+            yield "closed"
+            return
+        got += data
+    header, _, rest = got.partition(b"\r\n\r\n")
+    seen["status"] = int(header.split()[1])
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in header.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    seen["bytes"] = len(rest)
+    yield None
+    while seen["bytes"] < length:
+        data = sock.recv(65536)
+        if not data:
+            yield "closed"
+            return
+        seen["bytes"] += len(data)
+    yield "complete"
+
+
+def h2_stalled_reader(sock, method, authority, path, body, seen):
+    """[h1_stalled_reader] over h2c prior knowledge: no data is acknowledged (no window
+    given back) until resumed, so the edge can send only the first 64 KiB."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", authority)]
+    if body:
+        headers.append(("content-length", str(len(body))))
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, headers, end_stream=not body)
+    if body:
+        conn.send_data(stream, body, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    resumed = False
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            yield "closed"
+            return
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                seen["status"] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                seen["bytes"] += len(event.data)
+                if resumed:
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                yield "complete"
+                return
+            elif isinstance(event, h2.events.StreamReset):
+                yield "reset"
+                return
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                yield "closed"
+                return
+        sock.sendall(conn.data_to_send())
+        if seen["status"] is not None and not resumed:
+            yield None
+            resumed = True
+            # What arrived while stalled is given back now, as a reader would.
+            if seen["bytes"]:
+                conn.acknowledge_received_data(seen["bytes"], stream)
+                sock.sendall(conn.data_to_send())
+
+
 def main():
     what = sys.argv[1]
     if what == "http":
@@ -343,6 +472,9 @@ def main():
         asyncio.run(ws_client(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     elif what == "grpc-client":
         grpc_client(sys.argv[2], sys.argv[3])
+    elif what == "stalled-client":
+        mode, method, addr, port, authority, path, wait = sys.argv[2:9]
+        stalled_client(mode, method, addr, int(port), authority, path, float(wait))
     else:
         sys.exit(f"unknown: {what}")
 
