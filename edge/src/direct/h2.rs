@@ -5,12 +5,13 @@
 //! pingora's HTTP/1.1 client held h2c at 0.6-0.7x nginx (its pool's watcher task for
 //! every connection put back, a `getpeername` for every one taken, its per-request
 //! machinery: bench/RESULTS.md), where the edge's own answers over h2 run at twice
-//! nginx's proxied rate. A request without a body is sent here instead, from
-//! `request_filter`: its header is written as HTTP/1.1 for the VM
-//! ([`message::h1_request`]), on a kept connection of the [`UpstreamPool`], and the answer
-//! goes back through pingora's h2 session, its body decoded from its framing as it comes.
-//! Requests with a body, gRPC and h2c services stay pingora's. Interim answers (1xx) are
-//! not passed on, and neither are a chunked answer's trailer fields.
+//! nginx's proxied rate. A request without a body, or with a small one of known length,
+//! is sent here instead, from `request_filter`: its header is written as HTTP/1.1 for the
+//! VM ([`message::h1_request`]), its body read whole under the client timeout and sent
+//! with it, on a kept connection of the [`UpstreamPool`], and the answer goes back through
+//! pingora's h2 session, its body decoded from its framing as it comes. Larger bodies (or
+//! ones of unknown length), gRPC and h2c services stay pingora's. Interim answers (1xx)
+//! are not passed on, and neither are a chunked answer's trailer fields.
 //!
 //! [`UpstreamPool`]: crate::upstream::UpstreamPool
 
@@ -19,7 +20,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::Method;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
 use tokio::net::TcpStream;
@@ -28,6 +29,11 @@ use super::message::{self, parse_answer, Answer, Body, Framing};
 use super::{malformed_body, Direct, Failure};
 use crate::activity::VmActivity;
 use crate::answers::Refusal;
+
+/// The largest request body an h2 request taken here may have: it is read whole before the
+/// request goes to the VM (as nginx buffers a body), so an answer the VM gives before
+/// reading all of it, or while reading it, cannot stall the exchange.
+const MAX_BODY: usize = 64 * 1024;
 
 /// What an h2 request taken here came to, when not the VM's whole answer.
 #[derive(Debug)]
@@ -65,14 +71,16 @@ pub struct H2Target<'a> {
 }
 
 impl Direct {
-    /// Whether a routed request is one for [`Direct::serve_h2`]: h2 from the client, no
-    /// body, not gRPC, to a service that is not h2c.
+    /// Whether a routed request is one for [`Direct::serve_h2`]: h2 from the client, not
+    /// gRPC, to a service that is not h2c, with no body or one whose `content-length`
+    /// says it is at most [`MAX_BODY`] (and no `expect`: the client would wait for a
+    /// 100 before sending it).
     pub fn takes_h2(session: &mut Session, h2c: bool, grpc: bool) -> bool {
         session.is_http2()
             && !h2c
             && !grpc
             && session.req_header().method != Method::CONNECT
-            && session.is_body_empty()
+            && (session.is_body_empty() || body_len(session.req_header()).is_some())
     }
 
     /// The request to the VM and its answer back through `session`.
@@ -89,7 +97,12 @@ impl Direct {
         // closed before any answer.
         let retryable = matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let proto = if tls { "https" } else { "http" };
-        let upstream = message::h1_request(req, to.host, client, proto, to.id);
+        let mut upstream = message::h1_request(req, to.host, client, proto, to.id);
+        if !session.is_body_empty() {
+            // Header and body go to the VM in one write.
+            let len = body_len(session.req_header()).unwrap_or(0);
+            self.read_body(session, len, &mut upstream).await?;
+        }
 
         let mut buf = Vec::with_capacity(4096);
         let (mut tcp, answer, sent) = loop {
@@ -111,6 +124,52 @@ impl Direct {
             .await?;
         if reusable {
             self.pool.put(to.target, tcp);
+        }
+        Ok(())
+    }
+
+    /// The request's body, `len` bytes by its `content-length`, read whole onto `out`;
+    /// each read under the client timeout (then 408, as nginx's `client_body_timeout`).
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), H2Failure> {
+        let start = out.len();
+        out.reserve(len);
+        loop {
+            let read = tokio::time::timeout(self.timeouts.read, session.read_request_body());
+            let chunk = match read.await {
+                Err(_) => {
+                    let why = "the client stopped sending its body";
+                    let e = Error::create(
+                        ErrorType::HTTPStatus(408),
+                        ErrorSource::Downstream,
+                        Some(why.into()),
+                        None,
+                    );
+                    return Err(H2Failure::Broken(e));
+                }
+                Ok(Err(_)) => {
+                    let e = broken(ErrorSource::Downstream, "the client went away");
+                    return Err(H2Failure::Broken(e));
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            if out.len() - start + chunk.len() > len {
+                break;
+            }
+            out.extend_from_slice(&chunk);
+        }
+        // h2 holds a stream's data to its content-length; checked again all the same.
+        if out.len() - start != len {
+            let e = broken(
+                ErrorSource::Downstream,
+                "the body is not its content-length",
+            );
+            return Err(H2Failure::Broken(e));
         }
         Ok(())
     }
@@ -201,6 +260,46 @@ impl Direct {
                 return Ok(false);
             }
             piece = buf.split().freeze();
+        }
+    }
+}
+
+/// The length a request's `content-length` gives its body, if it is one for this path: at
+/// most [`MAX_BODY`], and no `expect`.
+fn body_len(req: &RequestHeader) -> Option<usize> {
+    if req.headers.contains_key(http::header::EXPECT) {
+        return None;
+    }
+    let len = req.headers.get(http::header::CONTENT_LENGTH)?;
+    let len: usize = len.to_str().ok()?.parse().ok()?;
+    (len <= MAX_BODY).then_some(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_small_body_of_known_length_is_read_here() {
+        let req = |fields: &[(&str, &str)]| {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for (name, value) in fields {
+                req.append_header(name.to_string(), *value).unwrap();
+            }
+            req
+        };
+        let max = MAX_BODY.to_string();
+        let over = (MAX_BODY + 1).to_string();
+        assert_eq!(body_len(&req(&[("content-length", "5")])), Some(5));
+        assert_eq!(body_len(&req(&[("content-length", &max)])), Some(MAX_BODY));
+        for fields in [
+            &[][..],
+            &[("content-length", over.as_str())],
+            &[("content-length", "5"), ("expect", "100-continue")],
+            &[("content-length", "-1")],
+            &[("content-length", "5, 5")],
+        ] {
+            assert_eq!(body_len(&req(fields)), None, "{fields:?}");
         }
     }
 }

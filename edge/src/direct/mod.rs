@@ -14,7 +14,8 @@
 //! and pingora serves it from the same bytes: `Expect`, `Upgrade` and chunked requests, a
 //! VM that is not running (wake, 503), an h2c service, a host that does not route, a
 //! header that is malformed or too large. TLS and h2c connections never come here; their
-//! h2 requests without a body, once pingora has read them, may (`h2`).
+//! h2 requests without a body or with a small one, once pingora has read their header, may
+//! (`h2`).
 //!
 //! This module moves the bytes and keeps the books (timeouts, retries, metrics, the
 //! access log); `message` decides what the bytes become: which request fields the VM
