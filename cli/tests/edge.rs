@@ -992,13 +992,32 @@ fn proxies_h2_requests_to_http1_services_on_its_own_path() {
     assert_eq!(h2("/drop-next", &[]), "armed\n 2 200");
     assert_eq!(h2("/hello", &[]), "hello from 8000\n 2 200");
 
+    // Bodies: one that fits in what the path reads whole first, and one larger (pingora's
+    // path): both arrive intact. An echo comes back decoded.
+    for (size, name) in [(5_000, "small"), (200_000, "large")] {
+        let file = t.dir.path().join(format!("h2-up-{name}.bin"));
+        std::fs::write(
+            &file,
+            (0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let up = h2(
+            "/upload",
+            &["--data-binary", &format!("@{}", file.display())],
+        );
+        let seen: Value = serde_json::from_str(up.trim_end_matches(" 2 200")).unwrap();
+        assert_eq!(seen["bytes"], size, "{name}: {seen}");
+        assert_eq!(seen["sha256"], sha256_of(t.ns(), &file), "{name}: {seen}");
+    }
+    assert_eq!(h2("/echo", &["--data-binary", "ping"]), "ping 2 200");
+
     // The edge's own answer when nothing listens, over h2.
     let dead = t.get(&host("dead", 0), "/", &["--http2-prior-knowledge"]);
     assert!(
         dead.contains("nothing is listening on port 8999 of the VM") && dead.ends_with(" 502"),
         "{dead}"
     );
-    assert_eq!(direct(&t), Some(before + 13.0), "{}", t.metrics());
+    assert_eq!(direct(&t), Some(before + 15.0), "{}", t.metrics());
 }
 
 /// A POST of `len` bytes to the VM's `path`, its body sent by another thread while
@@ -1221,6 +1240,19 @@ fn cuts_off_clients_that_stop_reading() {
             "{mode} {method}: {stopped}"
         );
     }
+
+    // An h2 upload that stops halfway is the client's doing: 408 at the client timeout,
+    // not the VM's 504 at the upstream timeout (2 s).
+    let out = t
+        .ns()
+        .command("python3")
+        .arg(peers_script())
+        .args(["stalled-upload", "127.0.0.1", "8080", &web, "/upload"])
+        .output()
+        .unwrap();
+    let seen: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(seen["status"], 408, "{seen}");
 }
 
 /// The answer to `GET /hello` on `conn`, read to its body's end (the VM may send its

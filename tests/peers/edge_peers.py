@@ -10,6 +10,7 @@ Backends run inside VM namespaces; clients run where the edge's listeners are.
   edge_peers.py grpc-client ADDR AUTHORITY   runs every gRPC case, prints one JSON object
   edge_peers.py stalled-client MODE METHOD ADDR PORT AUTHORITY PATH WAIT
                                      asks, then stops reading for WAIT s (see stalled_client)
+  edge_peers.py stalled-upload ADDR PORT AUTHORITY PATH   an h2c POST whose body stops halfway
 
 Clients print what they saw as JSON on stdout and exit 0; the Rust test decides.
 """
@@ -460,6 +461,43 @@ def h2_stalled_reader(sock, method, authority, path, body, seen):
                 sock.sendall(conn.data_to_send())
 
 
+def stalled_upload(addr, port, authority, path):
+    """An h2c POST whose body stops after 10 of its 1000 bytes; prints the answer's status
+    (None if none came) and how the stream ended."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection((addr, port))
+    sock.settimeout(30)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", authority)]
+    conn.send_headers(stream, headers + [("content-length", "1000")])
+    conn.send_data(stream, b"x" * 10)
+    sock.sendall(conn.data_to_send())
+    seen = {"status": None, "ended": None}
+    while seen["ended"] is None:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            seen["ended"] = "stuck"
+            break
+        if not data:
+            seen["ended"] = "closed"
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                seen["status"] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.StreamEnded):
+                seen["ended"] = "complete"
+            elif isinstance(event, h2.events.StreamReset):
+                seen["ended"] = "reset"
+        sock.sendall(conn.data_to_send())
+    print(json.dumps(seen))
+
+
 def main():
     what = sys.argv[1]
     if what == "http":
@@ -472,6 +510,8 @@ def main():
         asyncio.run(ws_client(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     elif what == "grpc-client":
         grpc_client(sys.argv[2], sys.argv[3])
+    elif what == "stalled-upload":
+        stalled_upload(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif what == "stalled-client":
         mode, method, addr, port, authority, path, wait = sys.argv[2:9]
         stalled_client(mode, method, addr, int(port), authority, path, float(wait))
