@@ -1183,7 +1183,7 @@ fn cuts_off_clients_that_stop_reading() {
     let n: u64 = 32 << 20;
     let path = format!("/download?n={n}");
     // The edge's own paths (HTTP/1.1; h2 to an HTTP/1.1 service) and pingora's (TLS; an h2
-    // request with a body).
+    // request whose body has no content-length).
     let cases = [
         ("h1", "GET", "8080"),
         ("h1-tls", "GET", "8443"),

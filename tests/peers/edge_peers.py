@@ -170,8 +170,8 @@ class Http(http.server.BaseHTTPRequestHandler):
             time.sleep(float(query.removeprefix("open=") or "0"))
             return
         if path == "/download":
-            # The (small) body read, then GET /download's answer.
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            # The body read, then GET /download's answer.
+            self.read_body()
             self.download(int(query.split("=", 1)[1]))
             return
         if path == "/echo":
@@ -188,6 +188,12 @@ class Http(http.server.BaseHTTPRequestHandler):
                 left -= len(data)
             self.wfile.write(b"0\r\n\r\n")
             return
+        n, digest = self.read_body()
+        body = json.dumps({"bytes": n, "sha256": digest.hexdigest()}).encode()
+        self.reply(200, body, "application/json")
+
+    def read_body(self):
+        """The request's body, chunked or not, read: its length and sha256."""
         digest, n = hashlib.sha256(), 0
         if self.headers.get("Transfer-Encoding", "").lower().endswith("chunked"):
             while True:
@@ -212,8 +218,7 @@ class Http(http.server.BaseHTTPRequestHandler):
                 digest.update(data)
                 n += len(data)
                 left -= len(data)
-        body = json.dumps({"bytes": n, "sha256": digest.hexdigest()}).encode()
-        self.reply(200, body, "application/json")
+        return n, digest
 
 
 class Server6(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -342,9 +347,9 @@ def grpc_client(addr, authority):
 
 
 def stalled_client(mode, method, addr, port, authority, path, wait):
-    """A client that stops reading: asks for PATH (METHOD POST sends a one-byte body) over
-    MODE (h1, h1-tls or h2c), takes the answer's header, then reads nothing for WAIT
-    seconds. Then it reads on as any client does (h2 data acknowledged) until the answer
+    """A client that stops reading: asks for PATH over MODE (h1, h1-tls or h2c; METHOD
+    POST sends a one-byte body, over h2 without content-length), takes the answer's
+    header, then reads nothing for WAIT seconds. Then it reads on as any client does (h2 data acknowledged) until the answer
     ends ("complete"), the connection or the stream is cut ("closed", "reset"), or 10 s
     pass with nothing ("stuck"). Prints the status, the body bytes it got and the end."""
     import socket as sockets
@@ -421,9 +426,8 @@ def h2_stalled_reader(sock, method, authority, path, body, seen):
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
+    # A body without content-length: h2 allows it, and the edge sends it on pingora's path.
     headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", authority)]
-    if body:
-        headers.append(("content-length", str(len(body))))
     stream = conn.get_next_available_stream_id()
     conn.send_headers(stream, headers, end_stream=not body)
     if body:
