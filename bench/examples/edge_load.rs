@@ -2,7 +2,7 @@
 //! backend (nginx answering a small body from a VM namespace) with upstream keep-alive,
 //! each proxy on one worker thread:
 //! - HTTP/1.1 small responses, keep-alive: wrk requests/s and p99 (and the backend direct);
-//! - h2c (prior knowledge, h2load) to an HTTP/1.1 upstream;
+//! - h2c (prior knowledge, h2load) to an HTTP/1.1 upstream: GETs, and POSTs of 1 KiB;
 //! - memory of N idle keep-alive client connections (resident set growth);
 //! - gRPC unary (h2load) to an h2c gRPC backend: the edge against nginx `grpc_pass`;
 //! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
@@ -136,10 +136,6 @@ fn run_h2load(ns: &Netns, args: &[&str], authority: &str, url: &str, requests: u
         .unwrap_or_else(|| panic!("{text}"))
         .parse()
         .unwrap()
-}
-
-fn h2load(ns: &Netns, addr: SocketAddr, requests: u32) -> f64 {
-    run_h2load(ns, &[], &host(), &format!("http://{addr}/"), requests)
 }
 
 /// New TLS connections per second: wrk with `Connection: close`, so every request is a
@@ -292,6 +288,9 @@ fn main() {
     let mut framed = vec![0u8, 0, 0, 0, 16];
     framed.extend_from_slice(b"0123456789abcdef");
     std::fs::write(&message, framed).unwrap();
+    // The body of the h2c POSTs: 1 KiB, as an API call's JSON might be.
+    let post = d.join("post-1k.bin");
+    std::fs::write(&post, [b'x'; 1024]).unwrap();
 
     // The edge: one thread, the self-signed P-256 certificate.
     std::fs::write(
@@ -411,7 +410,7 @@ fn main() {
     if http1_only {
         return;
     }
-    h2_sections(w, &proxies, &message, h2_requests);
+    h2_sections(w, &proxies, &message, &post, h2_requests);
     if h2_only {
         return;
     }
@@ -474,18 +473,24 @@ fn http1_section(w: &Netns, proxies: &[Proxy], backend: SocketAddr, seconds: u32
     );
 }
 
-/// h2c to an HTTP/1.1 upstream, and gRPC unary to an h2c upstream (h2load).
-fn h2_sections(w: &Netns, proxies: &[Proxy], message: &Path, requests: u32) {
-    println!("\nh2c prior knowledge to an HTTP/1.1 upstream (h2load -c10 -m10 -n{requests}):");
-    let mut h2 = Vec::new();
-    for p in proxies {
-        if let Some(addr) = p.h2c {
-            let rps = h2load(w, addr, requests);
-            println!("  {:<8} {:>10.0} req/s", p.name, rps);
-            h2.push(rps);
+/// h2c to an HTTP/1.1 upstream (GETs, then POSTs of `post`), and gRPC unary to an h2c
+/// upstream (h2load).
+fn h2_sections(w: &Netns, proxies: &[Proxy], message: &Path, post: &Path, requests: u32) {
+    let post = post.to_str().unwrap();
+    for (what, args) in [("", &[][..]), (", POSTs of 1 KiB", &["-d", post][..])] {
+        println!(
+            "\nh2c prior knowledge to an HTTP/1.1 upstream{what} (h2load -c10 -m10 -n{requests}):"
+        );
+        let mut h2 = Vec::new();
+        for p in proxies {
+            if let Some(addr) = p.h2c {
+                let rps = run_h2load(w, args, &host(), &format!("http://{addr}/"), requests);
+                println!("  {:<8} {:>10.0} req/s", p.name, rps);
+                h2.push(rps);
+            }
         }
+        println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
     }
-    println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
 
     println!(
         "\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{requests}; nginx: grpc_pass):"
