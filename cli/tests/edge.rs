@@ -138,20 +138,29 @@ impl EdgeLab {
         http_get(self.ns(), ADMIN.parse().unwrap(), "admin", "/metrics")
     }
 
-    fn grpc(&self, authority: &str) -> Value {
+    /// A client of `tests/peers/edge_peers.py` (`args`: its command and arguments), run
+    /// where the edge listens; what it saw, the JSON it printed.
+    fn peer(&self, args: &[&str]) -> Value {
         let out = self
             .ns()
             .command("python3")
             .arg(peers_script())
-            .args(["grpc-client", HTTP, authority])
+            .args(args)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "grpc client: {}",
+            "{}: {}",
+            args[0],
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{}: {e}: {}", args[0], String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    fn grpc(&self, authority: &str) -> Value {
+        self.peer(&["grpc-client", HTTP, authority])
     }
 }
 
@@ -308,24 +317,12 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
     }
 
     // WebSocket echo: text, 4 MiB binary, a message in ten frames, ping.
-    let ws = t
-        .ns()
-        .command("python3")
-        .arg(peers_script())
-        .args([
-            "ws-client",
-            &format!("ws://{}:8080/", host("ws", 0)),
-            "127.0.0.1",
-            "8080",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ws.status.success(),
-        "ws client: {}",
-        String::from_utf8_lossy(&ws.stderr)
-    );
-    let ws: Value = serde_json::from_slice(&ws.stdout).unwrap();
+    let ws = t.peer(&[
+        "ws-client",
+        &format!("ws://{}:8080/", host("ws", 0)),
+        "127.0.0.1",
+        "8080",
+    ]);
     assert_eq!(
         ws,
         json!({"text": true, "large": true, "fragmented": true, "ping": true})
@@ -1190,29 +1187,17 @@ fn cuts_off_clients_that_stop_reading() {
         ("h2c", "GET", "8080"),
         ("h2c", "POST", "8080"),
     ];
-    let stalled = |mode: &str, method: &str, port: &str, wait: &str| -> Value {
-        let out = t
-            .ns()
-            .command("python3")
-            .arg(peers_script())
-            .args([
-                "stalled-client",
-                mode,
-                method,
-                "127.0.0.1",
-                port,
-                &web,
-                &path,
-                wait,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "stalled client: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+    let stalled = |mode: &str, method: &str, port: &str, wait: &str| {
+        t.peer(&[
+            "stalled-client",
+            mode,
+            method,
+            "127.0.0.1",
+            port,
+            &web,
+            &path,
+            wait,
+        ])
     };
     for (mode, method, port) in cases {
         // A client that reads right away gets the whole answer: the cut below is the
@@ -1243,15 +1228,7 @@ fn cuts_off_clients_that_stop_reading() {
 
     // An h2 upload that stops halfway is the client's doing: 408 at the client timeout,
     // not the VM's 504 at the upstream timeout (2 s).
-    let out = t
-        .ns()
-        .command("python3")
-        .arg(peers_script())
-        .args(["stalled-upload", "127.0.0.1", "8080", &web, "/upload"])
-        .output()
-        .unwrap();
-    let seen: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let seen = t.peer(&["stalled-upload", "127.0.0.1", "8080", &web, "/upload"]);
     assert_eq!(seen["status"], 408, "{seen}");
 }
 
