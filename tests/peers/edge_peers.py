@@ -349,16 +349,16 @@ def grpc_client(addr, authority):
 def stalled_client(mode, method, addr, port, authority, path, wait):
     """A client that stops reading: asks for PATH over MODE (h1, h1-tls or h2c; METHOD
     POST sends a one-byte body, over h2 without content-length), takes the answer's
-    header, then reads nothing for WAIT seconds. Then it reads on as any client does (h2 data acknowledged) until the answer
-    ends ("complete"), the connection or the stream is cut ("closed", "reset"), or 10 s
-    pass with nothing ("stuck"). Prints the status, the body bytes it got and the end."""
-    import socket as sockets
+    header, then reads nothing for WAIT seconds. Then it reads on as any client does (h2
+    data acknowledged) until the answer ends ("complete"), the connection or the stream
+    is cut ("closed", "reset"), or 10 s pass with nothing ("stuck"). Prints the status,
+    the body bytes it got and the end."""
     import ssl
 
     body = b"x" if method == "POST" else b""
-    sock = sockets.socket(sockets.AF_INET)
+    sock = socket.socket(socket.AF_INET)
     # A small receive buffer, so that what the edge can hand the kernel runs out soon.
-    sock.setsockopt(sockets.SOL_SOCKET, sockets.SO_RCVBUF, 8192)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     sock.connect((addr, port))
     if mode == "h1-tls":
         ctx = ssl.create_default_context()
@@ -378,7 +378,7 @@ def stalled_client(mode, method, addr, port, authority, path, wait):
         if seen["ended"] is None:
             time.sleep(wait)
             seen["ended"] = next(read)
-    except sockets.timeout:
+    except socket.timeout:
         seen["ended"] = "stuck"
     except (ConnectionResetError, ssl.SSLError):
         seen["ended"] = "closed"
