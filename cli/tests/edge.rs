@@ -1176,8 +1176,21 @@ fn closes_idle_keep_alive_connections_and_stalled_requests() {
 fn cuts_off_clients_that_stop_reading() {
     let t = EdgeLab::start_with("running", "client_timeout = \"1s\"\n");
     let web = host("web", 0);
-    // Far more than the kernel buffers between the edge and a client (4 MiB at most here).
-    let n: u64 = 32 << 20;
+    // Far more than the kernel can hold between the edge and a client: four times the
+    // ceiling of a socket's send buffer where the edge runs (the client's receive buffer
+    // is 8 KiB), and at least 32 MiB.
+    let wmem = t
+        .ns()
+        .command("cat")
+        .arg("/proc/sys/net/ipv4/tcp_wmem")
+        .output()
+        .unwrap();
+    let wmem_max: u64 = String::from_utf8_lossy(&wmem.stdout)
+        .split_whitespace()
+        .last()
+        .and_then(|max| max.parse().ok())
+        .unwrap_or_else(|| panic!("tcp_wmem: {}", String::from_utf8_lossy(&wmem.stdout)));
+    let n: u64 = (4 * wmem_max).max(32 << 20);
     let path = format!("/download?n={n}");
     // The edge's own paths (HTTP/1.1; h2 to an HTTP/1.1 service) and pingora's (TLS; an h2
     // request whose body has no content-length).
