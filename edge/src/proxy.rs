@@ -328,7 +328,8 @@ impl ProxyHttp for EdgeProxy {
         ctx.open = true;
         // A client that stops reading (its window or socket buffer full) is cut off, as
         // nginx's send_timeout does: pingora has no write timeout of its own, and such a
-        // client would hold its stream and the VM connection behind it for ever.
+        // client would hold its stream and the VM connection behind it for ever. Set
+        // before `try_direct`: the direct path's h2 answers are written under it too.
         session.set_write_timeout(Some(self.settings.client_timeout));
         ctx.id = self.ids.take(session.req_header());
         ctx.grpc = answers::is_grpc(session);

@@ -200,21 +200,23 @@ impl Direct {
         }
     }
 
-    /// A piece of the answer's body (`end`: the last) to the client, under the client
-    /// timeout: a client that stops reading (its flow-control window full) is cut off,
-    /// as on the HTTP/1.1 path.
+    /// A piece of the answer's body (`end`: the last) to the client. A client that stops
+    /// reading (its flow-control window full) is cut off by the session's write timeout:
+    /// the proxy sets it to the client timeout for every request, before this path is
+    /// tried.
     async fn send(
         &self,
         session: &mut Session,
         data: Option<Bytes>,
         end: bool,
     ) -> Result<(), Failure> {
-        let write = session.write_response_body(data, end);
-        match tokio::time::timeout(self.timeouts.read, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Failure::Client("the client went away")),
-            Err(_) => Err(Failure::Client("the client stopped reading")),
-        }
+        session
+            .write_response_body(data, end)
+            .await
+            .map_err(|e| match e.etype() {
+                ErrorType::WriteTimedout => Failure::Client("the client stopped reading"),
+                _ => Failure::Client("the client went away"),
+            })
     }
 
     /// The answer's header, then its body as it arrives, decoded from its framing, to the
