@@ -315,6 +315,7 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
         assert!(n > 0, "stream ended before the second event");
         got.extend_from_slice(&buf[..n]);
     }
+    drop(sse);
 
     // WebSocket echo: text, 4 MiB binary, a message in ten frames, ping.
     let ws = t.peer(&[
@@ -378,18 +379,27 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
 
     // Open client connections: a keep-alive one idle after a request is counted until
     // it closes.
-    // (The SSE connection above is still open.)
     let open = |t: &EdgeLab| metric(&t.metrics(), "vmedge_edge_open_connections");
     let before = open(&t).unwrap();
     let mut conn = t.ns().enter(|| std::net::TcpStream::connect(HTTP)).unwrap();
     let request = format!("GET /hello HTTP/1.1\r\nHost: {}\r\n\r\n", host("web", 0));
     conn.write_all(request.as_bytes()).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut answer = [0u8; 64];
-    let n = conn.read(&mut answer).unwrap();
-    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let answer = read_hello(&mut conn);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(open(&t), Some(before + 1.0));
+    // Silent for longer than a second, it is parked off the runtime (its task freed),
+    // still open, and its next request is served as if nothing happened.
+    let parked = |t: &EdgeLab| metric(&t.metrics(), "vmedge_edge_parked_connections");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while parked(&t) != Some(1.0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(parked(&t), Some(1.0), "{}", t.metrics());
+    assert_eq!(open(&t), Some(before + 1.0));
+    conn.write_all(request.as_bytes()).unwrap();
+    let answer = read_hello(&mut conn);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(parked(&t), Some(0.0), "{}", t.metrics());
     drop(conn);
     let deadline = Instant::now() + Duration::from_secs(10);
     while open(&t) != Some(before) && Instant::now() < deadline {

@@ -124,6 +124,25 @@ impl PlainConn {
         Ok(())
     }
 
+    /// Whether nothing read ahead waits to be taken and nothing gathered waits to be
+    /// sent: the connection can be [parked](PlainConn::park).
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.ahead_read == self.ahead.len() && self.gathered.is_empty()
+    }
+
+    /// The connection taken off tokio (its socket's registration freed), to wait in the
+    /// edge's own epoll set ([`crate::park`]); only for a [quiet](PlainConn::is_quiet)
+    /// one. `Err`: the socket could not be taken off, and is closed.
+    pub(crate) fn park(self) -> io::Result<ParkedConn> {
+        debug_assert!(self.is_quiet());
+        Ok(ParkedConn {
+            tcp: self.tcp.into_std()?,
+            peer: self.peer,
+            established: self.established,
+            counted: self.counted,
+        })
+    }
+
     /// Ends the connection after an answer that left part of the request unread, as
     /// nginx's lingering close does. Closing a socket with bytes unread resets the
     /// connection, and a reset can discard the answer before the client has read it; so
@@ -234,6 +253,37 @@ impl PlainConn {
         }
         self.gathered = Vec::new();
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A quiet [`PlainConn`] off tokio: the socket and what a request needs to know of the
+/// connection, no more (~70 bytes).
+#[derive(Debug)]
+pub(crate) struct ParkedConn {
+    tcp: std::net::TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    established: SystemTime,
+    counted: Option<OpenConnection>,
+}
+
+impl ParkedConn {
+    /// The connection back on tokio (inside a runtime); `Err`: it could not be registered,
+    /// and is closed.
+    pub(crate) fn resume(self) -> io::Result<PlainConn> {
+        Ok(PlainConn {
+            tcp: TcpStream::from_std(self.tcp)?,
+            ahead: Vec::new(),
+            ahead_read: 0,
+            gathered: Vec::new(),
+            peer: self.peer,
+            established: self.established,
+            counted: self.counted,
+        })
+    }
+
+    /// The socket, to register it.
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        self.tcp.as_raw_fd()
     }
 }
 

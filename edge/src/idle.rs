@@ -20,12 +20,14 @@
 //!   connections stay on pingora's task (it holds their TLS state) and wait in the proxy,
 //!   under the idle timeout; h2 sessions go straight to the proxy. Each plain request is
 //!   offered to the edge's own HTTP/1.1 path ([`Direct`]) first, and reaches the proxy
-//!   only when declined there.
+//!   only when declined there. A plain connection still silent after [`PARK_AFTER`] is
+//!   parked ([`crate::park`]): its task ends, and a new one takes it up when its next
+//!   request begins.
 
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,6 +41,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::conn::PlainConn;
 use crate::direct::{Direct, Outcome};
 use crate::metrics::Metrics;
+use crate::park::{Parking, PARK_AFTER};
 
 /// How long a client connection may wait for its next request, and how long a client
 /// may stay silent in the middle of one.
@@ -153,9 +156,29 @@ pub struct IdleFirst<A> {
     app: Arc<A>,
     /// Takes the plain HTTP/1.1 requests it can before `app` sees them.
     direct: Option<Arc<Direct>>,
+    /// Parks silent plain connections, when set.
+    parking: Option<ParkingSlot>,
     timeouts: ClientTimeouts,
     stopping: AtomicBool,
     stop: Notify,
+}
+
+/// Where parked connections go: the set is made (and its task spawned) when the first
+/// connection is parked, on the runtime the connections run on.
+struct ParkingSlot {
+    metrics: Arc<Metrics>,
+    /// `None` inside: the set could not be made, and connections wait on their tasks.
+    set: OnceLock<Option<Arc<Parking<Option<u32>>>>>,
+}
+
+/// How a wait for a request's first byte ended.
+enum Waited {
+    /// It is there (`false`: a stream that cannot be peeked at, not waited for).
+    Arrived(bool),
+    /// Nothing came within the time given.
+    Silent,
+    /// The client closed, or the server is stopping.
+    Gone,
 }
 
 impl<A> IdleFirst<A> {
@@ -164,6 +187,7 @@ impl<A> IdleFirst<A> {
         IdleFirst {
             app: Arc::new(app),
             direct: None,
+            parking: None,
             timeouts,
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
@@ -173,6 +197,16 @@ impl<A> IdleFirst<A> {
     /// Plain HTTP/1.1 requests offered to `direct` first.
     pub fn with_direct(mut self, direct: Arc<Direct>) -> IdleFirst<A> {
         self.direct = Some(direct);
+        self
+    }
+
+    /// Plain connections silent for [`PARK_AFTER`] parked until their next request (or
+    /// their idle timeout), counted in `metrics`.
+    pub fn with_parking(mut self, metrics: Arc<Metrics>) -> IdleFirst<A> {
+        self.parking = Some(ParkingSlot {
+            metrics,
+            set: OnceLock::new(),
+        });
         self
     }
 
@@ -189,7 +223,12 @@ impl<A> IdleFirst<A> {
             Between::Idle { stream, reuses } => (stream, reuses),
         };
         let mut byte = [0u8; 1];
-        let peeked = self.first_byte(stream.try_peek(&mut byte)).await?;
+        let Waited::Arrived(peeked) = self
+            .first_byte(self.timeouts.idle, stream.try_peek(&mut byte))
+            .await
+        else {
+            return None;
+        };
         let mut session = ServerSession::new_http1(stream);
         // Keep-alive "off" until the request says otherwise (pingora decides it from the
         // request's header) makes the header reads use the read timeout. A stream that
@@ -201,19 +240,26 @@ impl<A> IdleFirst<A> {
         Some((session, peeked))
     }
 
-    /// Waits until `arrived`: a stream has a byte to read, left unread (`Some(false)`: a
-    /// stream that cannot be peeked at, not waited for); `None` when closed, timed out or
-    /// stopping.
-    async fn first_byte(&self, arrived: impl Future<Output = io::Result<bool>>) -> Option<bool> {
+    /// Waits for `arrived` (a stream has a byte to read, left unread; `false`: a stream
+    /// that cannot be peeked at, not waited for) for `limit` at most.
+    async fn first_byte(
+        &self,
+        limit: Duration,
+        arrived: impl Future<Output = io::Result<bool>>,
+    ) -> Waited {
         let stop = self.stop.notified();
         if self.stopping.load(Ordering::Acquire) {
-            return None;
+            return Waited::Gone;
         }
-        let peek = tokio::time::timeout(self.timeouts.idle, arrived);
+        let peek = tokio::time::timeout(limit, arrived);
         tokio::select! {
             biased;
-            peeked = peek => peeked.ok()?.ok(),
-            _ = stop => None,
+            peeked = peek => match peeked {
+                Ok(Ok(seen)) => Waited::Arrived(seen),
+                Ok(Err(_)) => Waited::Gone,
+                Err(_) => Waited::Silent,
+            },
+            _ = stop => Waited::Gone,
         }
     }
 }
@@ -229,14 +275,16 @@ where
     async fn serve_connection(self: Arc<Self>, mut between: Between, shutdown: ShutdownWatch) {
         loop {
             between = match between {
-                Between::Idle { stream, reuses } => match self.try_direct(stream).await {
-                    Offered::Served(stream) => {
-                        between = Between::Idle { stream, reuses };
-                        continue;
+                Between::Idle { stream, reuses } => {
+                    match self.try_direct(stream, reuses, &shutdown).await {
+                        Offered::Served(stream) => {
+                            between = Between::Idle { stream, reuses };
+                            continue;
+                        }
+                        Offered::Declined(stream) => Between::Idle { stream, reuses },
+                        Offered::Closed => return,
                     }
-                    Offered::Declined(stream) => Between::Idle { stream, reuses },
-                    Offered::Closed => return,
-                },
+                }
                 pipelined => pipelined,
             };
             let Some((session, seen)) = self.next_request(between).await else {
@@ -258,24 +306,26 @@ where
         }
     }
 
-    /// A plain connection's next request, offered to the direct path once its first byte
-    /// is in.
-    async fn try_direct(&self, stream: Stream) -> Offered {
-        let Some(direct) = &self.direct else {
-            return Offered::Declined(stream);
-        };
+    /// A plain connection's next request, waited for (see [`IdleFirst::wait_plain`]),
+    /// then offered to the direct path once its first byte is in.
+    async fn try_direct(
+        self: &Arc<Self>,
+        stream: Stream,
+        reuses: Option<u32>,
+        shutdown: &ShutdownWatch,
+    ) -> Offered {
         if !stream.as_any().is::<PlainConn>() {
             return Offered::Declined(stream);
         }
-        let Ok(mut conn) = stream.into_any().downcast::<PlainConn>() else {
+        let Ok(conn) = stream.into_any().downcast::<PlainConn>() else {
             return Offered::Closed;
         };
-        // Waited for in place: `Peek`'s boxed future would cost each idle connection an
-        // allocation of its own.
-        let arrived = async { conn.wait_for_data().await.map(|()| true) };
-        if self.first_byte(arrived).await.is_none() {
+        let Some(mut conn) = self.wait_plain(conn, reuses, shutdown).await else {
             return Offered::Closed;
-        }
+        };
+        let Some(direct) = &self.direct else {
+            return Offered::Declined(conn);
+        };
         let stopping = self.stopping.load(Ordering::Acquire);
         // Boxed, as pingora's request machinery is: the idle wait stays small.
         match Box::pin(direct.serve(&mut conn, stopping)).await {
@@ -283,6 +333,67 @@ where
             Outcome::KeepAlive => Offered::Served(conn),
             Outcome::Close => Offered::Closed,
         }
+    }
+
+    /// Waits for the first byte of a plain connection's next request: on this task for
+    /// [`PARK_AFTER`], then (when the edge parks connections) parked for the rest of the
+    /// idle timeout, and this task ends. Waited for in place: `Peek`'s boxed future would
+    /// cost each idle connection an allocation of its own. `None` when the connection is
+    /// done here: closed, silent past the idle timeout, parked, or the server stopping.
+    async fn wait_plain(
+        self: &Arc<Self>,
+        mut conn: Box<PlainConn>,
+        reuses: Option<u32>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Box<PlainConn>> {
+        let idle = self.timeouts.idle;
+        let here = match self.parking {
+            Some(_) => idle.min(PARK_AFTER),
+            None => idle,
+        };
+        let arrived = async { conn.wait_for_data().await.map(|()| true) };
+        match self.first_byte(here, arrived).await {
+            Waited::Arrived(_) => return Some(conn),
+            Waited::Gone => return None,
+            Waited::Silent if here == idle => return None,
+            Waited::Silent => {}
+        }
+        if let (true, Some(parking)) = (conn.is_quiet(), self.parking_set(shutdown)) {
+            match parking.park(conn, reuses, idle - here) {
+                Ok(_) => return None,
+                Err(back) => conn = back,
+            }
+        }
+        // Not parked: the rest of the wait on this task.
+        let arrived = async { conn.wait_for_data().await.map(|()| true) };
+        match self.first_byte(idle - here, arrived).await {
+            Waited::Arrived(_) => Some(conn),
+            Waited::Silent | Waited::Gone => None,
+        }
+    }
+
+    /// The parking set, made on first use; `None` when the edge does not park
+    /// connections or the set could not be made.
+    fn parking_set(self: &Arc<Self>, shutdown: &ShutdownWatch) -> Option<&Parking<Option<u32>>> {
+        let slot = self.parking.as_ref()?;
+        let set = slot.set.get_or_init(|| {
+            // Weak: the set lives in the app.
+            let app = Arc::downgrade(self);
+            let shutdown = shutdown.clone();
+            let resume = move |conn: PlainConn, reuses: Option<u32>| {
+                if let Some(app) = app.upgrade() {
+                    let stream: Stream = Box::new(conn);
+                    let between = Between::Idle { stream, reuses };
+                    tokio::spawn(app.serve_connection(between, shutdown.clone()));
+                }
+            };
+            Parking::start(slot.metrics.clone(), resume)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "idle connections cannot be parked: they wait on their tasks");
+                })
+                .ok()
+        });
+        set.as_deref()
     }
 
     /// A request whose first byte is in (or, `seen` false, whose stream could not be
@@ -324,7 +435,7 @@ enum Offered {
     Served(Stream),
     /// Not one for it: the request's bytes are still to be read.
     Declined(Stream),
-    /// The connection is done.
+    /// The connection is done here: closed, or parked.
     Closed,
 }
 
@@ -387,6 +498,10 @@ where
     async fn http_cleanup(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stop.notify_waiters();
+        let parked = self.parking.as_ref().and_then(|p| p.set.get());
+        if let Some(Some(parked)) = parked {
+            parked.close();
+        }
         self.app.http_cleanup().await;
     }
 
@@ -463,6 +578,8 @@ mod tests {
     /// reuses were left.
     struct Served {
         app: Arc<IdleFirst<Recorder>>,
+        /// Where its metrics are, when it parks connections.
+        registry: prometheus_client::registry::Registry,
         /// What the app saw.
         seen: mpsc::UnboundedReceiver<Seen>,
         /// The client's end.
@@ -487,6 +604,11 @@ mod tests {
 
     /// [`served`] with another idle timeout.
     async fn served_idle(idle: Duration) -> Served {
+        served_with(idle, false).await
+    }
+
+    /// [`served`] with another idle timeout, parking connections when `parking`.
+    async fn served_with(idle: Duration, parking: bool) -> Served {
         let (tx, seen) = mpsc::unbounded_channel();
         let (conn, client) = crate::conn::tests::pair().await;
         let stream: Stream = Box::new(conn);
@@ -499,7 +621,12 @@ mod tests {
         // pingora's own settings after an HTTP/1.1 request: keep-alive with no timeout.
         session.set_keepalive(Some(0));
         session.set_keepalive_reuses_remaining(Some(7));
-        let app = Arc::new(IdleFirst::new(Recorder(tx), timeouts));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let mut app = IdleFirst::new(Recorder(tx), timeouts);
+        if parking {
+            app = app.with_parking(Metrics::register(&mut registry));
+        }
+        let app = Arc::new(app);
         let (_tx, shutdown) = tokio::sync::watch::channel(false);
         // pingora's task is done with a plain connection at once; it goes on elsewhere.
         let handed = tokio::time::timeout(
@@ -511,7 +638,114 @@ mod tests {
             matches!(handed, Ok(None)),
             "pingora's task kept the connection"
         );
-        Served { app, seen, client }
+        Served {
+            app,
+            registry,
+            seen,
+            client,
+        }
+    }
+
+    impl Served {
+        /// Connections parked now, as the metrics say.
+        fn parked(&self) -> u64 {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("vmedge_edge_parked_connections "));
+            line.and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{text}"))
+        }
+
+        /// Reads an empty 200 (its header whole).
+        async fn answered(&mut self) {
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                self.client.read_exact(&mut byte).await.unwrap();
+                answer.push(byte[0]);
+            }
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        }
+
+        /// Waits up to 10 s for `parked` connections parked.
+        async fn until_parked(&self, parked: u64) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.parked() != parked && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(self.parked(), parked);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_parked_and_its_next_request_served_where_it_left_off() {
+        let mut s = served_with(Duration::from_secs(30), true).await;
+        s.client
+            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.seen.recv().await,
+            Some(Ok(("/again".to_string(), Some(7))))
+        );
+        s.answered().await;
+        // Not parked while requests come.
+        assert_eq!(s.parked(), 0);
+        s.until_parked(1).await;
+        // Parked: its task ended, and a request makes a new one with what the
+        // connection had (its reuses left).
+        s.client
+            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.seen.recv().await,
+            Some(Ok(("/again".to_string(), Some(6))))
+        );
+        s.answered().await;
+        assert_eq!(s.parked(), 0);
+        // And again: the same connection parks a second time.
+        s.until_parked(1).await;
+        s.client
+            .write_all(b"GET /last HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.seen.recv().await,
+            Some(Ok(("/last".to_string(), Some(5))))
+        );
+        s.until_closed().await;
+        assert_eq!(s.parked(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_closes_at_its_idle_timeout_or_when_its_client_does() {
+        let started = Instant::now();
+        let mut silent = served_with(Duration::from_secs(3), true).await;
+        silent.until_parked(1).await;
+        assert!(silent.until_closed().await.is_empty());
+        assert!(started.elapsed() >= Duration::from_secs(3));
+        assert_eq!(silent.parked(), 0);
+        assert!(silent.seen.try_recv().is_err());
+
+        let mut closing = served_with(Duration::from_secs(30), true).await;
+        closing.until_parked(1).await;
+        closing.client.shutdown().await.unwrap();
+        closing.until_closed().await;
+        closing.until_parked(0).await;
+        assert!(closing.seen.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn stopping_closes_parked_connections() {
+        let mut s = served_with(Duration::from_secs(120), true).await;
+        s.until_parked(1).await;
+        s.app.http_cleanup().await;
+        s.until_closed().await;
+        assert_eq!(s.parked(), 0);
+        assert!(s.seen.try_recv().is_err());
     }
 
     #[tokio::test]

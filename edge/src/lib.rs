@@ -10,6 +10,8 @@
 //!   in place.
 //! - [`idle`]: idle keep-alive connections held without the request machinery.
 //! - [`conn`]: plain client connections without pingora's per-connection buffers.
+//! - [`park`]: idle plain connections parked off the runtime, in an epoll set of the
+//!   edge's own.
 //! - [`direct`]: requests to HTTP/1.1 services exchanged without pingora's upstream
 //!   machinery (plain HTTP/1.1 from the first byte, h2 from the proxy's
 //!   `request_filter`), over [`upstream`]'s kept-alive connections; the rest goes to
@@ -24,6 +26,7 @@ pub mod direct;
 pub mod idle;
 pub mod ids;
 pub mod metrics;
+pub mod park;
 pub mod proxy;
 pub mod server;
 pub mod tls;

@@ -65,8 +65,11 @@ pub struct Metrics {
     response_seconds: Histogram,
     open_requests: Gauge,
     open_connections: Gauge,
-    /// Requests done, all labels together (what [`Metrics::requests_served`] reads).
+    parked_connections: Gauge,
+    /// Requests done, all labels together, and connections parked: what
+    /// [`Metrics::work_done`] reads.
     served: AtomicU64,
+    parks: AtomicU64,
     wake_calls: Family<ResultLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
 }
@@ -91,7 +94,9 @@ impl Metrics {
             response_seconds: Histogram::new(latency_buckets()),
             open_requests: Gauge::default(),
             open_connections: Gauge::default(),
+            parked_connections: Gauge::default(),
             served: AtomicU64::new(0),
+            parks: AtomicU64::new(0),
             wake_calls: Family::default(),
             tls_reloads: Family::default(),
         };
@@ -137,6 +142,11 @@ impl Metrics {
             m.open_connections.clone(),
         );
         sub.register(
+            "parked_connections",
+            "Of those, idle plain connections parked off the runtime, waiting for their next request",
+            m.parked_connections.clone(),
+        );
+        sub.register(
             "wake_calls",
             "Wake hook calls, by result",
             m.wake_calls.clone(),
@@ -149,10 +159,11 @@ impl Metrics {
         std::sync::Arc::new(m)
     }
 
-    /// Requests done since start: the process trims its heap after requests were served
-    /// (their machinery freed), not while the edge sits idle.
-    pub fn requests_served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
+    /// Requests done and connections parked since start: the process trims its heap
+    /// after either (a request's machinery, a parked connection's task freed), not while
+    /// the edge sits idle.
+    pub fn work_done(&self) -> u64 {
+        self.served.load(Ordering::Relaxed) + self.parks.load(Ordering::Relaxed)
     }
 
     /// A request answered with `code`, for `service` (`None`: it had no route).
@@ -208,6 +219,17 @@ impl Metrics {
     pub(crate) fn connection_opened(&self) -> OpenConnection {
         self.open_connections.inc();
         OpenConnection(self.open_connections.clone())
+    }
+
+    /// A connection parked ([`crate::park`]).
+    pub(crate) fn connection_parked(&self) {
+        self.parks.fetch_add(1, Ordering::Relaxed);
+        self.parked_connections.inc();
+    }
+
+    /// `n` parked connections resumed or closed.
+    pub(crate) fn connections_unparked(&self, n: usize) {
+        self.parked_connections.dec_by(n as i64);
     }
 
     pub(crate) fn wake_call(&self, result: &'static str) {

@@ -172,7 +172,9 @@ impl EdgeServer {
         let mut service = Service::new(
             "vmedge edge".to_string(),
             FirstBytes::new(
-                IdleFirst::new(proxy, timeouts).with_direct(direct.clone()),
+                IdleFirst::new(proxy, timeouts)
+                    .with_direct(direct.clone())
+                    .with_parking(metrics.clone()),
                 timeouts.idle,
                 metrics.clone(),
             ),

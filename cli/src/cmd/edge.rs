@@ -80,7 +80,7 @@ pub fn start_edge(
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("state_dir {}: cannot create", settings.state_dir.display()))?;
     let served = metrics.clone();
-    crate::memory::trim_after_work(move || served.requests_served())
+    crate::memory::trim_after_work(move || served.work_done())
         .context("cannot start the heap trim thread")?;
     let (server, stop) = EdgeServer::build(settings, registry, metrics)?;
     let activity = server.activity.clone();
