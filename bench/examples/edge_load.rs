@@ -8,8 +8,8 @@
 //! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
 //!   `Connection: close`.
 //!
-//! `VMEDGE_BIN=target/release/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory | --http1 | --h2]`
-//! (root; bench/load/edge.sh does both).
+//! `VMEDGE_BIN=target/dist/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory | --http1 | --h2]`
+//! (root; bench/load/edge.sh does both, the edge built with `--profile dist`).
 #![allow(clippy::unwrap_used)] // a benchmark may panic on what it did not expect
 
 use std::io::{Read, Write};
@@ -151,7 +151,8 @@ fn handshakes(ns: &Netns, addr: SocketAddr, seconds: u32) -> f64 {
 
 /// Opens `n` keep-alive connections, each after one request; resident kB of the server
 /// (with its children) before, just after, and once they have been idle for a while (the
-/// edge trims its heap every 5 s after requests were served).
+/// edge parks a connection silent for a second, and trims its heap every 5 s after
+/// requests were served or connections parked).
 fn idle_memory(ns: &Netns, addr: SocketAddr, pid: u32, n: usize) -> [u64; 3] {
     let before = rss_kb(pid);
     let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", host());
@@ -445,9 +446,12 @@ fn idle_memory_section(w: &Netns, proxies: &[Proxy], pids: [u32; 2], idle: usize
         );
     }
     println!(
-        "  vmedge/nginx: {:.2}x just after, {:.2}x idle",
+        "  vmedge/nginx: {:.2}x just after, {:.2}x idle (the whole process); \
+         {:.2}x idle per connection (what the connections added)",
         edge_kb[1] as f64 / nginx_kb[1].max(1) as f64,
-        edge_kb[2] as f64 / nginx_kb[2].max(1) as f64
+        edge_kb[2] as f64 / nginx_kb[2].max(1) as f64,
+        edge_kb[2].saturating_sub(edge_kb[0]) as f64
+            / nginx_kb[2].saturating_sub(nginx_kb[0]).max(1) as f64
     );
 }
 
