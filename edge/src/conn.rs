@@ -6,7 +6,8 @@
 //! arrived ahead (one `recv` for a request's header, as with pingora's buffer; the
 //! parser then reads from it, and it is freed once read), and writes are gathered until
 //! the next flush (a response's header and body leave in one `send`). An idle keep-alive
-//! connection then costs the socket, this struct and the task waiting on it.
+//! connection then costs the socket, this struct and the task waiting on it; once parked
+//! ([`crate::park`]), the socket and a [`ParkedConn`].
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
