@@ -658,6 +658,14 @@ mod tests {
                 .unwrap_or_else(|| panic!("{text}"))
         }
 
+        /// Sends a GET of `path`, which the app must see with `reuses` left.
+        async fn ask(&mut self, path: &str, reuses: u32) {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            self.client.write_all(request.as_bytes()).await.unwrap();
+            let seen = self.seen.recv().await;
+            assert_eq!(seen, Some(Ok((path.to_string(), Some(reuses)))));
+        }
+
         /// Reads an empty 200 (its header whole).
         async fn answered(&mut self) {
             let mut answer = Vec::new();
@@ -682,40 +690,19 @@ mod tests {
     #[tokio::test]
     async fn a_silent_connection_is_parked_and_its_next_request_served_where_it_left_off() {
         let mut s = served_with(Duration::from_secs(30), true).await;
-        s.client
-            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(
-            s.seen.recv().await,
-            Some(Ok(("/again".to_string(), Some(7))))
-        );
+        s.ask("/again", 7).await;
         s.answered().await;
         // Not parked while requests come.
         assert_eq!(s.parked(), 0);
         s.until_parked(1).await;
         // Parked: its task ended, and a request makes a new one with what the
         // connection had (its reuses left).
-        s.client
-            .write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(
-            s.seen.recv().await,
-            Some(Ok(("/again".to_string(), Some(6))))
-        );
+        s.ask("/again", 6).await;
         s.answered().await;
         assert_eq!(s.parked(), 0);
         // And again: the same connection parks a second time.
         s.until_parked(1).await;
-        s.client
-            .write_all(b"GET /last HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        assert_eq!(
-            s.seen.recv().await,
-            Some(Ok(("/last".to_string(), Some(5))))
-        );
+        s.ask("/last", 5).await;
         s.until_closed().await;
         assert_eq!(s.parked(), 0);
     }
