@@ -360,7 +360,7 @@ where
         }
         if let (true, Some(parking)) = (conn.is_quiet(), self.parking_set(shutdown)) {
             match parking.park(conn, reuses, idle - here) {
-                Ok(_) => return None,
+                Ok(()) => return None,
                 Err(back) => conn = back,
             }
         }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use slab::Slab;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyMutGuard};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -88,20 +88,20 @@ impl<T: Send + 'static> Parking<T> {
     }
 
     /// Parks a [quiet](PlainConn::is_quiet) connection until its client sends, or for
-    /// `idle` at most. `Err` gives it back when the set is closed; `Ok(false)`: its
-    /// socket could not be moved, and it is closed.
+    /// `idle` at most. `Ok`: the set took it (parked, or closed when its socket could not
+    /// be moved); `Err` gives it back when the set is closed.
     pub fn park(
         &self,
         conn: Box<PlainConn>,
         with: T,
         idle: Duration,
-    ) -> Result<bool, Box<PlainConn>> {
+    ) -> Result<(), Box<PlainConn>> {
         let mut parked = self.lock();
         if parked.closed {
             return Err(conn);
         }
         let Ok(conn) = (*conn).park() else {
-            return Ok(false);
+            return Ok(());
         };
         let key = parked.conns.vacant_key();
         let fd = conn.fd();
@@ -110,7 +110,7 @@ impl<T: Send + 'static> Parking<T> {
             .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
         {
             tracing::debug!(error = %e, "an idle connection could not be parked: closed");
-            return Ok(false);
+            return Ok(());
         }
         let seq = parked.next_seq;
         parked.next_seq += 1;
@@ -124,7 +124,7 @@ impl<T: Send + 'static> Parking<T> {
         if first {
             self.changed.notify_one();
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Closes every parked connection and ends the waiting task; later connections are
@@ -165,35 +165,45 @@ impl<T: Send + 'static> Parking<T> {
             };
             tokio::select! {
                 ready = poll.readable_mut() => {
-                    let Ok(mut ready) = ready else {
+                    let drained = match ready {
+                        Ok(mut ready) => self.drain(&mut ready, &mut events, &resume),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = drained {
                         // The set itself failed: no connection can be woken any more.
-                        tracing::error!("the parked connections' epoll set failed: all closed");
+                        tracing::error!(error = %e, "the parked connections' epoll set failed: all closed");
                         self.close();
                         return;
-                    };
-                    // Drained, so that tokio's edge-triggered readiness can be cleared.
-                    loop {
-                        if let Err(e) = ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
-                            if e.kind() == io::ErrorKind::Interrupted {
-                                continue;
-                            }
-                            tracing::error!(error = %e, "the parked connections' epoll set failed: all closed");
-                            self.close();
-                            return;
-                        }
-                        if events.is_empty() {
-                            ready.clear_ready();
-                            break;
-                        }
-                        for event in events.iter() {
-                            if let Some((conn, with)) = self.unpark(event.token().0) {
-                                resume(conn, with);
-                            }
-                        }
                     }
                 }
                 () = expired => self.expire(Instant::now()),
                 () = self.changed.notified() => {}
+            }
+        }
+    }
+
+    /// Resumes every connection the set has ready, until it has none: tokio's
+    /// edge-triggered readiness of the set is cleared only then.
+    fn drain(
+        &self,
+        ready: &mut AsyncFdReadyMutGuard<'_, mio::Poll>,
+        events: &mut Events,
+        resume: &impl Fn(PlainConn, T),
+    ) -> io::Result<()> {
+        loop {
+            match ready.get_inner_mut().poll(events, Some(Duration::ZERO)) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            if events.is_empty() {
+                ready.clear_ready();
+                return Ok(());
+            }
+            for event in events.iter() {
+                if let Some((conn, with)) = self.unpark(event.token().0) {
+                    resume(conn, with);
+                }
             }
         }
     }
