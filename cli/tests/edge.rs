@@ -14,7 +14,7 @@ use vmedge_tests::edge::{
     Process,
 };
 use vmedge_tests::gate::metric;
-use vmedge_tests::{Lab, Netns};
+use vmedge_tests::{eventually, Lab, Netns};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmedge");
 const DOMAIN: &str = "edge.test";
@@ -390,22 +390,22 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
     // Silent for longer than a second, it is parked off the runtime (its task freed),
     // still open, and its next request is served as if nothing happened.
     let parked = |t: &EdgeLab| metric(&t.metrics(), "vmedge_edge_parked_connections");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while parked(&t) != Some(1.0) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(parked(&t), Some(1.0), "{}", t.metrics());
+    eventually(
+        "the idle connection parked",
+        Duration::from_secs(10),
+        || parked(&t) == Some(1.0),
+    );
     assert_eq!(open(&t), Some(before + 1.0));
     conn.write_all(request.as_bytes()).unwrap();
     let answer = read_hello(&mut conn);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(parked(&t), Some(0.0), "{}", t.metrics());
     drop(conn);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open(&t) != Some(before) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(open(&t), Some(before), "{}", t.metrics());
+    eventually(
+        "the closed connection uncounted",
+        Duration::from_secs(10),
+        || open(&t) == Some(before),
+    );
 }
 
 #[test]
