@@ -68,8 +68,7 @@ pub struct Metrics {
     parked_connections: Gauge,
     /// Requests done, all labels together, and connections parked: what
     /// [`Metrics::work_done`] reads.
-    served: AtomicU64,
-    parks: AtomicU64,
+    work: AtomicU64,
     wake_calls: Family<ResultLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
 }
@@ -95,8 +94,7 @@ impl Metrics {
             open_requests: Gauge::default(),
             open_connections: Gauge::default(),
             parked_connections: Gauge::default(),
-            served: AtomicU64::new(0),
-            parks: AtomicU64::new(0),
+            work: AtomicU64::new(0),
             wake_calls: Family::default(),
             tls_reloads: Family::default(),
         };
@@ -163,12 +161,12 @@ impl Metrics {
     /// after either (a request's machinery, a parked connection's task freed), not while
     /// the edge sits idle.
     pub fn work_done(&self) -> u64 {
-        self.served.load(Ordering::Relaxed) + self.parks.load(Ordering::Relaxed)
+        self.work.load(Ordering::Relaxed)
     }
 
     /// A request answered with `code`, for `service` (`None`: it had no route).
     pub(crate) fn request_done(&self, code: u16, service: Option<ServiceName>) {
-        self.served.fetch_add(1, Ordering::Relaxed);
+        self.work.fetch_add(1, Ordering::Relaxed);
         let labels = RequestLabels {
             code,
             service: ServiceLabel(service),
@@ -223,7 +221,7 @@ impl Metrics {
 
     /// A connection parked ([`crate::park`]).
     pub(crate) fn connection_parked(&self) {
-        self.parks.fetch_add(1, Ordering::Relaxed);
+        self.work.fetch_add(1, Ordering::Relaxed);
         self.parked_connections.inc();
     }
 
