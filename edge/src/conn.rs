@@ -97,15 +97,30 @@ impl PlainConn {
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
         drop(stream);
-        Ok(PlainConn {
+        Ok(PlainConn::with_nothing_buffered(
+            tcp,
+            peer,
+            established,
+            None,
+        ))
+    }
+
+    /// The connection on `tcp`, nothing read ahead or gathered yet.
+    fn with_nothing_buffered(
+        tcp: TcpStream,
+        peer: Option<std::net::SocketAddr>,
+        established: SystemTime,
+        counted: Option<OpenConnection>,
+    ) -> PlainConn {
+        PlainConn {
             tcp,
             ahead: Vec::new(),
             ahead_read: 0,
             gathered: Vec::new(),
             peer,
             established,
-            counted: None,
-        })
+            counted,
+        }
     }
 
     /// The connection, counted in the open connections for as long as it lives.
@@ -271,15 +286,12 @@ impl ParkedConn {
     /// The connection back on tokio (inside a runtime); `Err`: it could not be registered,
     /// and is closed.
     pub(crate) fn resume(self) -> io::Result<PlainConn> {
-        Ok(PlainConn {
-            tcp: TcpStream::from_std(self.tcp)?,
-            ahead: Vec::new(),
-            ahead_read: 0,
-            gathered: Vec::new(),
-            peer: self.peer,
-            established: self.established,
-            counted: self.counted,
-        })
+        Ok(PlainConn::with_nothing_buffered(
+            TcpStream::from_std(self.tcp)?,
+            self.peer,
+            self.established,
+            self.counted,
+        ))
     }
 
     /// The socket, to register it.
