@@ -1081,6 +1081,34 @@ fn limits_each_vms_request_rate_and_the_header_size() {
     // Another VM's budget is its own.
     let other = t.get(&host("web", 1), "/hello", &[]);
     assert_eq!(other, "hello from 8000\n 200");
+    // h2 streams on one connection (h2load: 30, one at a time) are held to it too, on the
+    // edge's own h2 path.
+    let direct = || metric(&t.metrics(), "vmedge_edge_direct_requests_total").unwrap_or(0.0);
+    let before = direct();
+    let authority = format!(":authority: {}", host("web", 1));
+    let out = t
+        .ns()
+        .command("h2load")
+        .args(["-n30", "-c1", "-m1", "-H", &authority])
+        .arg(format!("http://{HTTP}/hello"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let count = |class: &str| -> usize {
+        let line = report.lines().find(|l| l.starts_with("status codes:"));
+        let field = line.and_then(|l| l.split(',').find(|f| f.trim_end().ends_with(class)));
+        let n = field.and_then(|f| f.split_whitespace().rev().nth(1));
+        n.and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {class} count: {report}"))
+    };
+    let (ok, limited) = (count("2xx"), count("4xx"));
+    assert_eq!(ok + limited, 30, "{report}");
+    assert!(ok > 0 && limited > 0, "{report}");
+    assert_eq!(
+        direct(),
+        before + 30.0,
+        "h2 requests not on the direct path"
+    );
 
     let big = format!("X-Big: {}", "a".repeat(5000));
     let page = t.get(&host("web", 1), "/hello", &["-H", &big]);

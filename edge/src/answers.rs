@@ -6,7 +6,7 @@
 //! (doc/http-grpc-status-mapping.md) and whose `grpc-message` is the same line.
 
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use vmedge_model::VmStatus;
@@ -18,6 +18,8 @@ pub enum Refusal {
     BadRequest(&'static str),
     /// 404: unknown service or VM, or a malformed service host: one answer for all.
     Unknown,
+    /// 408: the client stopped sending its request's body.
+    ClientTimeout,
     /// 421: the host is not under `proxy.<domain>`.
     NotOurs,
     /// 431: the request's header is larger than the edge accepts.
@@ -59,6 +61,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => 400,
             Refusal::Unknown => 404,
+            Refusal::ClientTimeout => 408,
             Refusal::NotOurs => 421,
             Refusal::HeadersTooLarge { .. } => 431,
             Refusal::RateLimited => 429,
@@ -86,6 +89,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest(why) => format!("bad request: {why}"),
             Refusal::Unknown => "no such service or VM".to_string(),
+            Refusal::ClientTimeout => "the client stopped sending its body".to_string(),
             Refusal::NotOurs => "this host is not served here".to_string(),
             Refusal::HeadersTooLarge { limit } => {
                 format!("the request header is larger than {limit} bytes")
@@ -114,6 +118,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Unknown => "unknown",
+            Refusal::ClientTimeout => "client_timeout",
             Refusal::NotOurs => "not_ours",
             Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::RateLimited => "rate_limited",
@@ -130,9 +135,12 @@ impl Refusal {
 
 /// Is this a gRPC request (its answers must be gRPC statuses)?
 pub fn is_grpc(session: &Session) -> bool {
-    session
-        .req_header()
-        .headers
+    is_grpc_request(session.req_header())
+}
+
+/// Is `req` a gRPC request?
+pub fn is_grpc_request(req: &RequestHeader) -> bool {
+    req.headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
@@ -164,14 +172,8 @@ pub async fn respond(
         session.as_downstream_mut().finish_body().await?;
         return Ok(());
     }
-    let status = refusal.status();
-    let body = Bytes::from(text_page(refusal, request_id));
-    let mut header = ResponseHeader::build(status, Some(4))?;
-    header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header("x-request-id", request_id)?;
-    if status == 400 || !session.is_body_empty() {
+    let (header, body) = text_answer(refusal, request_id)?;
+    if refusal.status() == 400 || !session.is_body_empty() {
         session.set_keepalive(None);
     }
     session
@@ -179,6 +181,20 @@ pub async fn respond(
         .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// The text answer for `refusal`: its header and its body.
+pub fn text_answer(
+    refusal: &Refusal,
+    request_id: &str,
+) -> pingora::Result<(ResponseHeader, Bytes)> {
+    let body = Bytes::from(text_page(refusal, request_id));
+    let mut header = ResponseHeader::build(refusal.status(), Some(4))?;
+    header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    header.insert_header("x-request-id", request_id)?;
+    Ok((header, body))
 }
 
 /// The text answer's body: the status, the line and the request id.

@@ -18,7 +18,8 @@
 //!   `client_header_timeout` does); the request machinery is allocated only while a
 //!   request is under way (nginx, likewise, frees its buffers between requests). TLS
 //!   connections stay on pingora's task (it holds their TLS state) and wait in the proxy,
-//!   under the idle timeout; h2 sessions go straight to the proxy. Each plain request is
+//!   under the idle timeout; h2 streams are offered to the edge's own h2 path
+//!   ([`Direct::serve_h2`]) and go to the proxy when declined. Each plain request is
 //!   offered to the edge's own HTTP/1.1 path ([`Direct`]) first, and reaches the proxy
 //!   only when declined there. A plain connection still silent after [`PARK_AFTER`] is
 //!   parked ([`crate::park`]): its task ends, and a new one takes it up when its next
@@ -39,7 +40,7 @@ use pingora::server::ShutdownWatch;
 use tokio::sync::{oneshot, Notify};
 
 use crate::conn::PlainConn;
-use crate::direct::{Direct, Outcome};
+use crate::direct::{Direct, H2Offered, Outcome};
 use crate::metrics::Metrics;
 use crate::park::{Parking, PARK_AFTER};
 
@@ -471,8 +472,21 @@ where
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let ServerSession::H1(h1) = session else {
-            return self.app.process_new_http(session, shutdown).await;
+        let h1 = match session {
+            ServerSession::H1(h1) => h1,
+            ServerSession::H2(stream) => {
+                // Offered to the direct path first; pingora's proxy serves it otherwise.
+                let stream = match &self.direct {
+                    Some(direct) => match direct.serve_h2(stream).await {
+                        H2Offered::Served => return None,
+                        H2Offered::Declined(stream) => stream,
+                    },
+                    None => stream,
+                };
+                let session = ServerSession::H2(stream);
+                return self.app.process_new_http(session, shutdown).await;
+            }
+            other => return self.app.process_new_http(other, shutdown).await,
         };
         if h1.digest().ssl_digest.is_some() {
             // TLS: pingora's task holds the TLS state; the requests go on there.

@@ -21,7 +21,7 @@ use vmedge_registry::{Registry, RouteError};
 
 use crate::activity::{Activity, VmActivity};
 use crate::answers::{self, Refusal};
-use crate::direct::{Direct, H2Failure, H2Target};
+use crate::direct::header_size;
 use crate::idle::HeaderRead;
 use crate::ids::RequestIds;
 use crate::metrics::Metrics;
@@ -37,8 +37,6 @@ pub struct EdgeProxy {
     activity: Arc<Activity>,
     metrics: Arc<Metrics>,
     ids: Arc<RequestIds>,
-    /// Takes the h2 requests it can to HTTP/1.1 services, from `request_filter`.
-    direct: Option<Arc<Direct>>,
 }
 
 /// Where a request goes, decided in `request_filter`.
@@ -80,47 +78,6 @@ impl EdgeProxy {
             activity,
             metrics,
             ids,
-            direct: None,
-        }
-    }
-
-    /// h2 requests to HTTP/1.1 services exchanged on `direct`'s upstream connections.
-    pub fn with_direct(mut self, direct: Arc<Direct>) -> EdgeProxy {
-        self.direct = Some(direct);
-        self
-    }
-
-    /// A routed h2 request to an HTTP/1.1 service, exchanged on the direct path, if it
-    /// is one for it: whether it was (and an answer went to the client).
-    async fn try_direct(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        routed: &Routed,
-    ) -> pingora::Result<bool> {
-        let Some(direct) = &self.direct else {
-            return Ok(false);
-        };
-        if !Direct::takes_h2(session, routed.h2c, ctx.grpc) {
-            return Ok(false);
-        }
-        let to = H2Target {
-            target: routed.target,
-            host: &ctx.host,
-            id: &ctx.id,
-            activity: &routed.activity,
-        };
-        let served = direct.serve_h2(session, &to).await;
-        self.metrics.direct_request();
-        match served {
-            Ok(()) => Ok(true),
-            Err(H2Failure::Refused(refusal)) => {
-                self.metrics.refused(refusal.reason());
-                answers::respond(session, &refusal, &ctx.id, ctx.grpc).await?;
-                ctx.refusal = Some(refusal);
-                Ok(true)
-            }
-            Err(H2Failure::Broken(e)) => Err(e),
         }
     }
 
@@ -135,12 +92,7 @@ impl EdgeProxy {
             }
             framing_check(req, &raw)?;
         } else {
-            let size: usize = req
-                .headers
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                .sum();
-            if size > limit {
+            if header_size(req) > limit {
                 return Err(Refusal::HeadersTooLarge { limit });
             }
         }
@@ -225,7 +177,7 @@ impl EdgeProxy {
 }
 
 /// Host header (HTTP/1.1) or `:authority` (h2).
-fn request_host(req: &RequestHeader) -> Option<&str> {
+pub(crate) fn request_host(req: &RequestHeader) -> Option<&str> {
     if let Some(authority) = req.uri.authority() {
         return Some(authority.as_str());
     }
@@ -328,16 +280,14 @@ impl ProxyHttp for EdgeProxy {
         ctx.open = true;
         // A client that stops reading (its window or socket buffer full) is cut off, as
         // nginx's send_timeout does: pingora has no write timeout of its own, and such a
-        // client would hold its stream and the VM connection behind it for ever. Set
-        // before `try_direct`: the direct path's h2 answers are written under it too.
+        // client would hold its stream and the VM connection behind it for ever.
         session.set_write_timeout(Some(self.settings.client_timeout));
         ctx.id = self.ids.take(session.req_header());
         ctx.grpc = answers::is_grpc(session);
         match self.route(session, ctx).await {
             Ok(routed) => {
-                let served = self.try_direct(session, ctx, &routed).await;
                 ctx.routed = Some(routed);
-                served
+                Ok(false)
             }
             Err(refusal) => {
                 self.metrics.refused(refusal.reason());

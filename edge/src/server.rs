@@ -163,8 +163,7 @@ impl EdgeServer {
             activity.clone(),
             metrics.clone(),
             ids,
-        )
-        .with_direct(direct.clone());
+        );
         let mut options = HttpServerOptions::default();
         options.h2c = true;
         let mut proxy = pingora::proxy::http_proxy(&conf, proxy);

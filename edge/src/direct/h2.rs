@@ -1,17 +1,19 @@
 //! h2 requests to a VM's HTTP/1.1 service, exchanged on the direct path's own upstream
-//! connections.
+//! connections, without pingora's request machinery.
 //!
-//! pingora reads an h2 stream's request, and the edge's proxy routes it; from there,
-//! pingora's HTTP/1.1 client held h2c at 0.6-0.7x nginx (its pool's watcher task for
-//! every connection put back, a `getpeername` for every one taken, its per-request
-//! machinery: bench/RESULTS.md), where the edge's own answers over h2 run at twice
-//! nginx's proxied rate. A request without a body, or with a small one of known length,
-//! is sent here instead, from `request_filter`: its header is written as HTTP/1.1 for the
-//! VM ([`message::h1_request`]), its body read whole under the client timeout and sent
-//! with it, on a kept connection of the [`UpstreamPool`], and the answer goes back through
-//! pingora's h2 session, its body decoded from its framing as it comes. Larger bodies (or
-//! ones of unknown length), gRPC and h2c services stay pingora's. Interim answers (1xx)
-//! are not passed on, and neither are a chunked answer's trailer fields.
+//! pingora's h2 server reads each stream's request and spawns a task for it; that task
+//! came through pingora's proxy (a ~14 kB future per stream, its session and its phases)
+//! before the edge's `request_filter` saw the request, and h2c held at 0.5-0.6x nginx
+//! (bench/RESULTS.md). Here [`crate::idle::IdleFirst`] offers each stream to
+//! [`Direct::serve_h2`] first: a request without a body, or with a small one of known
+//! length, routed to a running VM's HTTP/1.1 service (not gRPC, not h2c), is taken. Its
+//! header is written as HTTP/1.1 for the VM ([`message::h1_request`]), its body read
+//! whole under the client timeout and sent with it, on a kept connection of the
+//! [`UpstreamPool`]; the answer goes back on the stream, its body decoded from its framing
+//! as it comes. Everything else is declined untouched, and pingora's proxy serves it:
+//! larger bodies (or ones of unknown length), gRPC and h2c services, VMs that are not
+//! running (wake, 503), hosts that do not route. Interim answers (1xx) are not passed on,
+//! and neither are a chunked answer's trailer fields.
 //!
 //! [`UpstreamPool`]: crate::upstream::UpstreamPool
 
@@ -21,87 +23,143 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use http::Method;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::Session;
-use pingora::{Error, ErrorSource, ErrorType};
+use pingora::protocols::http::v2::server::HttpSession as H2Stream;
+use pingora::ErrorType;
 use tokio::net::TcpStream;
+use vmedge_model::{ServiceName, VmId};
 
 use super::message::{self, parse_answer, Answer, Body, Framing};
-use super::{malformed_body, Direct, Failure};
+use super::{malformed_body, Direct, Done, Failure, Logged};
 use crate::activity::VmActivity;
-use crate::answers::Refusal;
+use crate::answers::{self, Refusal};
+use crate::proxy::request_host;
 
 /// The largest request body an h2 request taken here may have: it is read whole before the
 /// request goes to the VM (as nginx buffers a body), so an answer the VM gives before
 /// reading all of it, or while reading it, cannot stall the exchange.
 const MAX_BODY: usize = 64 * 1024;
 
-/// What an h2 request taken here came to, when not the VM's whole answer.
-#[derive(Debug)]
-pub enum H2Failure {
-    /// Nothing was sent to the client yet: it gets this answer.
-    Refused(Refusal),
-    /// The answer broke off (the VM's side or the client's, as the error says).
-    Broken(Box<Error>),
+/// What became of an h2 stream offered to the direct path. The stream is given back
+/// inline, as pingora's accept loop hands it over, not boxed for every request declined.
+#[allow(clippy::large_enum_variant)]
+pub enum H2Offered {
+    /// Taken, and answered (or cut off) here.
+    Served,
+    /// Not one for this path: nothing was read from it and nothing counted.
+    Declined(H2Stream),
 }
 
-impl From<Failure> for H2Failure {
-    fn from(failure: Failure) -> H2Failure {
-        match failure {
-            Failure::Refuse(refusal) => H2Failure::Refused(refusal),
-            Failure::Client(why) => H2Failure::Broken(broken(ErrorSource::Downstream, why)),
-            Failure::Cut(why) => H2Failure::Broken(broken(ErrorSource::Upstream, why)),
-        }
-    }
-}
-
-fn broken(source: ErrorSource, why: &'static str) -> Box<Error> {
-    let etype = match source {
-        ErrorSource::Downstream => ErrorType::WriteError,
-        _ => ErrorType::ReadError,
-    };
-    Error::create(etype, source, Some(why.into()), None)
-}
-
-/// Where a request routed to a running VM's HTTP/1.1 service goes, for [`Direct::serve_h2`].
-pub struct H2Target<'a> {
-    pub target: SocketAddr,
-    pub host: &'a str,
-    pub id: &'a str,
-    pub activity: &'a VmActivity,
+/// Where a taken request goes.
+struct H2Route {
+    vm: VmId,
+    service: ServiceName,
+    target: SocketAddr,
 }
 
 impl Direct {
-    /// Whether a routed request is one for [`Direct::serve_h2`]: h2 from the client, not
-    /// gRPC, to a service that is not h2c, with no body or one whose `content-length`
-    /// says it is at most [`MAX_BODY`] (and no `expect`: the client would wait for a
-    /// 100 before sending it).
-    pub fn takes_h2(session: &mut Session, h2c: bool, grpc: bool) -> bool {
-        session.is_http2()
-            && !h2c
-            && !grpc
-            && session.req_header().method != Method::CONNECT
-            && (session.is_body_empty() || body_len(session.req_header()).is_some())
+    /// Serves the request of `stream` if it is one for this path (see the module's
+    /// comment); gives the stream back otherwise.
+    pub async fn serve_h2(&self, mut stream: H2Stream) -> H2Offered {
+        let started = Instant::now();
+        let Some(route) = self.route_h2(&stream) else {
+            return H2Offered::Declined(stream);
+        };
+
+        // Taken: from here on the request is counted, and answered here.
+        self.metrics.open();
+        // A client that stops reading (its window full) is cut off, as nginx's
+        // send_timeout does.
+        stream.set_write_timeout(Some(self.settings.client_timeout));
+        let req = stream.req_header();
+        let id = self.ids.take(req);
+        let host = request_host(req).unwrap_or_default().to_string();
+        let activity = self.activity.vm(route.vm, self.settings.rate_limit);
+        activity.request();
+        let mut done = Done::default();
+        let result = if activity.admit() {
+            let to = H2Target {
+                target: route.target,
+                host: &host,
+                id: &id,
+                activity: &activity,
+            };
+            self.exchange_h2(&mut stream, &to, &mut done).await
+        } else {
+            Err(Failure::Refuse(Refusal::RateLimited))
+        };
+        match result {
+            Ok(()) => {}
+            Err(Failure::Refuse(refusal)) => {
+                self.metrics.refused(refusal.reason());
+                done.status = refusal.status();
+                if answer(&mut stream, &refusal, &id).await.is_err() {
+                    done.error = "the client went away before the answer";
+                }
+                done.refusal = Some(refusal);
+            }
+            Err(Failure::Client(why) | Failure::Cut(why)) => done.error = why,
+        }
+        done.bytes_in = stream.body_bytes_read() as u64;
+        done.bytes_out = stream.body_bytes_sent() as u64;
+        let req = stream.req_header();
+        let line = Logged {
+            id: &id,
+            client: stream.client_addr().and_then(|a| a.as_inet()).copied(),
+            method: req.method.as_str(),
+            host: &host,
+            path: req.uri.path(),
+        };
+        self.finish(&line, route.vm, route.service, &done, started);
+        H2Offered::Served
     }
 
-    /// The request to the VM and its answer back through `session`.
-    pub async fn serve_h2(
+    /// The running VM service the stream's request is for, if this path may take it:
+    /// not CONNECT, not gRPC, a body of known length at most [`MAX_BODY`] (or none), a
+    /// header within the limit, a host that routes to a running VM's HTTP/1.1 service
+    /// inside the prefixes. Refusals, waits, gRPC and h2c are pingora's.
+    fn route_h2(&self, stream: &H2Stream) -> Option<H2Route> {
+        let req = stream.req_header();
+        let takes = req.method != Method::CONNECT
+            && !answers::is_grpc_request(req)
+            && (stream.is_body_empty() || body_len(req).is_some())
+            && header_size(req) <= self.settings.max_header_bytes;
+        if !takes {
+            return None;
+        }
+        let snapshot = self.registry.load();
+        let route = snapshot
+            .route_host(request_host(req)?, &self.settings.domain)
+            .ok()?;
+        let target = route.target();
+        let dialable = self.settings.may_dial(target.ip());
+        (route.vm().status.is_running() && !route.h2c() && dialable).then(|| H2Route {
+            vm: route.vm().id,
+            service: route.service().name,
+            target,
+        })
+    }
+
+    /// The request to the VM and its answer back on the stream.
+    async fn exchange_h2(
         &self,
-        session: &mut Session,
+        stream: &mut H2Stream,
         to: &H2Target<'_>,
-    ) -> Result<(), H2Failure> {
-        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let req = session.req_header();
+        done: &mut Done,
+    ) -> Result<(), Failure> {
+        let client = stream.client_addr().and_then(|a| a.as_inet()).copied();
+        let tls = stream.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let req = stream.req_header();
         let head = req.method == Method::HEAD;
         // No side effects (RFC 9110 9.2.2): sent again when a kept connection turns out
         // closed before any answer.
         let retryable = matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let proto = if tls { "https" } else { "http" };
         let mut upstream = message::h1_request(req, to.host, client, proto, to.id);
-        if !session.is_body_empty() {
+        if !stream.is_body_empty() {
             // Header and body go to the VM in one write.
-            let len = body_len(session.req_header()).unwrap_or(0);
-            self.read_body(session, len, &mut upstream).await?;
+            let len = body_len(stream.req_header()).unwrap_or(0);
+            self.read_body(stream, len, &mut upstream).await?;
+            to.activity.inbound(len);
         }
 
         let mut buf = Vec::with_capacity(4096);
@@ -115,12 +173,13 @@ impl Direct {
             {
                 Some(answer) => break (tcp, answer, sent),
                 None if retry => continue,
-                None => return Err(H2Failure::Refused(Refusal::BadUpstreamAnswer)),
+                None => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
             }
         };
         self.metrics.responded(sent.elapsed().as_secs_f64());
+        done.status = answer.status;
         let reusable = self
-            .relay_h2(session, &mut tcp, answer, Bytes::from(buf), to.activity)
+            .relay_h2(stream, &mut tcp, answer, Bytes::from(buf), to.activity)
             .await?;
         if reusable {
             self.pool.put(to.target, tcp);
@@ -132,29 +191,17 @@ impl Direct {
     /// each read under the client timeout (then 408, as nginx's `client_body_timeout`).
     async fn read_body(
         &self,
-        session: &mut Session,
+        stream: &mut H2Stream,
         len: usize,
         out: &mut Vec<u8>,
-    ) -> Result<(), H2Failure> {
+    ) -> Result<(), Failure> {
         let start = out.len();
         out.reserve(len);
         loop {
-            let read = tokio::time::timeout(self.timeouts.read, session.read_request_body());
+            let read = tokio::time::timeout(self.timeouts.read, stream.read_body_bytes());
             let chunk = match read.await {
-                Err(_) => {
-                    let why = "the client stopped sending its body";
-                    let e = Error::create(
-                        ErrorType::HTTPStatus(408),
-                        ErrorSource::Downstream,
-                        Some(why.into()),
-                        None,
-                    );
-                    return Err(H2Failure::Broken(e));
-                }
-                Ok(Err(_)) => {
-                    let e = broken(ErrorSource::Downstream, "the client went away");
-                    return Err(H2Failure::Broken(e));
-                }
+                Err(_) => return Err(Failure::Refuse(Refusal::ClientTimeout)),
+                Ok(Err(_)) => return Err(Failure::Client("the client went away")),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunk,
             };
@@ -165,16 +212,12 @@ impl Direct {
         }
         // h2 holds a stream's data to its content-length; checked again all the same.
         if out.len() - start != len {
-            let e = broken(
-                ErrorSource::Downstream,
-                "the body is not its content-length",
-            );
-            return Err(H2Failure::Broken(e));
+            return Err(Failure::Client("the body is not its content-length"));
         }
         Ok(())
     }
 
-    /// The VM's final answer header, parsed for pingora (interim answers are skipped);
+    /// The VM's final answer header, parsed for the stream (interim answers are skipped);
     /// what was read past it is left in `buf`. `None` when the connection closed before
     /// any answer.
     async fn read_final_answer(
@@ -200,40 +243,25 @@ impl Direct {
         }
     }
 
-    /// A piece of the answer's body (`end`: the last) to the client. A client that stops
-    /// reading (its flow-control window full) is cut off by the session's write timeout:
-    /// the proxy sets it to the client timeout for every request, before this path is
-    /// tried.
-    async fn send(
-        &self,
-        session: &mut Session,
-        data: Option<Bytes>,
-        end: bool,
-    ) -> Result<(), Failure> {
-        session
-            .write_response_body(data, end)
-            .await
-            .map_err(|e| match e.etype() {
-                ErrorType::WriteTimedout => Failure::Client("the client stopped reading"),
-                _ => Failure::Client("the client went away"),
-            })
-    }
-
     /// The answer's header, then its body as it arrives, decoded from its framing, to the
     /// client; whether the VM's connection may carry another request.
     async fn relay_h2(
         &self,
-        session: &mut Session,
+        stream: &mut H2Stream,
         tcp: &mut TcpStream,
         answer: Answer<ResponseHeader>,
         rest: Bytes,
         activity: &VmActivity,
-    ) -> Result<bool, H2Failure> {
+    ) -> Result<bool, Failure> {
         let mut body = Body::new(answer.framing);
-        session
-            .write_response_header(Box::new(answer.header), false)
-            .await
+        // An answer with no body ends with its header.
+        let empty = answer.framing == Framing::Empty;
+        stream
+            .write_response_header(Box::new(answer.header), empty)
             .map_err(|_| Failure::Client("the client went away"))?;
+        if empty {
+            return Ok(answer.reusable && rest.is_empty());
+        }
         let mut reusable = answer.reusable;
         let until_close = answer.framing == Framing::UntilClose;
         let mut piece = rest;
@@ -249,21 +277,57 @@ impl Direct {
                 let data = piece.slice(span);
                 activity.outbound(data.len());
                 let fin = end && i + 1 == last;
-                self.send(session, Some(data), fin).await?;
+                send(stream, data, fin).await?;
             }
             if end {
                 if last == 0 {
-                    self.send(session, None, true).await?;
+                    send(stream, Bytes::new(), true).await?;
                 }
                 return Ok(reusable);
             }
             if self.read_body_bytes(tcp, &mut buf, until_close).await? == 0 {
-                self.send(session, None, true).await?;
+                send(stream, Bytes::new(), true).await?;
                 return Ok(false);
             }
             piece = buf.split().freeze();
         }
     }
+}
+
+/// Where a taken request goes, for [`Direct::exchange_h2`].
+struct H2Target<'a> {
+    target: SocketAddr,
+    host: &'a str,
+    id: &'a str,
+    activity: &'a VmActivity,
+}
+
+/// A piece of the answer's body (`end`: the last) to the client, under the stream's write
+/// timeout: a client that stops reading (its flow-control window full) is cut off.
+async fn send(stream: &mut H2Stream, data: Bytes, end: bool) -> Result<(), Failure> {
+    stream
+        .write_body(data, end)
+        .await
+        .map_err(|e| match e.etype() {
+            ErrorType::WriteTimedout => Failure::Client("the client stopped reading"),
+            _ => Failure::Client("the client went away"),
+        })
+}
+
+/// The edge's own answer for `refusal` on the stream, as text (gRPC requests are not
+/// taken here).
+async fn answer(stream: &mut H2Stream, refusal: &Refusal, id: &str) -> pingora::Result<()> {
+    let (header, body) = answers::text_answer(refusal, id)?;
+    stream.write_response_header(Box::new(header), false)?;
+    stream.write_body(body, true).await
+}
+
+/// The size of a request's header fields, as the limit on headers counts it.
+pub(crate) fn header_size(req: &RequestHeader) -> usize {
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 /// The length a request's `content-length` gives its body, if it is one for this path: at

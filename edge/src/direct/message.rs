@@ -193,7 +193,8 @@ impl AnswerHeader for Vec<u8> {
 /// (RFC 9113 8.2.2); the body comes decoded.
 impl AnswerHeader for ResponseHeader {
     fn start(status: u16, _reason: &str, len: usize) -> Result<Self, Malformed> {
-        ResponseHeader::build(status, Some(len / 16)).map_err(|_| Malformed)
+        // No record of each field's case: h2 writes names in lower case.
+        ResponseHeader::build_no_case(status, Some(len / 16)).map_err(|_| Malformed)
     }
 
     fn field(&mut self, name: &str, value: &[u8]) -> Result<(), Malformed> {

@@ -14,8 +14,8 @@
 //! and pingora serves it from the same bytes: `Expect`, `Upgrade` and chunked requests, a
 //! VM that is not running (wake, 503), an h2c service, a host that does not route, a
 //! header that is malformed or too large. TLS and h2c connections never come here; their
-//! h2 requests without a body or with a small one, once pingora has read their header, may
-//! (`h2`).
+//! h2 streams are offered to `h2` once pingora's h2 server has read their header, before
+//! pingora's proxy sees them.
 //!
 //! This module moves the bytes and keeps the books (timeouts, retries, metrics, the
 //! access log); `message` decides what the bytes become: which request fields the VM
@@ -47,7 +47,8 @@ use crate::EdgeSettings;
 mod h2;
 mod message;
 
-pub use h2::{H2Failure, H2Target};
+pub(crate) use h2::header_size;
+pub use h2::H2Offered;
 
 use message::{
     clamp, parse_answer, parse_request, Answer, Body, Declined, Framing, Malformed, Request,
@@ -102,6 +103,15 @@ enum Failure {
     Client(&'static str),
     /// The VM's answer broke off after part of it went to the client.
     Cut(&'static str),
+}
+
+/// What the access log line says of a request besides what it came to.
+struct Logged<'a> {
+    id: &'a str,
+    client: Option<SocketAddr>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
 }
 
 /// Whether the two connections of an exchange may carry another request.
@@ -207,7 +217,14 @@ impl Direct {
                 (false, false)
             }
         };
-        self.finish(&req, client, vm, service, &done, started);
+        let line = Logged {
+            id: &req.id,
+            client,
+            method: req.text(&req.method),
+            host: req.text(&req.host),
+            path: req.text(&req.path),
+        };
+        self.finish(&line, vm, service, &done, started);
         if keep_alive {
             return Outcome::KeepAlive;
         }
@@ -621,8 +638,7 @@ impl Direct {
     /// The request's metrics and access log line.
     fn finish(
         &self,
-        req: &Request,
-        client: Option<SocketAddr>,
+        line: &Logged<'_>,
         vm: VmId,
         service: ServiceName,
         done: &Done,
@@ -634,11 +650,11 @@ impl Direct {
         self.metrics.vm_bytes(&vm, done.bytes_in, done.bytes_out);
         tracing::info!(
             target: "vmedge::access",
-            request_id = %req.id,
-            client = %client.map(|a| a.to_string()).unwrap_or_default(),
-            method = req.text(&req.method),
-            host = req.text(&req.host),
-            path = req.text(&req.path),
+            request_id = %line.id,
+            client = %line.client.map(|a| a.to_string()).unwrap_or_default(),
+            method = line.method,
+            host = line.host,
+            path = line.path,
             status = done.status,
             vm = %vm,
             service = service.as_str(),
