@@ -153,13 +153,8 @@ pub async fn respond(
     request_id: &str,
     grpc: bool,
 ) -> pingora::Result<()> {
-    let line = refusal.message();
     if grpc {
-        let mut header = ResponseHeader::build(200, Some(4))?;
-        header.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-        header.insert_header("grpc-status", refusal.grpc_status().to_string())?;
-        header.insert_header("grpc-message", percent_encode(&line))?;
-        header.insert_header("x-request-id", request_id)?;
+        let header = grpc_answer(refusal, request_id)?;
         // Trailers-only: one HEADERS frame with END_STREAM, as gRPC clients expect it.
         if let ServerSession::H2(h2) = session.as_downstream_mut() {
             h2.write_response_header(Box::new(header), true)?;
@@ -181,6 +176,17 @@ pub async fn respond(
         .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// The gRPC answer for `refusal`: a header that is all there is (trailers-only), its
+/// `grpc-status` and `grpc-message` saying what happened.
+pub fn grpc_answer(refusal: &Refusal, request_id: &str) -> pingora::Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(200, Some(4))?;
+    header.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+    header.insert_header("grpc-status", refusal.grpc_status().to_string())?;
+    header.insert_header("grpc-message", percent_encode(&refusal.message()))?;
+    header.insert_header("x-request-id", request_id)?;
+    Ok(header)
 }
 
 /// The text answer for `refusal`: its header and its body.

@@ -1,19 +1,23 @@
-//! h2 requests to a VM's HTTP/1.1 service, exchanged on the direct path's own upstream
-//! connections, without pingora's request machinery.
+//! h2 requests to a running VM's services, on the direct path's own upstream connections,
+//! without pingora's request machinery.
 //!
 //! pingora's h2 server reads each stream's request and spawns a task for it; that task
 //! came through pingora's proxy (a ~14 kB future per stream, its session and its phases)
 //! before the edge's `request_filter` saw the request, and h2c held at 0.5-0.6x nginx
 //! (bench/RESULTS.md). Here [`crate::idle::IdleFirst`] offers each stream to
-//! [`Direct::serve_h2`] first: a request without a body, or with a small one of known
-//! length, routed to a running VM's HTTP/1.1 service (not gRPC, not h2c), is taken. Its
-//! header is written as HTTP/1.1 for the VM ([`message::h1_request`]), its body read
-//! whole under the client timeout and sent with it, on a kept connection of the
-//! [`UpstreamPool`]; the answer goes back on the stream, its body decoded from its framing
-//! as it comes. Everything else is declined untouched, and pingora's proxy serves it:
-//! larger bodies (or ones of unknown length), gRPC and h2c services, VMs that are not
-//! running (wake, 503), hosts that do not route. Interim answers (1xx) are not passed on,
-//! and neither are a chunked answer's trailer fields.
+//! [`Direct::serve_h2`] first, and it takes a request routed to a running VM inside the
+//! prefixes:
+//! - to an HTTP/1.1 service, when it is not gRPC and has no body, or a small one of known
+//!   length: its header is written as HTTP/1.1 for the VM ([`message::h1_request`]), its
+//!   body read whole under the client timeout and sent with it, on a kept connection of
+//!   the [`UpstreamPool`]; the answer goes back on the stream, its body decoded from its
+//!   framing as it comes. Interim answers (1xx) are not passed on, and neither are a
+//!   chunked answer's trailer fields;
+//! - to an h2c service (gRPC among them), whatever its body: see `h2c`.
+//!
+//! Everything else is declined untouched, and pingora's proxy serves it: larger bodies (or
+//! ones of unknown length) to HTTP/1.1 services, VMs that are not running (wake, 503),
+//! hosts that do not route, headers over the limit.
 //!
 //! [`UpstreamPool`]: crate::upstream::UpstreamPool
 
@@ -54,6 +58,8 @@ struct H2Route {
     vm: VmId,
     service: ServiceName,
     target: SocketAddr,
+    /// The service speaks h2c: the request goes on as h2 ([`Direct::exchange_h2c`]).
+    h2c: bool,
 }
 
 impl Direct {
@@ -76,6 +82,7 @@ impl Direct {
         let activity = self.activity.vm(route.vm, self.settings.rate_limit);
         activity.request();
         let mut done = Done::default();
+        let grpc = answers::is_grpc_request(req);
         let result = if activity.admit() {
             let to = H2Target {
                 target: route.target,
@@ -83,7 +90,11 @@ impl Direct {
                 id: &id,
                 activity: &activity,
             };
-            self.exchange_h2(&mut stream, &to, &mut done).await
+            if route.h2c {
+                self.exchange_h2c(&mut stream, &to, &mut done).await
+            } else {
+                self.exchange_h2(&mut stream, &to, &mut done).await
+            }
         } else {
             Err(Failure::Refuse(Refusal::RateLimited))
         };
@@ -92,7 +103,7 @@ impl Direct {
             Err(Failure::Refuse(refusal)) => {
                 self.metrics.refused(refusal.reason());
                 done.status = refusal.status();
-                if answer(&mut stream, &refusal, &id).await.is_err() {
+                if answer(&mut stream, &refusal, &id, grpc).await.is_err() {
                     done.error = "the client went away before the answer";
                 }
                 done.refusal = Some(refusal);
@@ -119,11 +130,7 @@ impl Direct {
     /// inside the prefixes. Refusals, waits, gRPC and h2c are pingora's.
     fn route_h2(&self, stream: &H2Stream) -> Option<H2Route> {
         let req = stream.req_header();
-        let takes = req.method != Method::CONNECT
-            && !answers::is_grpc_request(req)
-            && (stream.is_body_empty() || body_len(req).is_some())
-            && header_size(req) <= self.settings.max_header_bytes;
-        if !takes {
+        if req.method == Method::CONNECT || header_size(req) > self.settings.max_header_bytes {
             return None;
         }
         let snapshot = self.registry.load();
@@ -131,11 +138,17 @@ impl Direct {
             .route_host(request_host(req)?, &self.settings.domain)
             .ok()?;
         let target = route.target();
-        let dialable = self.settings.may_dial(target.ip());
-        (route.vm().status.is_running() && !route.h2c() && dialable).then(|| H2Route {
+        let h2c = route.h2c();
+        // To an HTTP/1.1 service: no gRPC, and a body read whole first.
+        let as_h1 =
+            !answers::is_grpc_request(req) && (stream.is_body_empty() || body_len(req).is_some());
+        let takes =
+            route.vm().status.is_running() && (h2c || as_h1) && self.settings.may_dial(target.ip());
+        takes.then(|| H2Route {
             vm: route.vm().id,
             service: route.service().name,
             target,
+            h2c,
         })
     }
 
@@ -294,17 +307,17 @@ impl Direct {
     }
 }
 
-/// Where a taken request goes, for [`Direct::exchange_h2`].
-struct H2Target<'a> {
-    target: SocketAddr,
-    host: &'a str,
-    id: &'a str,
-    activity: &'a VmActivity,
+/// Where a taken request goes, for [`Direct::exchange_h2`] and [`Direct::exchange_h2c`].
+pub(super) struct H2Target<'a> {
+    pub(super) target: SocketAddr,
+    pub(super) host: &'a str,
+    pub(super) id: &'a str,
+    pub(super) activity: &'a VmActivity,
 }
 
 /// A piece of the answer's body (`end`: the last) to the client, under the stream's write
 /// timeout: a client that stops reading (its flow-control window full) is cut off.
-async fn send(stream: &mut H2Stream, data: Bytes, end: bool) -> Result<(), Failure> {
+pub(super) async fn send(stream: &mut H2Stream, data: Bytes, end: bool) -> Result<(), Failure> {
     stream
         .write_body(data, end)
         .await
@@ -314,9 +327,17 @@ async fn send(stream: &mut H2Stream, data: Bytes, end: bool) -> Result<(), Failu
         })
 }
 
-/// The edge's own answer for `refusal` on the stream, as text (gRPC requests are not
-/// taken here).
-async fn answer(stream: &mut H2Stream, refusal: &Refusal, id: &str) -> pingora::Result<()> {
+/// The edge's own answer for `refusal` on the stream: to a gRPC client its status alone
+/// (trailers-only), to others as text.
+async fn answer(
+    stream: &mut H2Stream,
+    refusal: &Refusal,
+    id: &str,
+    grpc: bool,
+) -> pingora::Result<()> {
+    if grpc {
+        return stream.write_response_header(Box::new(answers::grpc_answer(refusal, id)?), true);
+    }
     let (header, body) = answers::text_answer(refusal, id)?;
     stream.write_response_header(Box::new(header), false)?;
     stream.write_body(body, true).await

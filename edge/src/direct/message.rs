@@ -291,6 +291,57 @@ pub(super) fn h1_request(
     upstream
 }
 
+/// An h2 request as the request the VM's h2c service gets: its method and path, the
+/// public host as its authority, its fields less those of its connection (`te` only as
+/// `trailers`, which gRPC needs: RFC 9113 8.2.2) and the forwarding fields, and the
+/// edge's own fields. `None` when the host or path do not make a URI.
+pub(super) fn h2c_request(
+    req: &RequestHeader,
+    host: &str,
+    client: Option<SocketAddr>,
+    proto: &str,
+    id: &str,
+) -> Option<http::Request<()>> {
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(path)
+        .build()
+        .ok()?;
+    let mut upstream = http::Request::builder()
+        .method(req.method.clone())
+        .uri(uri)
+        .body(())
+        .ok()?;
+    let fields = upstream.headers_mut();
+    fields.reserve(req.headers.len() + 4);
+    for (name, value) in &req.headers {
+        let n = name.as_str();
+        let connection_field = matches!(n, "connection" | "transfer-encoding" | "upgrade")
+            || (n == "te" && value.as_bytes() != b"trailers");
+        let written_here = matches!(n, "host" | "x-request-id");
+        if connection_field || written_here || replaced_on_the_way(n) {
+            continue;
+        }
+        fields.append(name.clone(), value.clone());
+    }
+    let forwarded_for = client.map(|c| c.ip().to_canonical().to_string());
+    let edge = [
+        (
+            "x-forwarded-for",
+            forwarded_for.as_deref().unwrap_or_default(),
+        ),
+        ("x-forwarded-proto", proto),
+        ("x-forwarded-host", host),
+        ("x-request-id", id),
+    ];
+    for (name, value) in edge {
+        fields.insert(name, HeaderValue::from_str(value).ok()?);
+    }
+    Some(upstream)
+}
+
 /// The answer header at the start of `buf`, rewritten for the client, and its length;
 /// `None` while it is incomplete.
 pub(super) fn parse_answer<H: AnswerHeader>(

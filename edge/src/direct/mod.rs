@@ -45,6 +45,7 @@ use crate::upstream::{UpstreamPool, IDLE_TIMEOUT};
 use crate::EdgeSettings;
 
 mod h2;
+mod h2c;
 mod message;
 
 pub(crate) use h2::header_size;
@@ -80,6 +81,8 @@ pub struct Direct {
     ids: Arc<RequestIds>,
     timeouts: ClientTimeouts,
     pool: UpstreamPool,
+    /// Connections to h2c services.
+    h2c: h2c::H2cPool,
 }
 
 /// A malformed answer, found before any of it went to the client.
@@ -151,12 +154,14 @@ impl Direct {
             ids,
             timeouts,
             pool,
+            h2c: h2c::H2cPool::default(),
         }
     }
 
     /// Closes kept connections to VMs that are no longer usable.
     pub fn sweep(&self) {
         self.pool.sweep();
+        self.h2c.sweep(IDLE_TIMEOUT);
     }
 
     /// Serves the request whose first bytes `conn` has read ahead, if it is one for this
