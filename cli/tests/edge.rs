@@ -330,12 +330,12 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
     );
 
     // gRPC over h2c to an h2c service: unary with trailers, the three streaming kinds,
-    // a non-OK status with its trailers, a deadline. All six calls on the edge's own h2
-    // path.
+    // a non-OK status with its trailers, a deadline, 3 MB each way. All seven calls on the
+    // edge's own h2 path.
     let direct = || metric(&t.metrics(), "vmedge_edge_direct_requests_total").unwrap_or(0.0);
     let before = direct();
     let g = t.grpc(&host("grpc", 0));
-    assert_eq!(direct(), before + 6.0, "gRPC calls not on the direct path");
+    assert_eq!(direct(), before + 7.0, "gRPC calls not on the direct path");
     assert_eq!(
         g["unary"],
         json!({"reply": "ping", "trailers": {"x-served-by": "backend"}})
@@ -347,6 +347,7 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
     assert_eq!(g["fail"]["details"], "not today");
     assert_eq!(g["fail"]["trailers"]["x-detail"], "why-not");
     assert_eq!(g["deadline"]["code"], "DEADLINE_EXCEEDED");
+    assert_eq!(g["large"], json!({"bytes": 3_000_000, "intact": true}));
 
     // Activity for the idle-suspend controller; metrics.
     let activity = http_get(t.ns(), ADMIN.parse().unwrap(), "admin", "/activity");

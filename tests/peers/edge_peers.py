@@ -343,6 +343,14 @@ def grpc_client(addr, authority):
     case("bidi", lambda: [r.decode() for r in m("stream_stream", "Bidi")(iter([b"x", b"y"]), timeout=10)])
     case("fail", lambda: m("unary_unary", "Fail")(b"", timeout=10).decode())
     case("deadline", lambda: m("unary_unary", "Slow")(b"", timeout=0.5).decode())
+
+    def large():
+        # 3 MB each way: many flow-control windows on both of the edge's connections.
+        payload = bytes(i % 251 for i in range(3_000_000))
+        resp = m("unary_unary", "Unary")(payload, timeout=20)
+        return {"bytes": len(resp), "intact": resp == payload}
+
+    case("large", large)
     print(json.dumps(out))
 
 
