@@ -124,10 +124,11 @@ impl Direct {
         H2Offered::Served
     }
 
-    /// The running VM service the stream's request is for, if this path may take it:
-    /// not CONNECT, not gRPC, a body of known length at most [`MAX_BODY`] (or none), a
-    /// header within the limit, a host that routes to a running VM's HTTP/1.1 service
-    /// inside the prefixes. Refusals, waits, gRPC and h2c are pingora's.
+    /// The running VM service the stream's request is for, if this path may take it: not
+    /// CONNECT, a header within the limit, a host that routes to a running VM inside the
+    /// prefixes, and either an h2c service, or an HTTP/1.1 one and a request that is not
+    /// gRPC with a body of known length at most [`MAX_BODY`] (or none). Refusals and
+    /// waits are pingora's.
     fn route_h2(&self, stream: &H2Stream) -> Option<H2Route> {
         let req = stream.req_header();
         if req.method == Method::CONNECT || header_size(req) > self.settings.max_header_bytes {

@@ -140,7 +140,14 @@ impl Direct {
             let limit = self.settings.upstream_timeout;
             tokio::select! {
                 answer = &mut answer => break answer,
-                from = poll_fn(|cx| up.poll_client(stream, cx)) => up.forward(from, to, limit).await?,
+                from = poll_fn(|cx| up.poll_client(stream, cx)) => {
+                    // Nothing went to the client yet: a VM that stops taking the body gets
+                    // it a 502, not a reset.
+                    up.forward(from, to, limit).await.map_err(|failure| match failure {
+                        Failure::Cut(_) => Failure::Refuse(Refusal::BadUpstreamAnswer),
+                        other => other,
+                    })?;
+                }
                 _ = tokio::time::sleep(limit), if !up.open() => {
                     return Err(Failure::Refuse(Refusal::UpstreamTimeout));
                 }
