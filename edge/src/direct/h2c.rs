@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -31,57 +32,102 @@ use super::message;
 use super::{Direct, Done, Failure};
 use crate::answers::Refusal;
 
-/// One h2c connection per VM service address, shared by every stream to it.
+/// h2c connections by VM service address, each carrying up to `h2_streams_per_connection`
+/// streams at once; another is opened when all of a service's are full (as pingora's
+/// pool does).
 #[derive(Default)]
 pub(super) struct H2cPool {
-    conns: Mutex<HashMap<SocketAddr, Shared>>,
+    conns: Mutex<HashMap<SocketAddr, Vec<Shared>>>,
 }
 
-/// A connection's request handle, and when it was last taken.
+/// A connection's request handle, its streams under way, and when it was last taken.
 struct Shared {
     sender: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
     used: Instant,
 }
 
+/// A stream's place on a connection, given back when dropped.
+pub(super) struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl H2cPool {
-    /// Forgets connections unused for `idle` (each closes once its last stream ends).
-    pub(super) fn sweep(&self, idle: std::time::Duration) {
+    /// Forgets connections with no stream under way and unused for `idle` (each closes
+    /// once nothing holds it).
+    pub(super) fn sweep(&self, idle: Duration) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|_, shared| shared.used.elapsed() < idle);
+        conns.retain(|_, list| {
+            list.retain(|c| c.streams.load(Ordering::Relaxed) > 0 || c.used.elapsed() < idle);
+            !list.is_empty()
+        });
     }
 
-    fn kept(&self, target: SocketAddr) -> Option<SendRequest<Bytes>> {
+    /// A place for one more stream on a kept connection to `target` with fewer than
+    /// `per_connection` under way.
+    fn take(
+        &self,
+        target: SocketAddr,
+        per_connection: usize,
+    ) -> Option<(SendRequest<Bytes>, Slot)> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let shared = conns.get_mut(&target)?;
+        let list = conns.get_mut(&target)?;
+        let shared = list
+            .iter_mut()
+            .find(|c| c.streams.load(Ordering::Relaxed) < per_connection)?;
+        shared.streams.fetch_add(1, Ordering::Relaxed);
         shared.used = Instant::now();
-        Some(shared.sender.clone())
+        Some((shared.sender.clone(), Slot(shared.streams.clone())))
     }
 
-    fn keep(&self, target: SocketAddr, sender: &SendRequest<Bytes>) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+    /// Keeps a new connection to `target`, with the first stream's place on it.
+    fn keep(&self, target: SocketAddr, sender: &SendRequest<Bytes>) -> Slot {
+        let streams = Arc::new(AtomicUsize::new(1));
         let shared = Shared {
             sender: sender.clone(),
+            streams: streams.clone(),
             used: Instant::now(),
         };
-        conns.insert(target, shared);
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.entry(target).or_default().push(shared);
+        Slot(streams)
     }
 
-    fn forget(&self, target: SocketAddr) {
+    /// Forgets the connection `slot` is on (it closed).
+    fn forget(&self, target: SocketAddr, slot: &Slot) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.remove(&target);
+        if let Some(list) = conns.get_mut(&target) {
+            list.retain(|c| !Arc::ptr_eq(&c.streams, &slot.0));
+            if list.is_empty() {
+                conns.remove(&target);
+            }
+        }
+    }
+
+    /// Connections kept to `target`.
+    #[cfg(test)]
+    fn len(&self, target: SocketAddr) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.get(&target).map_or(0, Vec::len)
     }
 }
 
 impl Direct {
-    /// A handle ready to open a stream to `target`: on its kept connection, or on a new
-    /// one when there is none or it closed (the VM sent GOAWAY, or went away).
-    async fn h2c_sender(&self, target: SocketAddr) -> Result<SendRequest<Bytes>, Failure> {
+    /// A handle ready to open a stream to `target`, and the stream's place on its
+    /// connection: on a kept connection with room, or on a new one when there is none,
+    /// or the one found closed (the VM sent GOAWAY, or went away).
+    async fn h2c_sender(&self, target: SocketAddr) -> Result<(SendRequest<Bytes>, Slot), Failure> {
         let limit = self.settings.upstream_timeout;
-        if let Some(sender) = self.h2c.kept(target) {
-            // Waits while the connection is at the VM's stream limit.
+        let per_connection = self.settings.h2_streams_per_connection.max(1);
+        if let Some((sender, slot)) = self.h2c.take(target, per_connection) {
+            // Waits while the connection is at the VM's own stream limit.
             match tokio::time::timeout(limit, sender.ready()).await {
-                Ok(Ok(sender)) => return Ok(sender),
-                Ok(Err(_)) => self.h2c.forget(target),
+                Ok(Ok(sender)) => return Ok((sender, slot)),
+                Ok(Err(_)) => self.h2c.forget(target, &slot),
                 Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
             }
         }
@@ -100,9 +146,9 @@ impl Direct {
                 tracing::debug!(%target, error = %e, "h2c connection to a VM ended");
             }
         });
-        self.h2c.keep(target, &sender);
+        let slot = self.h2c.keep(target, &sender);
         match tokio::time::timeout(limit, sender.ready()).await {
-            Ok(Ok(sender)) => Ok(sender),
+            Ok(Ok(sender)) => Ok((sender, slot)),
             Ok(Err(_)) => Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
             Err(_) => Err(Failure::Refuse(Refusal::UpstreamTimeout)),
         }
@@ -124,7 +170,8 @@ impl Direct {
                 "the host or path is not a URI",
             )))?;
         let no_body = stream.is_body_empty();
-        let mut sender = self.h2c_sender(to.target).await?;
+        // The place is held until the exchange ends, bodies and all.
+        let (mut sender, _slot) = self.h2c_sender(to.target).await?;
         let (answer, body_out) = sender
             .send_request(request, no_body)
             .map_err(|_| Failure::Refuse(Refusal::BadUpstreamAnswer))?;
@@ -230,7 +277,7 @@ impl Upload {
         &mut self,
         from: FromClient,
         to: &H2Target<'_>,
-        limit: std::time::Duration,
+        limit: Duration,
     ) -> Result<(), Failure> {
         let (data, end) = match from {
             FromClient::Body(Some(Ok(data))) => (data, false),
@@ -258,7 +305,7 @@ impl Upload {
 async fn finish(
     stream: &mut H2Stream,
     body_in: &mut RecvStream,
-    limit: std::time::Duration,
+    limit: Duration,
 ) -> Result<(), Failure> {
     match tokio::time::timeout(limit, body_in.trailers()).await {
         Ok(Ok(Some(trailers))) => stream
@@ -267,5 +314,43 @@ async fn finish(
         Ok(Ok(None)) => send(stream, Bytes::new(), true).await,
         Ok(Err(_)) => Err(Failure::Cut("the VM reset the stream")),
         Err(_) => Err(Failure::Cut("the VM stopped answering mid-body")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request handle on a connection nothing answers (the pool only counts).
+    async fn sender() -> SendRequest<Bytes> {
+        let (ours, _theirs) = tokio::io::duplex(1 << 16);
+        let (sender, connection) = h2::client::handshake(ours).await.unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    #[tokio::test]
+    async fn a_connection_carries_its_share_of_streams_then_another_is_opened() {
+        let pool = H2cPool::default();
+        let target: SocketAddr = "[fd5e:ed00::1]:50051".parse().unwrap();
+        assert!(pool.take(target, 2).is_none(), "nothing kept yet");
+        let first = pool.keep(target, &sender().await);
+        let (_, second) = pool.take(target, 2).expect("room for a second stream");
+        assert!(pool.take(target, 2).is_none(), "two streams fill it");
+        drop(second);
+        let (_, again) = pool.take(target, 2).expect("a stream ended: room again");
+
+        // Full again: a second connection takes the next streams.
+        let other = pool.keep(target, &sender().await);
+        assert_eq!(pool.len(target), 2);
+        let (_, on_other) = pool.take(target, 2).expect("room on the second");
+        assert!(pool.take(target, 2).is_none());
+
+        // Swept: only connections with nothing under way and idle long enough.
+        drop((again, on_other, other));
+        pool.sweep(Duration::ZERO);
+        assert_eq!(pool.len(target), 1, "the first still has a stream");
+        pool.forget(target, &first);
+        assert_eq!(pool.len(target), 0, "a closed connection is forgotten");
     }
 }
