@@ -76,6 +76,8 @@ impl Direct {
         // A client that stops reading (its window full) is cut off, as nginx's
         // send_timeout does.
         stream.set_write_timeout(Some(self.settings.client_timeout));
+        let client = stream.client_addr().and_then(|a| a.as_inet()).copied();
+        let tls = stream.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = stream.req_header();
         let id = self.ids.take(req);
         let host = request_host(req).unwrap_or_default().to_string();
@@ -88,6 +90,8 @@ impl Direct {
                 target: route.target,
                 host: &host,
                 id: &id,
+                client,
+                proto: if tls { "https" } else { "http" },
                 activity: &activity,
             };
             if route.h2c {
@@ -115,7 +119,7 @@ impl Direct {
         let req = stream.req_header();
         let line = Logged {
             id: &id,
-            client: stream.client_addr().and_then(|a| a.as_inet()).copied(),
+            client,
             method: req.method.as_str(),
             host: &host,
             path: req.uri.path(),
@@ -160,15 +164,12 @@ impl Direct {
         to: &H2Target<'_>,
         done: &mut Done,
     ) -> Result<(), Failure> {
-        let client = stream.client_addr().and_then(|a| a.as_inet()).copied();
-        let tls = stream.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = stream.req_header();
         let head = req.method == Method::HEAD;
         // No side effects (RFC 9110 9.2.2): sent again when a kept connection turns out
         // closed before any answer.
         let retryable = matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let proto = if tls { "https" } else { "http" };
-        let mut upstream = message::h1_request(req, to.host, client, proto, to.id);
+        let mut upstream = message::h1_request(req, to.host, to.client, to.proto, to.id);
         if !stream.is_body_empty() {
             // Header and body go to the VM in one write.
             let len = body_len(stream.req_header()).unwrap_or(0);
@@ -311,8 +312,14 @@ impl Direct {
 /// Where a taken request goes, for [`Direct::exchange_h2`] and [`Direct::exchange_h2c`].
 pub(super) struct H2Target<'a> {
     pub(super) target: SocketAddr,
+    /// The public host the client asked for.
     pub(super) host: &'a str,
+    /// The request id.
     pub(super) id: &'a str,
+    /// The client's address, for `x-forwarded-for`.
+    pub(super) client: Option<SocketAddr>,
+    /// `https` or `http`, for `x-forwarded-proto`.
+    pub(super) proto: &'static str,
     pub(super) activity: &'a VmActivity,
 }
 

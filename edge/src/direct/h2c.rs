@@ -162,13 +162,10 @@ impl Direct {
         to: &H2Target<'_>,
         done: &mut Done,
     ) -> Result<(), Failure> {
-        let client = stream.client_addr().and_then(|a| a.as_inet()).copied();
-        let tls = stream.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let proto = if tls { "https" } else { "http" };
-        let request = message::h2c_request(stream.req_header(), to.host, client, proto, to.id)
-            .ok_or(Failure::Refuse(Refusal::BadRequest(
-                "the host or path is not a URI",
-            )))?;
+        let req = stream.req_header();
+        let request = message::h2c_request(req, to.host, to.client, to.proto, to.id).ok_or(
+            Failure::Refuse(Refusal::BadRequest("the host or path is not a URI")),
+        )?;
         let no_body = stream.is_body_empty();
         // The place is held until the exchange ends, bodies and all.
         let (mut sender, _slot) = self.h2c_sender(to.target).await?;
