@@ -292,9 +292,20 @@ def serve_grpc(port):
         ctx.set_trailing_metadata((("x-detail", "why-not"),))
         ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "not today")
 
+    # Calls of Slow that saw their client's cancel or deadline (a cancel reaches the
+    # server only as a reset of the stream, which every hop must pass on).
+    cancelled = [0]
+
     def slow(req, ctx):
-        time.sleep(3)
+        for _ in range(50):
+            if not ctx.is_active():
+                cancelled[0] += 1
+                return b""
+            time.sleep(0.1)
         return req
+
+    def cancelled_calls(req, ctx):
+        return str(cancelled[0]).encode()
 
     h = lambda f, kind: kind(f, request_deserializer=identity, response_serializer=identity)
     handlers = {
@@ -304,6 +315,7 @@ def serve_grpc(port):
         "Bidi": h(bidi, grpc.stream_stream_rpc_method_handler),
         "Fail": h(fail, grpc.unary_unary_rpc_method_handler),
         "Slow": h(slow, grpc.unary_unary_rpc_method_handler),
+        "Cancelled": h(cancelled_calls, grpc.unary_unary_rpc_method_handler),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -343,6 +355,26 @@ def grpc_client(addr, authority):
     case("bidi", lambda: [r.decode() for r in m("stream_stream", "Bidi")(iter([b"x", b"y"]), timeout=10)])
     case("fail", lambda: m("unary_unary", "Fail")(b"", timeout=10).decode())
     case("deadline", lambda: m("unary_unary", "Slow")(b"", timeout=0.5).decode())
+
+    def cancel():
+        # No deadline for the VM to see: only the reset tells it.
+        call = m("unary_unary", "Slow").future(b"", timeout=10)
+        time.sleep(0.5)
+        call.cancel()
+        return "cancelled" if call.cancelled() else "not cancelled"
+
+    case("cancel", cancel)
+
+    def cancelled_on_the_vm():
+        # The server looks every 0.1 s; the reset is on its way already.
+        for _ in range(30):
+            seen = int(m("unary_unary", "Cancelled")(b"", timeout=10).decode())
+            if seen > 1:
+                return seen
+            time.sleep(0.1)
+        return 0
+
+    case("cancelled_on_the_vm", cancelled_on_the_vm)
 
     def large():
         # 3 MB each way: many flow-control windows on both of the edge's connections.
