@@ -203,6 +203,9 @@ pub struct EdgeConfig {
     pub rate_limit: u32,
     /// The largest request header accepted (then 431), in bytes.
     pub max_header_bytes: usize,
+    /// Streams at once on one h2c connection to a VM service; another connection is
+    /// opened when all are full.
+    pub h2_streams_per_connection: usize,
     /// Worker threads; 0 for one per core.
     pub threads: usize,
     /// How long open requests may finish after SIGTERM.
@@ -330,6 +333,7 @@ impl Default for EdgeConfig {
             header_timeout: Duration::from_secs(60),
             rate_limit: 0,
             max_header_bytes: 32 * 1024,
+            h2_streams_per_connection: 128,
             threads: 0,
             grace_period: Duration::from_secs(5),
         }
@@ -412,6 +416,9 @@ impl Config {
         if self.edge.tls_cert.is_some() != self.edge.tls_key.is_some() {
             return Err("[edge] tls_cert and tls_key go together: give both or neither".into());
         }
+        if self.edge.h2_streams_per_connection == 0 {
+            return Err("[edge] h2_streams_per_connection must be at least 1".into());
+        }
         if self.ssh.login_user.is_empty() {
             return Err("[ssh] login_user must not be empty".into());
         }
@@ -469,6 +476,7 @@ mod tests {
         );
         assert_eq!(c.edge.http, addrs(&["127.0.0.1:8080", "[::1]:8080"]));
         assert_eq!(c.edge.wake_timeout, Duration::from_secs(30));
+        assert_eq!(c.edge.h2_streams_per_connection, 128);
         assert_eq!(c.ssh.login_user, "root");
         assert_eq!(c.dns.upstreams, addrs(&["127.0.0.53:53"]));
         assert_eq!(
@@ -548,6 +556,11 @@ mod tests {
         }
         let e = Config::parse("[edge]\ntls_cert = \"a.pem\"\n").unwrap_err();
         assert!(e.contains("tls_cert and tls_key go together"), "{e}");
+        let e = Config::parse("[edge]\nh2_streams_per_connection = 0\n").unwrap_err();
+        assert!(
+            e.contains("h2_streams_per_connection must be at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

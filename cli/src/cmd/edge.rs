@@ -42,6 +42,7 @@ pub fn edge_settings(config: &Config, upgrade: bool) -> EdgeSettings {
     s.rate_limit = RateLimit::per_second_burst_twice(config.edge.rate_limit);
     s.threads = config.edge.threads;
     s.max_header_bytes = config.edge.max_header_bytes;
+    s.h2_streams_per_connection = config.edge.h2_streams_per_connection;
     s.grace_period = config.edge.grace_period;
     s.upgrade = upgrade;
     s
