@@ -167,6 +167,8 @@ impl Direct {
             Failure::Refuse(Refusal::BadRequest("the host or path is not a URI")),
         )?;
         let no_body = stream.is_body_empty();
+        // Each wait on the VM, and each write to it.
+        let limit = self.settings.upstream_timeout;
         // The place is held until the exchange ends, bodies and all.
         let (mut sender, _slot) = self.h2c_sender(to.target).await?;
         let (answer, body_out) = sender
@@ -181,7 +183,6 @@ impl Direct {
         // client-streaming call is answered only once its requests are all in.
         tokio::pin!(answer);
         let answer = loop {
-            let limit = self.settings.upstream_timeout;
             tokio::select! {
                 answer = &mut answer => break answer,
                 from = poll_fn(|cx| up.poll_client(stream, cx)) => {
@@ -215,7 +216,6 @@ impl Direct {
 
         // Both bodies at once; the VM's answer ends with its trailers or its last data.
         loop {
-            let limit = self.settings.upstream_timeout;
             tokio::select! {
                 data = tokio::time::timeout(limit, body_in.data()) => match data {
                     Err(_) => return Err(Failure::Cut("the VM stopped answering mid-body")),
