@@ -21,7 +21,6 @@ use vmedge_registry::{Registry, RouteError};
 
 use crate::activity::{Activity, VmActivity};
 use crate::answers::{self, Refusal};
-use crate::direct::header_size;
 use crate::idle::HeaderRead;
 use crate::ids::RequestIds;
 use crate::metrics::Metrics;
@@ -174,6 +173,15 @@ impl EdgeProxy {
             activity,
         })
     }
+}
+
+/// The size of a request's header fields, as the limit on headers counts it for h2 (an
+/// HTTP/1.1 request's raw header is measured as it came).
+pub(crate) fn header_size(req: &RequestHeader) -> usize {
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 /// Host header (HTTP/1.1) or `:authority` (h2).

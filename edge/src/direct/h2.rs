@@ -36,7 +36,7 @@ use super::message::{self, parse_answer, Answer, Body, Framing};
 use super::{malformed_body, Direct, Done, Failure, Logged};
 use crate::activity::VmActivity;
 use crate::answers::{self, Refusal};
-use crate::proxy::request_host;
+use crate::proxy::{header_size, request_host};
 
 /// The largest request body an h2 request taken here may have: it is read whole before the
 /// request goes to the VM (as nginx buffers a body), so an answer the VM gives before
@@ -349,14 +349,6 @@ async fn answer(
     let (header, body) = answers::text_answer(refusal, id)?;
     stream.write_response_header(Box::new(header), false)?;
     stream.write_body(body, true).await
-}
-
-/// The size of a request's header fields, as the limit on headers counts it.
-pub(crate) fn header_size(req: &RequestHeader) -> usize {
-    req.headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum()
 }
 
 /// The length a request's `content-length` gives its body, if it is one for this path: at

@@ -48,7 +48,6 @@ mod h2;
 mod h2c;
 mod message;
 
-pub(crate) use h2::header_size;
 pub use h2::H2Offered;
 
 use message::{
