@@ -360,6 +360,13 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
         "a call the client ended ran on at the VM"
     );
     assert_eq!(g["large"], json!({"bytes": 3_000_000, "intact": true}));
+    // Calls made together go on one h2c connection to the VM, as streams of it.
+    let together = t.peer(&["grpc-together", HTTP, &host("grpc", 0), "4"]);
+    assert_eq!(
+        together["vm_connections"].as_array().map(Vec::len),
+        Some(1),
+        "{together}"
+    );
 
     // Activity for the idle-suspend controller; metrics.
     let activity = http_get(t.ns(), ADMIN.parse().unwrap(), "admin", "/activity");
@@ -422,6 +429,25 @@ fn proxies_http1_https_h2_h2c_websocket_sse_and_grpc() {
         "the closed connection uncounted",
         Duration::from_secs(10),
         || open(&t) == Some(before),
+    );
+}
+
+#[test]
+fn opens_another_h2c_connection_to_a_vm_when_each_carries_its_limit() {
+    let t = EdgeLab::start_with("running", "h2_streams_per_connection = 1\n");
+    // Four calls at once, each held by the VM for half a second: at one stream per
+    // connection, each goes on a connection of its own, and all four are answered.
+    let together = t.peer(&["grpc-together", HTTP, &host("grpc", 0), "4"]);
+    assert_eq!(
+        together["vm_connections"].as_array().map(Vec::len),
+        Some(4),
+        "{together}"
+    );
+    // Those connections are kept: four more calls at once open none.
+    let again = t.peer(&["grpc-together", HTTP, &host("grpc", 0), "4"]);
+    assert_eq!(
+        again["vm_connections"], together["vm_connections"],
+        "{again}"
     );
 }
 

@@ -8,6 +8,7 @@ Backends run inside VM namespaces; clients run where the edge's listeners are.
   edge_peers.py grpc PORT            gRPC backend, generic handlers (no protoc needed)
   edge_peers.py ws-client URL ADDR PORT      checks echo of small, large and fragmented messages
   edge_peers.py grpc-client ADDR AUTHORITY   runs every gRPC case, prints one JSON object
+  edge_peers.py grpc-together ADDR AUTHORITY N   N calls at once: the VM connections they came on
   edge_peers.py stalled-client MODE METHOD ADDR PORT AUTHORITY PATH WAIT
                                      asks, then stops reading for WAIT s (see stalled_client)
   edge_peers.py stalled-upload ADDR PORT AUTHORITY PATH   an h2c POST whose body stops halfway
@@ -307,6 +308,12 @@ def serve_grpc(port):
     def cancelled_calls(req, ctx):
         return str(cancelled[0]).encode()
 
+    def hold(req, ctx):
+        # Long enough for calls made together to be open together; the answer says
+        # which of the edge's connections the call came on.
+        time.sleep(0.5)
+        return ctx.peer().encode()
+
     h = lambda f, kind: kind(f, request_deserializer=identity, response_serializer=identity)
     handlers = {
         "Unary": h(unary, grpc.unary_unary_rpc_method_handler),
@@ -316,6 +323,7 @@ def serve_grpc(port):
         "Fail": h(fail, grpc.unary_unary_rpc_method_handler),
         "Slow": h(slow, grpc.unary_unary_rpc_method_handler),
         "Cancelled": h(cancelled_calls, grpc.unary_unary_rpc_method_handler),
+        "Hold": h(hold, grpc.unary_unary_rpc_method_handler),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -384,6 +392,20 @@ def grpc_client(addr, authority):
 
     case("large", large)
     print(json.dumps(out))
+
+
+def grpc_together(addr, authority, calls):
+    """CALLS calls of Hold at once, on one client connection; the distinct connections
+    (address and port) they reached the VM on."""
+    import grpc
+
+    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", authority)])
+    hold = channel.unary_unary(
+        f"/{SERVICE}/Hold", request_serializer=identity, response_deserializer=identity
+    )
+    futures = [hold.future(b"", timeout=10) for _ in range(calls)]
+    peers = sorted({f.result().decode() for f in futures})
+    print(json.dumps({"calls": calls, "vm_connections": peers}))
 
 
 def stalled_client(mode, method, addr, port, authority, path, wait):
@@ -554,6 +576,8 @@ def main():
         asyncio.run(ws_client(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     elif what == "grpc-client":
         grpc_client(sys.argv[2], sys.argv[3])
+    elif what == "grpc-together":
+        grpc_together(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif what == "stalled-upload":
         stalled_upload(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif what == "stalled-client":
