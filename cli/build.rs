@@ -3,8 +3,9 @@
 //! Relative relocations packed (`DT_RELR`, glibc 2.36 and binutils 2.38 or later, as on
 //! Debian 12): the binary is position independent, and the dynamic loader fixes up
 //! ~42k pointers at every start. As `RELA` entries those were a 1 MB table that the
-//! loader reads and that stays resident; packed, they are 12 kB. The edge starts ~1.5 MB
-//! smaller (bench/RESULTS.md, session 17), and the address layout is as random as before.
+//! loader reads and that stays resident; packed, they are 12 kB. A release build of the
+//! edge starts ~1.5 MB smaller (bench/RESULTS.md, session 17), and the address layout is
+//! as random as before.
 
 fn main() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();

@@ -189,8 +189,8 @@ pub struct FqdnSets {
 /// the kernel finds a set by walking the table's list of sets and comparing each name
 /// (its length, then its bytes), and every fqdn set is created, looked up and deleted
 /// by name. A name of ~38 characters that differs from its neighbours' in its first few
-/// (VM ids made in sequence differ in their last digits) is a shorter step of every such
-/// walk than 32 hex digits of id that share their first 30 (bench/RESULTS.md, session 17).
+/// (ids made in sequence differ in their last digits) makes every step of such a walk
+/// cheaper than one of 55 that begins with the id in hex (bench/RESULTS.md, session 17).
 pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
     let mut v4 = String::with_capacity(40);
     v4.push_str("fq_");
