@@ -585,8 +585,9 @@ fn diff_is_empty_after_an_apply_and_shows_a_change() {
 }
 
 /// A worker upgraded in place takes over the table an older version wrote (per-VM
-/// chains, dispatch maps that jump to them, block sets): one full sync replaces it, and
-/// the fqdn sets, whose names have not changed, keep what the DNS gate put there.
+/// chains, dispatch maps that jump to them, block sets): one full sync replaces it. An
+/// fqdn set under the name this version gives it keeps what the DNS gate put there; one
+/// under an older version's name (the VM id in hex) is deleted.
 #[test]
 fn a_table_of_the_per_vm_chain_layout_is_taken_over() {
     let setup = Setup::new();
@@ -605,6 +606,7 @@ add map inet vmedge ingress_by_if {{ type ifname : verdict; }}
 add set inet vmedge in_b0_tcp6_s1 {{ type ipv6_addr . ipv6_addr . inet_service; flags interval; }}
 add set inet vmedge {fq} {{ type ipv6_addr; flags timeout; }}
 add element inet vmedge {fq} {{ {} timeout 1h }}
+add set inet vmedge fq_{hex}_63a47daa1aeccd41_4 {{ type ipv4_addr; flags timeout; }}
 add chain inet vmedge in_{hex}
 add rule inet vmedge in_{hex} ip6 daddr . ip6 saddr . tcp dport @in_b0_tcp6_s1 return
 add rule inet vmedge in_{hex} counter drop
