@@ -332,14 +332,22 @@ def serve_grpc(port):
     server.wait_for_termination()
 
 
+def grpc_methods(addr, authority):
+    """On one channel to ADDR for AUTHORITY: m(kind, name), the callable of the test
+    service's method NAME of KIND (unary_unary, unary_stream, ...)."""
+    import grpc
+
+    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", authority)])
+    return lambda kind, name: getattr(channel, kind)(
+        f"/{SERVICE}/{name}", request_serializer=identity, response_deserializer=identity
+    )
+
+
 def grpc_client(addr, authority):
     """Every case against one authority; a case that raises records its status code."""
     import grpc
 
-    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", authority)])
-    m = lambda kind, name: getattr(channel, kind)(
-        f"/{SERVICE}/{name}", request_serializer=identity, response_deserializer=identity
-    )
+    m = grpc_methods(addr, authority)
     out = {}
 
     def case(name, f):
@@ -397,12 +405,7 @@ def grpc_client(addr, authority):
 def grpc_together(addr, authority, calls):
     """CALLS calls of Hold at once, on one client connection; the distinct connections
     (address and port) they reached the VM on."""
-    import grpc
-
-    channel = grpc.insecure_channel(addr, options=[("grpc.default_authority", authority)])
-    hold = channel.unary_unary(
-        f"/{SERVICE}/Hold", request_serializer=identity, response_deserializer=identity
-    )
+    hold = grpc_methods(addr, authority)("unary_unary", "Hold")
     futures = [hold.future(b"", timeout=10) for _ in range(calls)]
     peers = sorted({f.result().decode() for f in futures})
     print(json.dumps({"calls": calls, "vm_connections": peers}))
