@@ -35,7 +35,8 @@ fn host(service: &str, i: usize) -> String {
 fn vm(i: usize, ipv6: &str, status: &str) -> Value {
     json!({"id": vm_id(i), "org_id": "o", "worker": "w", "public_ipv6": ipv6, "status": status,
            "services": [{"name": "web", "port": 8000}, {"name": "ws", "port": 9001},
-                        {"name": "grpc", "port": 50051, "h2c": true}, {"name": "dead", "port": 8999}]})
+                        {"name": "grpc", "port": 50051, "h2c": true}, {"name": "dead", "port": 8999},
+                        {"name": "early", "port": 50052, "h2c": true}]})
 }
 
 /// VM 0 (running) and VM 1 (status `vm1`) are lab VMs; 10..13 have no namespace: stopped,
@@ -449,6 +450,34 @@ fn opens_another_h2c_connection_to_a_vm_when_each_carries_its_limit() {
         again["vm_connections"], together["vm_connections"],
         "{again}"
     );
+}
+
+#[test]
+fn passes_on_an_h2c_answer_given_before_the_whole_request() {
+    let t = EdgeLab::start("running");
+    let _early = backend(&t.lab.vms[0].ns, "h2-early", 50052);
+    // The VM takes the first 64 kB of a 1 MB body, answers and resets its stream with
+    // NO_ERROR while the edge waits to send it more: the client gets the answer, whole,
+    // and the edge's connection to the VM carries the next request.
+    for _ in 0..2 {
+        let got = t.peer(&[
+            "upload",
+            "127.0.0.1",
+            "8080",
+            &host("early", 0),
+            "/",
+            "1048576",
+        ]);
+        assert_eq!(got["status"], 200, "{got}");
+        assert_eq!(got["body"], "answered early\n", "{got}");
+        assert_eq!(got["ended"], "complete", "{got}");
+    }
+    // An HTTP/1.1 client's upload, on pingora's path to h2c services.
+    let body = t.dir.path().join("upload");
+    std::fs::write(&body, vec![b'x'; 1 << 20]).unwrap();
+    let data = format!("@{}", body.display());
+    let got = t.get(&host("early", 0), "/", &["--data-binary", &data]);
+    assert_eq!(got, "answered early\n 200");
 }
 
 #[test]

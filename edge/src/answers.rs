@@ -50,8 +50,8 @@ pub enum Refusal {
     WakeTimeout,
     /// 504: the VM did not answer within the upstream timeout.
     UpstreamTimeout,
-    /// 502: the VM closed the connection before its answer was complete, or answered
-    /// with what is not HTTP/1.1.
+    /// 502: the VM closed the connection or reset the stream before its answer was
+    /// complete, or answered with what is not HTTP/1.1 (or h2, to an h2c service).
     BadUpstreamAnswer,
 }
 
@@ -107,9 +107,7 @@ impl Refusal {
             }
             Refusal::WakeTimeout => "the VM did not wake up in time".to_string(),
             Refusal::UpstreamTimeout => "the VM did not answer in time".to_string(),
-            Refusal::BadUpstreamAnswer => {
-                "the VM's answer was cut off or is not HTTP/1.1".to_string()
-            }
+            Refusal::BadUpstreamAnswer => "the VM's answer was cut off or malformed".to_string(),
         }
     }
 

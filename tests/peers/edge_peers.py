@@ -6,12 +6,14 @@ Backends run inside VM namespaces; clients run where the edge's listeners are.
   edge_peers.py http PORT            HTTP/1.1 backend (see Http below)
   edge_peers.py ws PORT              WebSocket echo backend
   edge_peers.py grpc PORT            gRPC backend, generic handlers (no protoc needed)
+  edge_peers.py h2-early PORT        h2c backend that answers before the whole request
   edge_peers.py ws-client URL ADDR PORT      checks echo of small, large and fragmented messages
   edge_peers.py grpc-client ADDR AUTHORITY   runs every gRPC case, prints one JSON object
   edge_peers.py grpc-together ADDR AUTHORITY N   N calls at once: the VM connections they came on
   edge_peers.py stalled-client MODE METHOD ADDR PORT AUTHORITY PATH WAIT
                                      asks, then stops reading for WAIT s (see stalled_client)
-  edge_peers.py stalled-upload ADDR PORT AUTHORITY PATH   an h2c POST whose body stops halfway
+  edge_peers.py upload ADDR PORT AUTHORITY PATH BYTES     an h2c POST sent as fast as it is taken
+  edge_peers.py stalled-upload ADDR PORT AUTHORITY PATH   one whose body stops at 10 of 1000 bytes
 
 Clients print what they saw as JSON on stdout and exit 0; the Rust test decides.
 """
@@ -332,6 +334,48 @@ def serve_grpc(port):
     server.wait_for_termination()
 
 
+def serve_h2_early(port):
+    """An h2c server that takes the first window of each request's body, never more,
+    then answers in full and ends the stream with a NO_ERROR reset: a server may answer
+    before it has the whole request (RFC 9113 8.1), as grpc-core does. A proxy still
+    sending the body then finds the stream closed, and must pass the answer on."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+    import h2.exceptions
+
+    def serve(sock):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        taken = {}
+        while data := sock.recv(65536):
+            try:
+                events = conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                break
+            for event in events:
+                if isinstance(event, h2.events.RequestReceived):
+                    taken[event.stream_id] = 0
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id in taken:
+                    # Never acknowledged: the sender's window runs out at 64 kB.
+                    taken[event.stream_id] += event.flow_controlled_length
+                    if taken[event.stream_id] >= conn.local_settings.initial_window_size:
+                        # The connection's window back, for the streams to come.
+                        conn.increment_flow_control_window(taken.pop(event.stream_id))
+                        conn.send_headers(event.stream_id, [(":status", "200")])
+                        conn.send_data(event.stream_id, b"answered early\n", end_stream=True)
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            sock.sendall(conn.data_to_send())
+        sock.close()
+
+    listener = socket.create_server(("::", port), family=socket.AF_INET6, reuse_port=True)
+    while True:
+        sock, _ = listener.accept()
+        threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+
 def grpc_methods(addr, authority):
     """On one channel to ADDR for AUTHORITY: m(kind, name), the callable of the test
     service's method NAME of KIND (unary_unary, unary_stream, ...)."""
@@ -530,9 +574,11 @@ def h2_stalled_reader(sock, method, authority, path, body, seen):
                 sock.sendall(conn.data_to_send())
 
 
-def stalled_upload(addr, port, authority, path):
-    """An h2c POST whose body stops after 10 of its 1000 bytes; prints the answer's status
-    (None if none came) and how the stream ended."""
+def upload(addr, port, authority, path, size, send):
+    """An h2c POST of a SIZE-byte body of which it sends the first SEND bytes, as fast as
+    flow control lets it; reads until its stream ends or is reset. Prints the answer's
+    status (None if none came) and body, how the stream ended (complete, reset and the
+    reason, closed, stuck: 30 s with nothing) and the body bytes sent."""
     import h2.config
     import h2.connection
     import h2.events
@@ -543,10 +589,20 @@ def stalled_upload(addr, port, authority, path):
     conn.initiate_connection()
     stream = conn.get_next_available_stream_id()
     headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", authority)]
-    conn.send_headers(stream, headers + [("content-length", "1000")])
-    conn.send_data(stream, b"x" * 10)
+    conn.send_headers(stream, headers + [("content-length", str(size))])
+    seen = {"status": None, "body": "", "ended": None, "sent": 0}
+
+    def send_more():
+        while seen["sent"] < send and seen["ended"] is None:
+            room = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size)
+            if room <= 0:
+                return
+            n = min(room, send - seen["sent"])
+            seen["sent"] += n
+            conn.send_data(stream, b"x" * n, end_stream=seen["sent"] == size)
+
+    send_more()
     sock.sendall(conn.data_to_send())
-    seen = {"status": None, "ended": None}
     while seen["ended"] is None:
         try:
             data = sock.recv(65536)
@@ -559,10 +615,15 @@ def stalled_upload(addr, port, authority, path):
         for event in conn.receive_data(data):
             if isinstance(event, h2.events.ResponseReceived):
                 seen["status"] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                seen["body"] += event.data.decode(errors="replace")
+                conn.acknowledge_received_data(event.flow_controlled_length, stream)
             elif isinstance(event, h2.events.StreamEnded):
                 seen["ended"] = "complete"
-            elif isinstance(event, h2.events.StreamReset):
-                seen["ended"] = "reset"
+            elif isinstance(event, h2.events.StreamReset) and seen["ended"] is None:
+                # A NO_ERROR reset after a complete answer only stops the upload.
+                seen["ended"] = f"reset {event.error_code.name}"
+        send_more()
         sock.sendall(conn.data_to_send())
     print(json.dumps(seen))
 
@@ -575,6 +636,8 @@ def main():
         asyncio.run(serve_ws(int(sys.argv[2])))
     elif what == "grpc":
         serve_grpc(int(sys.argv[2]))
+    elif what == "h2-early":
+        serve_h2_early(int(sys.argv[2]))
     elif what == "ws-client":
         asyncio.run(ws_client(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     elif what == "grpc-client":
@@ -582,7 +645,10 @@ def main():
     elif what == "grpc-together":
         grpc_together(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif what == "stalled-upload":
-        stalled_upload(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        upload(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], 1000, 10)
+    elif what == "upload":
+        size = int(sys.argv[6])
+        upload(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], size, size)
     elif what == "stalled-client":
         mode, method, addr, port, authority, path, wait = sys.argv[2:9]
         stalled_client(mode, method, addr, int(port), authority, path, float(wait))

@@ -25,6 +25,7 @@ use h2::{RecvStream, SendStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession as H2Stream;
 use pingora::protocols::http::v2::write_body;
+use pingora::ErrorType;
 use tokio::net::TcpStream;
 
 use super::h2::{send, H2Target};
@@ -120,7 +121,8 @@ impl Direct {
     /// A handle ready to open a stream to `target`, and the stream's place on its
     /// connection: on a kept connection with room, or on a new one when there is none,
     /// or the one found closed (the VM sent GOAWAY, or went away).
-    async fn h2c_sender(&self, target: SocketAddr) -> Result<(SendRequest<Bytes>, Slot), Failure> {
+    async fn h2c_sender(&self, to: &H2Target<'_>) -> Result<(SendRequest<Bytes>, Slot), Failure> {
+        let target = to.target;
         let limit = self.settings.upstream_timeout;
         let per_connection = self.settings.h2_streams_per_connection.max(1);
         if let Some((sender, slot)) = self.h2c.take(target, per_connection) {
@@ -138,7 +140,7 @@ impl Direct {
             .handshake::<TcpStream, Bytes>(tcp);
         let (sender, connection) = match tokio::time::timeout(limit, handshake).await {
             Ok(Ok(both)) => both,
-            Ok(Err(_)) => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
+            Ok(Err(e)) => return Err(broken(to, "the h2c handshake with the VM failed", &e)),
             Err(_) => return Err(Failure::Refuse(Refusal::UpstreamTimeout)),
         };
         tokio::spawn(async move {
@@ -149,7 +151,7 @@ impl Direct {
         let slot = self.h2c.keep(target, &sender);
         match tokio::time::timeout(limit, sender.ready()).await {
             Ok(Ok(sender)) => Ok((sender, slot)),
-            Ok(Err(_)) => Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
+            Ok(Err(e)) => Err(broken(to, "a new h2c connection to the VM closed", &e)),
             Err(_) => Err(Failure::Refuse(Refusal::UpstreamTimeout)),
         }
     }
@@ -170,10 +172,10 @@ impl Direct {
         // Each wait on the VM, and each write to it.
         let limit = self.settings.upstream_timeout;
         // The place is held until the exchange ends, bodies and all.
-        let (mut sender, _slot) = self.h2c_sender(to.target).await?;
+        let (mut sender, _slot) = self.h2c_sender(to).await?;
         let (answer, body_out) = sender
             .send_request(request, no_body)
-            .map_err(|_| Failure::Refuse(Refusal::BadUpstreamAnswer))?;
+            .map_err(|e| broken(to, "the VM's h2c connection took no new stream", &e))?;
         let sent = Instant::now();
         let mut up = Upload {
             out: (!no_body).then_some(body_out),
@@ -198,7 +200,8 @@ impl Direct {
                 }
             }
         };
-        let answer = answer.map_err(|_| Failure::Refuse(Refusal::BadUpstreamAnswer))?;
+        let answer =
+            answer.map_err(|e| broken(to, "the VM's h2c stream ended before its answer", &e))?;
         self.metrics.responded(sent.elapsed().as_secs_f64());
         let (parts, mut body_in) = answer.into_parts();
         let mut header = ResponseHeader::from(parts);
@@ -232,6 +235,14 @@ impl Direct {
             }
         }
     }
+}
+
+/// A failure of the VM's connection or stream before its answer's header: the client
+/// gets a 502, and the log says what h2 saw (a reset's reason, a GOAWAY, a broken
+/// connection), which the answer does not.
+fn broken(to: &H2Target<'_>, what: &str, error: &h2::Error) -> Failure {
+    tracing::warn!(request_id = to.id, target = %to.target, %error, "{what}");
+    Failure::Refuse(Refusal::BadUpstreamAnswer)
 }
 
 /// The initial flow-control window of the edge's h2c connections to VMs, per stream and
@@ -287,9 +298,22 @@ impl Upload {
             return Ok(());
         };
         to.activity.inbound(data.len());
-        write_body(out, data, end, Some(limit))
-            .await
-            .map_err(|_| Failure::Cut("the VM stopped taking the request body"))?;
+        match write_body(out, data, end, Some(limit)).await {
+            Ok(()) => {}
+            Err(error) if *error.etype() == ErrorType::WriteTimedout => {
+                tracing::warn!(request_id = to.id, target = %to.target, "the VM stopped taking the request body");
+                return Err(Failure::Cut("the VM stopped taking the request body"));
+            }
+            // The VM's stream is closed. A server may answer in full before it has the
+            // whole request, then end the stream with a NO_ERROR reset (RFC 9113 8.1),
+            // as grpc-core does; a reset for an error fails the answer too. So the
+            // answer, not the upload, says how the exchange ended.
+            Err(error) => {
+                tracing::debug!(request_id = to.id, %error, "the VM's stream took no more of the request body");
+                self.out = None;
+                return Ok(());
+            }
+        }
         if end {
             self.out = None;
         }
