@@ -4,11 +4,11 @@
 //! (~640 bytes), tokio's registration of its socket (128-aligned) and its [`PlainConn`]:
 //! ~1.6 kB each with 10,000 idle, twice what nginx needs. One still silent after
 //! [`PARK_AFTER`] is parked: its socket leaves tokio for an epoll set of the edge's own,
-//! its task ends, and what is left is a slab entry (~100 bytes). One task waits on the
-//! set for all of them. A parked connection whose client sends (or closes) goes back to
-//! tokio on a new task; one still silent at its idle deadline is closed; all are closed
-//! when the server stops. A connection busy with requests is never parked, so the
-//! keep-alive path pays nothing for it.
+//! its task ends, and what is left is a slab entry and a deadline (80 bytes). One task
+//! waits on the set for all of them. A parked connection whose client sends (or closes)
+//! goes back to tokio on a new task; one still silent at its idle deadline is closed; all
+//! are closed when the server stops. A connection busy with requests is never parked, so
+//! the keep-alive path pays nothing for it.
 
 use std::collections::VecDeque;
 use std::io;
@@ -45,16 +45,25 @@ struct Parked<T> {
     conns: Slab<Entry<T>>,
     /// Idle deadlines in the order connections were parked, which is their order too (each
     /// is "now" plus the same wait). An entry whose connection left keeps its place here
-    /// until its deadline; `seq` tells it from the connection now in the same slot.
-    deadlines: VecDeque<(Instant, usize, u64)>,
-    next_seq: u64,
+    /// until its deadline; `seq` tells it from the connection now in the same slot (a
+    /// `u32` that wraps: two alike would need 4 billion parked within one idle wait).
+    deadlines: VecDeque<Deadline>,
+    next_seq: u32,
     closed: bool,
 }
 
 struct Entry<T> {
     conn: ParkedConn,
     with: T,
-    seq: u64,
+    seq: u32,
+}
+
+/// When the connection parked in slot `key` (if still `seq`) is closed.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    key: u32,
+    seq: u32,
 }
 
 impl<T: Send + 'static> Parking<T> {
@@ -104,6 +113,10 @@ impl<T: Send + 'static> Parking<T> {
             return Ok(());
         };
         let key = parked.conns.vacant_key();
+        // Slots are as many as parked sockets, fewer than the descriptors a process has.
+        let Ok(slot) = u32::try_from(key) else {
+            return Ok(());
+        };
         let fd = conn.fd();
         if let Err(e) = self
             .registry
@@ -113,12 +126,14 @@ impl<T: Send + 'static> Parking<T> {
             return Ok(());
         }
         let seq = parked.next_seq;
-        parked.next_seq += 1;
+        parked.next_seq = seq.wrapping_add(1);
         parked.conns.insert(Entry { conn, with, seq });
         let first = parked.deadlines.is_empty();
-        parked
-            .deadlines
-            .push_back((Instant::now() + idle, key, seq));
+        parked.deadlines.push_back(Deadline {
+            at: Instant::now() + idle,
+            key: slot,
+            seq,
+        });
         drop(parked);
         self.metrics.connection_parked();
         if first {
@@ -155,7 +170,7 @@ impl<T: Send + 'static> Parking<T> {
                 if parked.closed {
                     return;
                 }
-                parked.deadlines.front().map(|d| d.0)
+                parked.deadlines.front().map(|d| d.at)
             };
             let expired = async {
                 match next {
@@ -228,11 +243,12 @@ impl<T: Send + 'static> Parking<T> {
     fn expire(&self, now: Instant) {
         let mut expired = Vec::new();
         let mut parked = self.lock();
-        while let Some(&(deadline, key, seq)) = parked.deadlines.front() {
-            if deadline > now {
+        while let Some(&Deadline { at, key, seq }) = parked.deadlines.front() {
+            if at > now {
                 break;
             }
             parked.deadlines.pop_front();
+            let key = key as usize;
             if parked.conns.get(key).is_some_and(|e| e.seq == seq) {
                 expired.push(parked.conns.remove(key));
             }
@@ -256,10 +272,10 @@ mod tests {
     #[test]
     fn a_parked_connection_is_small() {
         // Against ~1.6 kB on a task of its own (bench/RESULTS.md), and nginx's ~0.8 kB.
-        // The slab's slot adds a tag, at most 8 bytes.
+        // The slab's slot adds a tag, 8 bytes: 80 bytes in all.
         let entry = std::mem::size_of::<Entry<Option<u32>>>();
-        assert!(entry <= 88, "{entry} bytes");
-        let deadline = std::mem::size_of::<(Instant, usize, u64)>();
-        assert!(deadline <= 32, "{deadline} bytes");
+        assert!(entry <= 48, "{entry} bytes");
+        let deadline = std::mem::size_of::<Deadline>();
+        assert!(deadline <= 24, "{deadline} bytes");
     }
 }
