@@ -7,12 +7,15 @@
 //! - `logging.rs`: tracing to stderr, text or JSON.
 //! - `admin.rs`: the `/metrics` and `/healthz` endpoint of each server.
 //! - `memory.rs`: free memory handed back to the system after each state change.
+//! - `math.rs`: the C math functions the binary calls, so that it needs no `libm.so`.
 //! - `cmd/`: one file per subcommand.
 
 mod admin;
 mod cmd;
 mod config;
 mod logging;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod math;
 mod memory;
 
 use std::path::PathBuf;

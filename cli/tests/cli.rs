@@ -52,6 +52,24 @@ fn version_and_help() {
 }
 
 #[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn the_binary_does_not_load_libm() {
+    // cli/src/math.rs defines the C math functions the binary calls, so that no process
+    // maps glibc's libm.so (~450 kB resident).
+    let out = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_vmedge"))
+        .output()
+        .unwrap();
+    let libs = text(&out.stdout);
+    assert!(libs.contains("libc.so"), "ldd: {libs}{}", text(&out.stderr));
+    assert!(
+        !libs.contains("libm.so"),
+        "the binary calls a C math function cli/src/math.rs does not define (compare \
+         `nm -D --undefined-only` of the binary with libm's symbols): {libs}"
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     for args in [
         &["bogus"][..],
