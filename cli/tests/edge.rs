@@ -472,6 +472,23 @@ fn passes_on_an_h2c_answer_given_before_the_whole_request() {
         assert_eq!(got["body"], "answered early\n", "{got}");
         assert_eq!(got["ended"], "complete", "{got}");
     }
+    // One the VM stops taking and never answers: its upload stops at the upstream
+    // timeout, and the client is told the VM did not answer in time.
+    let got = t.peer(&[
+        "upload",
+        "127.0.0.1",
+        "8080",
+        &host("early", 0),
+        "/silent",
+        "1048576",
+    ]);
+    assert_eq!(got["status"], 504, "{got}");
+    assert!(
+        got["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("did not answer in time")),
+        "{got}"
+    );
     // An HTTP/1.1 client's upload, on pingora's path to h2c services.
     let body = t.dir.path().join("upload");
     std::fs::write(&body, vec![b'x'; 1 << 20]).unwrap();

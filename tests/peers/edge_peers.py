@@ -338,7 +338,8 @@ def serve_h2_early(port):
     """An h2c server that takes the first window of each request's body, never more,
     then answers in full and ends the stream with a NO_ERROR reset: a server may answer
     before it has the whole request (RFC 9113 8.1), as grpc-core does. A proxy still
-    sending the body then finds the stream closed, and must pass the answer on."""
+    sending the body then finds the stream closed, and must pass the answer on. A
+    request for /silent is never answered."""
     import h2.config
     import h2.connection
     import h2.errors
@@ -349,7 +350,7 @@ def serve_h2_early(port):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
-        taken = {}
+        taken, paths = {}, {}
         while data := sock.recv(65536):
             try:
                 events = conn.receive_data(data)
@@ -358,12 +359,15 @@ def serve_h2_early(port):
             for event in events:
                 if isinstance(event, h2.events.RequestReceived):
                     taken[event.stream_id] = 0
+                    paths[event.stream_id] = dict(event.headers)[b":path"]
                 elif isinstance(event, h2.events.DataReceived) and event.stream_id in taken:
-                    # Never acknowledged: the sender's window runs out at 64 kB.
+                    # The stream's window is never given back, so the sender's runs out
+                    # at 64 kB; the connection's is, for the streams to come.
+                    conn.increment_flow_control_window(event.flow_controlled_length)
                     taken[event.stream_id] += event.flow_controlled_length
-                    if taken[event.stream_id] >= conn.local_settings.initial_window_size:
-                        # The connection's window back, for the streams to come.
-                        conn.increment_flow_control_window(taken.pop(event.stream_id))
+                    full = taken[event.stream_id] >= conn.local_settings.initial_window_size
+                    if full and paths[event.stream_id] != b"/silent":
+                        del taken[event.stream_id]
                         conn.send_headers(event.stream_id, [(":status", "200")])
                         conn.send_data(event.stream_id, b"answered early\n", end_stream=True)
                         conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)

@@ -25,7 +25,6 @@ use h2::{RecvStream, SendStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession as H2Stream;
 use pingora::protocols::http::v2::write_body;
-use pingora::ErrorType;
 use tokio::net::TcpStream;
 
 use super::h2::{send, H2Target};
@@ -187,14 +186,7 @@ impl Direct {
         let answer = loop {
             tokio::select! {
                 answer = &mut answer => break answer,
-                from = poll_fn(|cx| up.poll_client(stream, cx)) => {
-                    // Nothing went to the client yet: a VM that stops taking the body gets
-                    // it a 502, not a reset.
-                    up.forward(from, to, limit).await.map_err(|failure| match failure {
-                        Failure::Cut(_) => Failure::Refuse(Refusal::BadUpstreamAnswer),
-                        other => other,
-                    })?;
-                }
+                from = poll_fn(|cx| up.poll_client(stream, cx)) => up.forward(from, to, limit).await?,
                 _ = tokio::time::sleep(limit), if !up.open() => {
                     return Err(Failure::Refuse(Refusal::UpstreamTimeout));
                 }
@@ -279,8 +271,8 @@ impl Upload {
     }
 
     /// What came from the client, to the VM (under its flow control, and the upstream
-    /// timeout): a piece of the body, or its end. A reset ends the exchange: dropping the
-    /// VM's stream resets it too.
+    /// timeout): a piece of the body, or its end; nothing more once the VM takes no more.
+    /// A reset ends the exchange: dropping the VM's stream resets it too.
     async fn forward(
         &mut self,
         from: FromClient,
@@ -298,21 +290,16 @@ impl Upload {
             return Ok(());
         };
         to.activity.inbound(data.len());
-        match write_body(out, data, end, Some(limit)).await {
-            Ok(()) => {}
-            Err(error) if *error.etype() == ErrorType::WriteTimedout => {
-                tracing::warn!(request_id = to.id, target = %to.target, "the VM stopped taking the request body");
-                return Err(Failure::Cut("the VM stopped taking the request body"));
-            }
-            // The VM's stream is closed. A server may answer in full before it has the
-            // whole request, then end the stream with a NO_ERROR reset (RFC 9113 8.1),
-            // as grpc-core does; a reset for an error fails the answer too. So the
-            // answer, not the upload, says how the exchange ended.
-            Err(error) => {
-                tracing::debug!(request_id = to.id, %error, "the VM's stream took no more of the request body");
-                self.out = None;
-                return Ok(());
-            }
+        if let Err(error) = write_body(out, data, end, Some(limit)).await {
+            // The VM takes no more: its stream is closed, or it stopped reading for the
+            // upstream timeout. A server may answer in full before it has the whole
+            // request, then end the stream with a NO_ERROR reset (RFC 9113 8.1), as
+            // grpc-core does; one that stopped reading may still answer, as on the
+            // HTTP/1.1 path. So the answer says how the exchange ends: a reset for an
+            // error, or no answer in time, fails it.
+            tracing::debug!(request_id = to.id, %error, "the VM took no more of the request body");
+            self.out = None;
+            return Ok(());
         }
         if end {
             self.out = None;
