@@ -456,32 +456,23 @@ fn opens_another_h2c_connection_to_a_vm_when_each_carries_its_limit() {
 fn passes_on_an_h2c_answer_given_before_the_whole_request() {
     let t = EdgeLab::start("running");
     let _early = backend(&t.lab.vms[0].ns, "h2-early", 50052);
-    // The VM takes the first 64 kB of a 1 MB body, answers and resets its stream with
-    // NO_ERROR while the edge waits to send it more: the client gets the answer, whole,
-    // and the edge's connection to the VM carries the next request.
+    // A 1 MB h2c upload of `path`; what the client saw.
+    let upload = |path: &str| {
+        let early = host("early", 0);
+        t.peer(&["upload", "127.0.0.1", "8080", &early, path, "1048576"])
+    };
+    // The VM takes the first 64 kB, answers and resets its stream with NO_ERROR while
+    // the edge waits to send it more: the client gets the answer, whole, and the edge's
+    // connection to the VM carries the next request.
     for _ in 0..2 {
-        let got = t.peer(&[
-            "upload",
-            "127.0.0.1",
-            "8080",
-            &host("early", 0),
-            "/",
-            "1048576",
-        ]);
+        let got = upload("/");
         assert_eq!(got["status"], 200, "{got}");
         assert_eq!(got["body"], "answered early\n", "{got}");
         assert_eq!(got["ended"], "complete", "{got}");
     }
     // One the VM stops taking and never answers: its upload stops at the upstream
     // timeout, and the client is told the VM did not answer in time.
-    let got = t.peer(&[
-        "upload",
-        "127.0.0.1",
-        "8080",
-        &host("early", 0),
-        "/silent",
-        "1048576",
-    ]);
+    let got = upload("/silent");
     assert_eq!(got["status"], 504, "{got}");
     assert!(
         got["body"]
