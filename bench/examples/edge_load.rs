@@ -8,6 +8,11 @@
 //! - TLS handshakes per second, ECDSA P-256 (the same certificate for both), wrk with
 //!   `Connection: close`.
 //!
+//! The throughput comparisons run each server five times, in turn, and report medians:
+//! requests per second, and the server's CPU time per request (all its threads and child
+//! processes), which a slow spell of this shared machine moves less. The vmedge/nginx
+//! ratios are medians of each round's ratio.
+//!
 //! `VMEDGE_BIN=target/dist/vmedge cargo run --release -p vmedge-bench --example edge_load [-- --quick | --memory | --http1 | --h2]`
 //! (root; bench/load/edge.sh does both, the edge built with `--profile dist`).
 #![allow(clippy::unwrap_used)] // a benchmark may panic on what it did not expect
@@ -26,8 +31,18 @@ const VM: &str = "6f1c2d3e-0000-4000-8000-0000000000aa";
 const BACKEND: u16 = 8000;
 const GRPC: u16 = 50051;
 
+/// How long each comparison runs: each server `rounds` times, in turn.
+struct Bench {
+    rounds: usize,
+    /// wrk's duration per run.
+    seconds: u32,
+    /// h2load's requests per run.
+    h2_requests: u32,
+}
+
 struct Proxy {
     name: &'static str,
+    pid: u32,
     http: SocketAddr,
     h2c: Option<SocketAddr>,
     tls: Option<SocketAddr>,
@@ -90,15 +105,28 @@ fn requests_per_second(report: &str) -> f64 {
         .unwrap()
 }
 
-/// Keep-alive requests per second and p99 (ms).
-fn wrk(ns: &Netns, url: &str, seconds: u32) -> (f64, f64) {
+/// Keep-alive requests per second, p99 (ms) and the number of requests.
+fn wrk(ns: &Netns, url: &str, seconds: u32) -> Run {
     let report = run_wrk(ns, &["-c50", &format!("-d{seconds}s"), "--latency"], url);
-    let p99 = report
+    let p99_ms = report
         .lines()
         .find_map(|l| l.trim().strip_prefix("99%"))
         .map(|v| millis(v.trim()))
         .unwrap();
-    (requests_per_second(&report), p99)
+    Run {
+        rate: requests_per_second(&report),
+        requests: requests_in(&report),
+        p99_ms,
+    }
+}
+
+/// The request count of a wrk report ("  123456 requests in 10.00s, ...").
+fn requests_in(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{report}"))
 }
 
 fn millis(v: &str) -> f64 {
@@ -140,13 +168,17 @@ fn run_h2load(ns: &Netns, args: &[&str], authority: &str, url: &str, requests: u
 
 /// New TLS connections per second: wrk with `Connection: close`, so every request is a
 /// full handshake (no resumption) and one small response.
-fn handshakes(ns: &Netns, addr: SocketAddr, seconds: u32) -> f64 {
+fn handshakes(ns: &Netns, addr: SocketAddr, seconds: u32) -> Run {
     let report = run_wrk(
         ns,
         &["-c20", &format!("-d{seconds}s"), "-H", "Connection: close"],
         &format!("https://{addr}/"),
     );
-    requests_per_second(&report)
+    Run {
+        rate: requests_per_second(&report),
+        requests: requests_in(&report),
+        p99_ms: f64::NAN,
+    }
 }
 
 /// Opens `n` keep-alive connections, each after one request; resident kB of the server
@@ -259,11 +291,26 @@ fn main() {
     let http1_only = std::env::args().any(|a| a == "--http1");
     let h2_only = std::env::args().any(|a| a == "--h2");
     let bin = std::env::var("VMEDGE_BIN").expect("VMEDGE_BIN: the vmedge binary to measure");
-    let (seconds, h2_requests, idle) = if quick {
-        (2, 20_000, 500)
+    let (bench, idle) = if quick {
+        (
+            Bench {
+                rounds: 1,
+                seconds: 2,
+                h2_requests: 20_000,
+            },
+            500,
+        )
     } else {
-        (10, 200_000, 10_000)
+        (
+            Bench {
+                rounds: 5,
+                seconds: 4,
+                h2_requests: 60_000,
+            },
+            10_000,
+        )
     };
+    let seconds = bench.seconds;
     let lab = Lab::new(1);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -276,7 +323,7 @@ fn main() {
         nginx_conf(d, &format!("server {{ listen [::]:{BACKEND} reuseport; location / {{ return 200 \"hello from the vm\\n\"; }} }}")),
     )
     .unwrap();
-    let _backend = spawn(
+    let backend_nginx = spawn(
         &vm.ns,
         &["nginx", "-c", d.join("backend.conf").to_str().unwrap()],
         "backend nginx",
@@ -359,7 +406,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let _haproxy = spawn(
+    let haproxy = spawn(
         w,
         &[
             "haproxy",
@@ -372,18 +419,21 @@ fn main() {
     let proxies = [
         Proxy {
             name: "vmedge",
+            pid: edge.id(),
             http: "127.0.0.1:8080".parse().unwrap(),
             h2c: Some("127.0.0.1:8080".parse().unwrap()),
             tls: Some("127.0.0.1:8443".parse().unwrap()),
         },
         Proxy {
             name: "nginx",
+            pid: nginx.id(),
             http: "127.0.0.1:8180".parse().unwrap(),
             h2c: Some("127.0.0.1:8181".parse().unwrap()),
             tls: Some("127.0.0.1:8543".parse().unwrap()),
         },
         Proxy {
             name: "haproxy",
+            pid: haproxy.id(),
             http: "127.0.0.1:8280".parse().unwrap(),
             h2c: None,
             tls: None,
@@ -406,25 +456,32 @@ fn main() {
         return;
     }
     if !h2_only {
-        http1_section(w, &proxies, backend, seconds);
+        http1_section(w, &proxies, (backend, backend_nginx.id()), &bench);
     }
     if http1_only {
         return;
     }
-    h2_sections(w, &proxies, &message, &post, h2_requests);
+    let grpc_nginx = "127.0.0.1:8182".parse().unwrap();
+    h2_sections(w, &proxies, grpc_nginx, &message, &post, &bench);
     if h2_only {
         return;
     }
-    println!("\nTLS handshakes, ECDSA P-256, a new connection per request (wrk -c20 Connection: close, {seconds}s):");
-    let mut tls = Vec::new();
-    for p in &proxies {
-        if let Some(addr) = p.tls {
-            let rate = handshakes(w, addr, seconds);
-            println!("  {:<8} {:>10.0} handshakes/s", p.name, rate);
-            tls.push(rate);
-        }
-    }
-    println!("  vmedge/nginx: {:.2}x", tls[0] / tls[1]);
+    println!(
+        "\nTLS handshakes, ECDSA P-256, a new connection per request (wrk -c20 Connection: close, {seconds}s, {} rounds):",
+        bench.rounds
+    );
+    let tls: Vec<&Proxy> = proxies.iter().filter(|p| p.tls.is_some()).collect();
+    let servers: Vec<Server> = tls
+        .iter()
+        .map(|p| Server {
+            name: p.name,
+            pid: p.pid,
+        })
+        .collect();
+    let samples = alternate(bench.rounds, &servers, |i| {
+        handshakes(w, tls[i].tls.unwrap(), seconds)
+    });
+    report(&servers, &samples, 0, 1);
 
     idle_memory_section(w, &proxies, [edge.id(), nginx.id()], idle);
 }
@@ -455,53 +512,200 @@ fn idle_memory_section(w: &Netns, proxies: &[Proxy], pids: [u32; 2], idle: usize
     );
 }
 
-/// HTTP/1.1 keep-alive, small body: the backend direct, then each proxy (wrk).
-fn http1_section(w: &Netns, proxies: &[Proxy], backend: SocketAddr, seconds: u32) {
-    println!("\nHTTP/1.1 keep-alive, small body (wrk -t1 -c50 -d{seconds}s):");
-    let direct = wrk(w, &format!("http://{backend}/"), seconds);
-    println!(
-        "  {:<8} {:>10.0} req/s  p99 {:>7.2} ms",
-        "direct", direct.0, direct.1
-    );
-    let mut h1 = Vec::new();
-    for p in proxies {
-        let (rps, p99) = wrk(w, &format!("http://{}/", p.http), seconds);
-        println!("  {:<8} {:>10.0} req/s  p99 {:>7.2} ms", p.name, rps, p99);
-        h1.push((rps, p99));
+/// What a client reported for one run.
+struct Run {
+    rate: f64,
+    requests: f64,
+    /// NaN where the client reports none (h2load).
+    p99_ms: f64,
+}
+
+/// One run of one server, with the CPU time it spent on it.
+#[derive(Clone, Copy)]
+struct Sample {
+    rate: f64,
+    p99_ms: f64,
+    /// The server's CPU time per request, all its threads and child processes, µs.
+    cpu_us: f64,
+}
+
+/// A server measured in turn with the others: its name and process.
+struct Server<'a> {
+    name: &'a str,
+    pid: u32,
+}
+
+/// CPU time (ns) a process and its children have run, all threads: what a run cost the
+/// server, whatever else ran on the machine meanwhile.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        // "<ns on the cpu> <ns waiting> <slices>"
+        total += std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        total += std::fs::read_to_string(path.join("children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(cpu_ns)
+            .sum::<u64>();
     }
-    let ((edge_rps, edge_p99), (nginx_rps, nginx_p99)) = (h1[0], h1[1]);
+    total
+}
+
+/// Runs every server `rounds` times, in turn, each round starting one server later: this
+/// machine's speed swings by half within minutes (other tenants), and one long run each
+/// put a slow spell on one server only. The samples, by server.
+fn alternate(
+    rounds: usize,
+    servers: &[Server],
+    mut run: impl FnMut(usize) -> Run,
+) -> Vec<Vec<Sample>> {
+    let mut samples = vec![Vec::new(); servers.len()];
+    for round in 0..rounds {
+        for k in 0..servers.len() {
+            let i = (round + k) % servers.len();
+            let cpu = cpu_ns(servers[i].pid);
+            let r = run(i);
+            let spent = cpu_ns(servers[i].pid).saturating_sub(cpu);
+            samples[i].push(Sample {
+                rate: r.rate,
+                p99_ms: r.p99_ms,
+                cpu_us: spent as f64 / 1000.0 / r.requests.max(1.0),
+            });
+        }
+    }
+    samples
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Prints each server's median rate (and range), CPU per request and p99; then the
+/// vmedge/nginx ratios, as the median of the rounds' ratios (runs of one round ran
+/// minutes apart at most). `servers[vmedge]` and `servers[nginx]` are compared.
+fn report(servers: &[Server], samples: &[Vec<Sample>], vmedge: usize, nginx: usize) {
+    for (s, runs) in servers.iter().zip(samples) {
+        let rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+        let (lo, hi) = rates
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let p99 = median(runs.iter().map(|r| r.p99_ms).collect());
+        let p99 = if p99.is_nan() {
+            String::new()
+        } else {
+            format!("  p99 {p99:>6.2} ms")
+        };
+        println!(
+            "  {:<8} {:>8.0} req/s ({lo:.0}-{hi:.0}){p99}  {:>6.1} us cpu/request",
+            s.name,
+            median(rates),
+            median(runs.iter().map(|r| r.cpu_us).collect()),
+        );
+    }
+    let per_round = |f: &dyn Fn(&Sample, &Sample) -> f64| {
+        median(
+            samples[vmedge]
+                .iter()
+                .zip(&samples[nginx])
+                .map(|(e, n)| f(e, n))
+                .collect(),
+        )
+    };
+    let p99 = per_round(&|e, n| e.p99_ms / n.p99_ms);
+    let p99 = if p99.is_nan() {
+        String::new()
+    } else {
+        format!(", p99 {p99:.2}x")
+    };
     println!(
-        "  vmedge/nginx: {:.2}x req/s, p99 {:.2}x",
-        edge_rps / nginx_rps,
-        edge_p99 / nginx_p99
+        "  vmedge/nginx: {:.2}x req/s, {:.2}x requests per cpu-second{p99} (medians of {} rounds)",
+        per_round(&|e, n| e.rate / n.rate),
+        per_round(&|e, n| n.cpu_us / e.cpu_us),
+        samples[vmedge].len(),
     );
 }
 
+/// HTTP/1.1 keep-alive, small body: the backend direct and each proxy, in turn (wrk).
+fn http1_section(w: &Netns, proxies: &[Proxy], backend: (SocketAddr, u32), bench: &Bench) {
+    println!(
+        "\nHTTP/1.1 keep-alive, small body (wrk -t1 -c50 -d{}s, {} rounds):",
+        bench.seconds, bench.rounds
+    );
+    let mut servers = vec![Server {
+        name: "direct",
+        pid: backend.1,
+    }];
+    servers.extend(proxies.iter().map(|p| Server {
+        name: p.name,
+        pid: p.pid,
+    }));
+    let samples = alternate(bench.rounds, &servers, |i| {
+        let addr = if i == 0 {
+            backend.0
+        } else {
+            proxies[i - 1].http
+        };
+        wrk(w, &format!("http://{addr}/"), bench.seconds)
+    });
+    report(&servers, &samples, 1, 2);
+}
+
 /// h2c to an HTTP/1.1 upstream (GETs, then POSTs of `post`), and gRPC unary to an h2c
-/// upstream (h2load).
-fn h2_sections(w: &Netns, proxies: &[Proxy], message: &Path, post: &Path, requests: u32) {
+/// upstream (h2load), the edge and nginx in turn.
+fn h2_sections(
+    w: &Netns,
+    proxies: &[Proxy],
+    grpc_nginx: SocketAddr,
+    message: &Path,
+    post: &Path,
+    bench: &Bench,
+) {
     let post = post.to_str().unwrap();
+    let requests = bench.h2_requests;
+    let servers: Vec<Server> = proxies
+        .iter()
+        .filter(|p| p.h2c.is_some())
+        .map(|p| Server {
+            name: p.name,
+            pid: p.pid,
+        })
+        .collect();
+    let h2c: Vec<SocketAddr> = proxies.iter().filter_map(|p| p.h2c).collect();
     for (what, args) in [("", &[][..]), (", POSTs of 1 KiB", &["-d", post][..])] {
         println!(
-            "\nh2c prior knowledge to an HTTP/1.1 upstream{what} (h2load -c10 -m10 -n{requests}):"
+            "\nh2c prior knowledge to an HTTP/1.1 upstream{what} (h2load -c10 -m10 -n{requests}, {} rounds):",
+            bench.rounds
         );
-        let mut h2 = Vec::new();
-        for p in proxies {
-            if let Some(addr) = p.h2c {
-                let rps = run_h2load(w, args, &host(), &format!("http://{addr}/"), requests);
-                println!("  {:<8} {:>10.0} req/s", p.name, rps);
-                h2.push(rps);
-            }
-        }
-        println!("  vmedge/nginx: {:.2}x", h2[0] / h2[1]);
+        let samples = alternate(bench.rounds, &servers, |i| Run {
+            rate: run_h2load(w, args, &host(), &format!("http://{}/", h2c[i]), requests),
+            requests: f64::from(requests),
+            p99_ms: f64::NAN,
+        });
+        report(&servers, &samples, 0, 1);
     }
 
     println!(
-        "\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{requests}; nginx: grpc_pass):"
+        "\ngRPC unary over h2c, h2c to the VM (h2load -c10 -m10 -n{requests}, {} rounds; nginx: grpc_pass):",
+        bench.rounds
     );
-    let grpc_edge = grpc_h2load(w, proxies[0].http, message, requests);
-    let grpc_nginx = grpc_h2load(w, "127.0.0.1:8182".parse().unwrap(), message, requests);
-    println!("  {:<8} {:>10.0} req/s", "vmedge", grpc_edge);
-    println!("  {:<8} {:>10.0} req/s", "nginx", grpc_nginx);
-    println!("  vmedge/nginx: {:.2}x", grpc_edge / grpc_nginx);
+    let grpc = [proxies[0].http, grpc_nginx];
+    let samples = alternate(bench.rounds, &servers, |i| Run {
+        rate: grpc_h2load(w, grpc[i], message, requests),
+        requests: f64::from(requests),
+        p99_ms: f64::NAN,
+    });
+    report(&servers, &samples, 0, 1);
 }
