@@ -593,6 +593,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// `text(v)`, or nothing for a value the client did not report (NaN).
+fn unless_nan(v: f64, text: impl FnOnce(f64) -> String) -> String {
+    if v.is_nan() {
+        String::new()
+    } else {
+        text(v)
+    }
+}
+
 /// Prints each server's median rate (and range), CPU per request and p99; then the
 /// vmedge/nginx ratios, as the median of the rounds' ratios (runs of one round ran
 /// minutes apart at most). `servers[vmedge]` and `servers[nginx]` are compared.
@@ -602,12 +611,9 @@ fn report(servers: &[Server], samples: &[Vec<Sample>], vmedge: usize, nginx: usi
         let (lo, hi) = rates
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
-        let p99 = median(runs.iter().map(|r| r.p99_ms).collect());
-        let p99 = if p99.is_nan() {
-            String::new()
-        } else {
-            format!("  p99 {p99:>6.2} ms")
-        };
+        let p99 = unless_nan(median(runs.iter().map(|r| r.p99_ms).collect()), |v| {
+            format!("  p99 {v:>6.2} ms")
+        });
         println!(
             "  {:<8} {:>8.0} req/s ({lo:.0}-{hi:.0}){p99}  {:>6.1} us cpu/request",
             s.name,
@@ -624,12 +630,9 @@ fn report(servers: &[Server], samples: &[Vec<Sample>], vmedge: usize, nginx: usi
                 .collect(),
         )
     };
-    let p99 = per_round(&|e, n| e.p99_ms / n.p99_ms);
-    let p99 = if p99.is_nan() {
-        String::new()
-    } else {
-        format!(", p99 {p99:.2}x")
-    };
+    let p99 = unless_nan(per_round(&|e, n| e.p99_ms / n.p99_ms), |v| {
+        format!(", p99 {v:.2}x")
+    });
     println!(
         "  vmedge/nginx: {:.2}x req/s, {:.2}x requests per cpu-second{p99} (medians of {} rounds)",
         per_round(&|e, n| e.rate / n.rate),
