@@ -9,7 +9,7 @@
 //! connection then costs the socket, this struct and the task waiting on it; once parked
 //! ([`crate::park`]), the socket and a [`ParkedConn`].
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,10 +34,6 @@ const READ_AHEAD: usize = 4096;
 
 /// Writes gathered before a send: pingora's own write buffer size (one segment).
 const GATHER: usize = 1460;
-
-/// Slices in one `writev` at most: what was gathered and the writer's (h2 and tokio pass
-/// up to 64).
-const MAX_SLICES: usize = 64;
 
 /// The HTTP/2 connection preface, which pingora peeks for on a plain connection.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -340,40 +336,6 @@ impl AsyncWrite for PlainConn {
         Poll::Ready(Ok(buf.len()))
     }
 
-    /// A vectored write comes from a writer that gathered it already (h2's frames,
-    /// pingora's chunked bodies): it goes to the socket at once, with no copy, after what
-    /// `poll_write` gathered (in the same `writev`).
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        while !this.gathered.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            slices[0] = IoSlice::new(&this.gathered);
-            let k = bufs.len().min(MAX_SLICES - 1);
-            slices[1..=k].copy_from_slice(&bufs[..k]);
-            let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, &slices[..=k]))?;
-            let gathered = this.gathered.len();
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            } else if n < gathered {
-                this.gathered.drain(..n);
-            } else {
-                this.gathered = Vec::new();
-                if n > gathered {
-                    return Poll::Ready(Ok(n - gathered));
-                }
-            }
-        }
-        Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_send_gathered(cx))?;
         Pin::new(&mut self.tcp).poll_flush(cx)
@@ -562,42 +524,6 @@ pub(crate) mod tests {
         });
         want = b"head".to_vec();
         want.extend(std::iter::repeat_n(b'x', 64 * 1024));
-        let mut got = vec![0u8; want.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert!(got == want, "bytes out of order or lost");
-        writer.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_vectored_write_goes_at_once_after_what_was_gathered() {
-        use bytes::Buf;
-        let (mut conn, mut client) = pair().await;
-        conn.write_all(b"head ").await.unwrap();
-        // As h2 writes its frames: one vectored write, no flush after it.
-        conn.write_all_buf(&mut Buf::chain(&b"frame "[..], &b"payload"[..]))
-            .await
-            .unwrap();
-        let want = b"head frame payload";
-        let mut got = vec![0u8; want.len()];
-        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
-            .await
-            .expect("the vectored write waited for a flush")
-            .unwrap();
-        assert_eq!(got, want);
-        assert_eq!(conn.gathered.capacity(), 0, "the gathered bytes were kept");
-
-        // Larger than the socket takes at once: partly sent, the rest when it drains.
-        conn.write_all(b"head").await.unwrap();
-        let large = vec![b'x'; 8 << 20];
-        let writer = tokio::spawn(async move {
-            conn.write_all_buf(&mut Buf::chain(&large[..], &b"end"[..]))
-                .await
-                .unwrap();
-            conn
-        });
-        let mut want = b"head".to_vec();
-        want.extend(std::iter::repeat_n(b'x', 8 << 20));
-        want.extend(b"end");
         let mut got = vec![0u8; want.len()];
         client.read_exact(&mut got).await.unwrap();
         assert!(got == want, "bytes out of order or lost");
