@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use vmedge_tests::edge::{wait_listening, Process};
-use vmedge_tests::{rss_kb, Lab, Netns};
+use vmedge_tests::{cpu_ns, rss_kb, Lab, Netns};
 
 const DOMAIN: &str = "bench.test";
 const VM: &str = "6f1c2d3e-0000-4000-8000-0000000000aa";
@@ -452,7 +452,7 @@ fn main() {
         }
     );
     if memory_only {
-        idle_memory_section(w, &proxies, [edge.id(), nginx.id()], idle);
+        idle_memory_section(w, &proxies, idle);
         return;
     }
     if !h2_only {
@@ -471,26 +471,20 @@ fn main() {
         bench.rounds
     );
     let tls: Vec<&Proxy> = proxies.iter().filter(|p| p.tls.is_some()).collect();
-    let servers: Vec<Server> = tls
-        .iter()
-        .map(|p| Server {
-            name: p.name,
-            pid: p.pid,
-        })
-        .collect();
+    let servers: Vec<Server> = tls.iter().map(|p| p.server()).collect();
     let samples = alternate(bench.rounds, &servers, |i| {
         handshakes(w, tls[i].tls.unwrap(), seconds)
     });
     report(&servers, &samples, 0, 1);
 
-    idle_memory_section(w, &proxies, [edge.id(), nginx.id()], idle);
+    idle_memory_section(w, &proxies, idle);
 }
 
 /// Resident memory of the edge and nginx with `idle` idle keep-alive connections open.
-fn idle_memory_section(w: &Netns, proxies: &[Proxy], pids: [u32; 2], idle: usize) {
+fn idle_memory_section(w: &Netns, proxies: &[Proxy], idle: usize) {
     println!("\nmemory with {idle} idle keep-alive client connections open (resident, server and children):");
-    let edge_kb = idle_memory(w, proxies[0].http, pids[0], idle);
-    let nginx_kb = idle_memory(w, proxies[1].http, pids[1], idle);
+    let edge_kb = idle_memory(w, proxies[0].http, proxies[0].pid, idle);
+    let nginx_kb = idle_memory(w, proxies[1].http, proxies[1].pid, idle);
     let per_connection =
         |after: u64, before: u64| after.saturating_sub(before) as f64 / idle as f64;
     for (name, [before, opened, idle_kb]) in [("vmedge", edge_kb), ("nginx", nginx_kb)] {
@@ -535,28 +529,13 @@ struct Server<'a> {
     pid: u32,
 }
 
-/// CPU time (ns) a process and its children have run, all threads: what a run cost the
-/// server, whatever else ran on the machine meanwhile.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    let mut total = 0;
-    for task in tasks.flatten() {
-        let path = task.path();
-        // "<ns on the cpu> <ns waiting> <slices>"
-        total += std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        total += std::fs::read_to_string(path.join("children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .map(cpu_ns)
-            .sum::<u64>();
+impl Proxy {
+    fn server(&self) -> Server<'static> {
+        Server {
+            name: self.name,
+            pid: self.pid,
+        }
     }
-    total
 }
 
 /// Runs every server `rounds` times, in turn, each round starting one server later: this
@@ -651,10 +630,7 @@ fn http1_section(w: &Netns, proxies: &[Proxy], backend: (SocketAddr, u32), bench
         name: "direct",
         pid: backend.1,
     }];
-    servers.extend(proxies.iter().map(|p| Server {
-        name: p.name,
-        pid: p.pid,
-    }));
+    servers.extend(proxies.iter().map(Proxy::server));
     let samples = alternate(bench.rounds, &servers, |i| {
         let addr = if i == 0 {
             backend.0
@@ -681,10 +657,7 @@ fn h2_sections(
     let servers: Vec<Server> = proxies
         .iter()
         .filter(|p| p.h2c.is_some())
-        .map(|p| Server {
-            name: p.name,
-            pid: p.pid,
-        })
+        .map(Proxy::server)
         .collect();
     let h2c: Vec<SocketAddr> = proxies.iter().filter_map(|p| p.h2c).collect();
     for (what, args) in [("", &[][..]), (", POSTs of 1 KiB", &["-d", post][..])] {

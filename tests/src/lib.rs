@@ -400,27 +400,55 @@ fn claim_lab_id() -> (u16, Flock<File>) {
     panic!("all {MAX_LABS} lab ids are in use");
 }
 
-/// Resident kB of a process and its children (nginx's workers, sshd's per-connection
-/// processes), from /proc.
-pub fn rss_kb(pid: u32) -> u64 {
-    let mut total = 0;
-    let mut pids = vec![pid];
-    while let Some(p) = pids.pop() {
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) {
-            total += status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        if let Ok(children) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
-            pids.extend(
+/// A process and its descendants (nginx's workers, sshd's per-connection processes),
+/// from /proc: the children of each of their threads.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut tree = Vec::new();
+    let mut pending = vec![pid];
+    while let Some(p) = pending.pop() {
+        tree.push(p);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children"));
+            pending.extend(
                 children
+                    .unwrap_or_default()
                     .split_whitespace()
                     .filter_map(|c| c.parse::<u32>().ok()),
             );
         }
     }
-    total
+    tree
+}
+
+/// Resident kB of a process and its children ([`process_tree`]), from /proc.
+pub fn rss_kb(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// CPU time (ns) a process and its children ([`process_tree`]) have run, all their
+/// threads, from /proc (`schedstat`).
+pub fn cpu_ns(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter_map(|task| {
+            // "<ns on the cpu> <ns waiting> <slices>"
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
 }
