@@ -22,17 +22,19 @@
 //! [`UpstreamPool`]: crate::upstream::UpstreamPool
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::Method;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 use pingora::protocols::http::v2::server::HttpSession as H2Stream;
 use pingora::ErrorType;
+use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use vmedge_model::{ServiceName, VmId};
 
-use super::message::{self, parse_answer, Answer, Body, Framing};
+use super::message::{self, parse_answer, Answer, Body, Framing, H2Header};
 use super::{malformed_body, Direct, Done, Failure, Logged};
 use crate::activity::VmActivity;
 use crate::answers::{self, Refusal};
@@ -169,23 +171,20 @@ impl Direct {
         // No side effects (RFC 9110 9.2.2): sent again when a kept connection turns out
         // closed before any answer.
         let retryable = matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let mut upstream = message::h1_request(req, to.host, to.client, to.proto, to.id);
-        if !stream.is_body_empty() {
+        let len = (!stream.is_body_empty()).then(|| body_len(req).unwrap_or(0));
+        let room = len.unwrap_or(0);
+        let mut upstream = message::h1_request(req, to.host, to.client, to.proto, to.id, room);
+        if let Some(len) = len {
             // Header and body go to the VM in one write.
-            let len = body_len(stream.req_header()).unwrap_or(0);
             self.read_body(stream, len, &mut upstream).await?;
             to.activity.inbound(len);
         }
 
-        let mut buf = Vec::with_capacity(4096);
-        let (mut tcp, answer, sent) = loop {
+        let (mut tcp, (answer, rest), sent) = loop {
             let (mut tcp, reused) = self.send_header(to.target, &upstream, retryable).await?;
             let retry = reused && retryable;
             let sent = Instant::now();
-            match self
-                .read_final_answer(&mut tcp, head, to.id, &mut buf)
-                .await?
-            {
+            match self.read_final_answer(&mut tcp, head, to.id).await? {
                 Some(answer) => break (tcp, answer, sent),
                 None if retry => continue,
                 None => return Err(Failure::Refuse(Refusal::BadUpstreamAnswer)),
@@ -194,7 +193,7 @@ impl Direct {
         self.metrics.responded(sent.elapsed().as_secs_f64());
         done.status = answer.status;
         let reusable = self
-            .relay_h2(stream, &mut tcp, answer, Bytes::from(buf), to.activity)
+            .relay_h2(stream, &mut tcp, answer, rest, to.activity)
             .await?;
         if reusable {
             self.pool.put(to.target, tcp);
@@ -232,27 +231,34 @@ impl Direct {
         Ok(())
     }
 
-    /// The VM's final answer header, parsed for the stream (interim answers are skipped);
-    /// what was read past it is left in `buf`. `None` when the connection closed before
-    /// any answer.
+    /// The VM's final answer header, parsed for the stream (interim answers are skipped),
+    /// and what was read past it. `None` when the connection closed before any answer.
     async fn read_final_answer(
         &self,
         tcp: &mut TcpStream,
         head: bool,
         id: &str,
-        buf: &mut Vec<u8>,
-    ) -> Result<Option<Answer<ResponseHeader>>, Failure> {
+    ) -> Result<Option<(Answer<H2Header>, Bytes)>, Failure> {
+        let mut buf = Vec::with_capacity(4096);
         let mut interim = false;
         loop {
-            if let Some((answer, len)) = parse_answer::<ResponseHeader>(buf, head, id)? {
-                buf.drain(..len);
-                if answer.status >= 200 {
-                    return Ok(Some(answer));
+            if !buf.is_empty() {
+                // Shared, so that the answer's fields can be slices of it.
+                let read = Bytes::from(std::mem::take(&mut buf));
+                match parse_answer::<H2Header>(&read, head, id)? {
+                    Some((answer, len)) if answer.status >= 200 => {
+                        return Ok(Some((answer, read.slice(len..))));
+                    }
+                    Some((_, len)) => {
+                        interim = true;
+                        buf = read[len..].to_vec();
+                        continue;
+                    }
+                    // Not whole yet: the same buffer back, not a copy.
+                    None => buf = Vec::from(read),
                 }
-                interim = true;
-                continue;
             }
-            if !self.read_answer_bytes(tcp, buf, interim).await? {
+            if !self.read_answer_bytes(tcp, &mut buf, interim).await? {
                 return Ok(None);
             }
         }
@@ -264,7 +270,7 @@ impl Direct {
         &self,
         stream: &mut H2Stream,
         tcp: &mut TcpStream,
-        answer: Answer<ResponseHeader>,
+        answer: Answer<H2Header>,
         rest: Bytes,
         activity: &VmActivity,
     ) -> Result<bool, Failure> {
@@ -272,7 +278,7 @@ impl Direct {
         // An answer with no body ends with its header.
         let empty = answer.framing == Framing::Empty;
         stream
-            .write_response_header(Box::new(answer.header), empty)
+            .write_response_header(Box::new(answer.header.into_response()), empty)
             .map_err(|_| Failure::Client("the client went away"))?;
         if empty {
             return Ok(answer.reusable && rest.is_empty());
@@ -282,7 +288,8 @@ impl Direct {
         let mut piece = rest;
         let mut buf = BytesMut::new();
         loop {
-            let mut spans = Vec::new();
+            // One span for most pieces (a length-framed body's), kept inline.
+            let mut spans = SmallVec::<[Range<usize>; 4]>::new();
             let (take, end) = body
                 .decode(&piece, &mut |span| spans.push(span))
                 .map_err(malformed_body)?;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
+use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession as H2Stream;
 use pingora::protocols::http::v2::write_body;
@@ -195,11 +196,15 @@ impl Direct {
         let answer =
             answer.map_err(|e| broken(to, "the VM's h2c stream ended before its answer", &e))?;
         self.metrics.responded(sent.elapsed().as_secs_f64());
-        let (parts, mut body_in) = answer.into_parts();
-        let mut header = ResponseHeader::from(parts);
-        if !header.headers.contains_key("x-request-id") {
-            let _ = header.insert_header("x-request-id", to.id);
+        let (mut parts, mut body_in) = answer.into_parts();
+        // Into the map itself: pingora's `insert_header` copies the name twice on the way.
+        let id = HeaderName::from_static("x-request-id");
+        if !parts.headers.contains_key(&id) {
+            if let Ok(value) = HeaderValue::from_str(to.id) {
+                parts.headers.insert(id, value);
+            }
         }
+        let header = ResponseHeader::from(parts);
         done.status = header.status.as_u16();
         let end = body_in.is_end_stream();
         stream

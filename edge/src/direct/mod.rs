@@ -507,7 +507,7 @@ impl Direct {
         let mut interim = false;
         loop {
             if !buf.is_empty() {
-                match parse_answer(buf, req.is_head(), &req.id)? {
+                match parse_answer::<Vec<u8>>(buf, req.is_head(), &req.id)? {
                     Some((answer, len)) if answer.status < 200 => {
                         // 100 Continue, 103 Early Hints: passed on as they came.
                         client_io(self.timeouts.read, conn, &buf[..len]).await?;
