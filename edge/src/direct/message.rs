@@ -377,7 +377,7 @@ pub(super) fn h2c_request(
     req: &RequestHeader,
     host: &str,
     client: Option<SocketAddr>,
-    proto: &str,
+    proto: &'static str,
     id: &str,
 ) -> Option<http::Request<()>> {
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -404,18 +404,25 @@ pub(super) fn h2c_request(
         }
         fields.append(name.clone(), value.clone());
     }
-    let forwarded_for = client.map(|c| c.ip().to_canonical().to_string());
+    // Names and the scheme from static text, the address written on the stack: one
+    // allocation for each value that is the request's own, none for the rest.
+    let mut forwarded_for = [0u8; 64];
+    let mut room = &mut forwarded_for[..];
+    if let Some(client) = client {
+        let _ = write!(room, "{}", client.ip().to_canonical());
+    }
+    let written = 64 - room.len();
     let edge = [
         (
             "x-forwarded-for",
-            forwarded_for.as_deref().unwrap_or_default(),
+            HeaderValue::from_bytes(&forwarded_for[..written]).ok()?,
         ),
-        ("x-forwarded-proto", proto),
-        ("x-forwarded-host", host),
-        ("x-request-id", id),
+        ("x-forwarded-proto", HeaderValue::from_static(proto)),
+        ("x-forwarded-host", HeaderValue::from_str(host).ok()?),
+        ("x-request-id", HeaderValue::from_str(id).ok()?),
     ];
     for (name, value) in edge {
-        fields.insert(name, HeaderValue::from_str(value).ok()?);
+        fields.insert(HeaderName::from_static(name), value);
     }
     Some(upstream)
 }
@@ -973,6 +980,48 @@ mod tests {
              cookie: a=1; b=2\r\nx-forwarded-for: fd5e:ed00::7\r\nx-forwarded-proto: https\r\n\
              x-forwarded-host: web--x.proxy.test\r\nx-request-id: id-9\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn an_h2_request_to_an_h2c_service_gets_the_edge_fields() {
+        let mut req = RequestHeader::build("POST", b"/pkg.Svc/Call", None).unwrap();
+        req.set_uri("http://api--x.proxy.test/pkg.Svc/Call".parse().unwrap());
+        for (name, value) in [
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("connection", "keep-alive"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-request-id", "theirs"),
+        ] {
+            req.append_header(name, value).unwrap();
+        }
+        let host = "api--x.proxy.test";
+        // An IPv4 client on a dual-stack socket is named by its IPv4 address.
+        for (client, named) in [
+            ("[::ffff:198.18.0.7]:4000", "198.18.0.7"),
+            ("[fd5e:ed00::7]:4000", "fd5e:ed00::7"),
+        ] {
+            let up = h2c_request(&req, host, client.parse().ok(), "https", "id-3").unwrap();
+            assert_eq!(up.uri(), "http://api--x.proxy.test/pkg.Svc/Call");
+            let fields: Vec<(&str, &[u8])> = up
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .collect();
+            assert_eq!(
+                fields,
+                [
+                    ("content-type", &b"application/grpc"[..]),
+                    ("te", b"trailers"),
+                    ("x-forwarded-for", named.as_bytes()),
+                    ("x-forwarded-proto", b"https"),
+                    ("x-forwarded-host", host.as_bytes()),
+                    ("x-request-id", b"id-3"),
+                ]
+            );
+        }
+        let up = h2c_request(&req, host, None, "http", "id-4").unwrap();
+        assert_eq!(up.headers()["x-forwarded-for"], "");
     }
 
     #[test]
