@@ -956,11 +956,21 @@ mod tests {
         assert_eq!(spans[0], 0..3);
     }
 
+    /// An h2 request as pingora's h2 server hands it over: `uri` absolute, with `fields`.
+    fn h2_request(method: &str, uri: &str, fields: &[(&'static str, &str)]) -> RequestHeader {
+        let uri: http::Uri = uri.parse().unwrap();
+        let path = uri.path_and_query().unwrap().as_str().as_bytes();
+        let mut req = RequestHeader::build(method, path, None).unwrap();
+        req.set_uri(uri);
+        for (name, value) in fields {
+            req.append_header(*name, *value).unwrap();
+        }
+        req
+    }
+
     #[test]
     fn an_h2_request_becomes_an_http1_header_for_the_vm() {
-        let mut req = RequestHeader::build("GET", b"/a/b?c=d", None).unwrap();
-        req.set_uri("http://web--x.proxy.test/a/b?c=d".parse().unwrap());
-        for (name, value) in [
+        let fields = [
             ("accept", "*/*"),
             ("cookie", "a=1"),
             ("te", "trailers"),
@@ -968,9 +978,8 @@ mod tests {
             ("x-forwarded-for", "203.0.113.9"),
             ("cookie", "b=2"),
             ("x-request-id", "theirs"),
-        ] {
-            req.append_header(name, value).unwrap();
-        }
+        ];
+        let req = h2_request("GET", "http://web--x.proxy.test/a/b?c=d", &fields);
         let client = "[fd5e:ed00::7]:4000".parse().ok();
         let out = h1_request(&req, "web--x.proxy.test", client, "https", "id-9", 0);
         assert!(out.len() <= out.capacity() && out.capacity() < 2 * out.len());
@@ -984,17 +993,14 @@ mod tests {
 
     #[test]
     fn an_h2_request_to_an_h2c_service_gets_the_edge_fields() {
-        let mut req = RequestHeader::build("POST", b"/pkg.Svc/Call", None).unwrap();
-        req.set_uri("http://api--x.proxy.test/pkg.Svc/Call".parse().unwrap());
-        for (name, value) in [
+        let fields = [
             ("content-type", "application/grpc"),
             ("te", "trailers"),
             ("connection", "keep-alive"),
             ("x-forwarded-for", "203.0.113.9"),
             ("x-request-id", "theirs"),
-        ] {
-            req.append_header(name, value).unwrap();
-        }
+        ];
+        let req = h2_request("POST", "http://api--x.proxy.test/pkg.Svc/Call", &fields);
         let host = "api--x.proxy.test";
         // An IPv4 client on a dual-stack socket is named by its IPv4 address.
         for (client, named) in [
