@@ -34,7 +34,7 @@ use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use vmedge_model::{ServiceName, VmId};
 
-use super::message::{self, parse_answer, Answer, Body, Framing, H2Header};
+use super::message::{self, parse_answer, Answer, Body, Framing, H2Header, Malformed};
 use super::{malformed_body, Direct, Done, Failure, Logged};
 use crate::activity::VmActivity;
 use crate::answers::{self, Refusal};
@@ -247,7 +247,18 @@ impl Direct {
                 let read = Bytes::from(std::mem::take(&mut buf));
                 match parse_answer::<H2Header>(&read, head, id)? {
                     Some((answer, len)) if answer.status >= 200 => {
-                        return Ok(Some((answer, read.slice(len..))));
+                        let rest = read.slice(len..);
+                        if answer.framing.ends_within(rest.len()) {
+                            return Ok(Some((answer, rest)));
+                        }
+                        // A body still to come may keep the stream open for long (an
+                        // event stream), and pingora keeps the header as long: it gets
+                        // bytes of its own, not slices that hold the whole read buffer.
+                        drop(answer);
+                        let own = Bytes::copy_from_slice(&read[..len]);
+                        let parsed = parse_answer::<H2Header>(&own, head, id)?;
+                        let (answer, _) = parsed.ok_or(Malformed)?;
+                        return Ok(Some((answer, rest)));
                     }
                     Some((_, len)) => {
                         interim = true;
