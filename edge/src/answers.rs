@@ -11,6 +11,8 @@ use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use vmedge_model::VmStatus;
 
+use crate::ids;
+
 /// Why the edge answered itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -183,7 +185,9 @@ pub fn grpc_answer(refusal: &Refusal, request_id: &str) -> pingora::Result<Respo
     header.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
     header.insert_header("grpc-status", refusal.grpc_status().to_string())?;
     header.insert_header("grpc-message", percent_encode(&refusal.message()))?;
-    header.insert_header("x-request-id", request_id)?;
+    if let Some(id) = ids::field_value(request_id) {
+        header.insert_header(ids::FIELD, id)?;
+    }
     Ok(header)
 }
 
@@ -197,7 +201,9 @@ pub fn text_answer(
     header.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header("x-request-id", request_id)?;
+    if let Some(id) = ids::field_value(request_id) {
+        header.insert_header(ids::FIELD, id)?;
+    }
     Ok((header, body))
 }
 

@@ -5,6 +5,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 /// The longest client id kept.
@@ -57,6 +58,21 @@ impl RequestIds {
         push_hex(&mut id, n, 8);
         id
     }
+}
+
+/// The request id's field.
+pub(crate) const FIELD: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `id` as the value of an `X-Request-Id` field, marked never to be indexed. Each id is
+/// new, so HPACK indexing it (h2's encoder indexes every field it may) fills the
+/// connection's dynamic table with ids never sent again, pushing out fields that do
+/// repeat, and each later id compares itself with every one of them (h2's `Table::index`
+/// was ~4% of the edge's samples under h2c load). Sent as a literal instead, as nginx
+/// sends every field. An HTTP/1.1 writer ignores the mark.
+pub(crate) fn field_value(id: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(id).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// `value` in lower-case hex onto `out`, at least `width` digits (zeros in front).

@@ -22,7 +22,7 @@ use vmedge_registry::{Registry, RouteError};
 use crate::activity::{Activity, VmActivity};
 use crate::answers::{self, Refusal};
 use crate::idle::HeaderRead;
-use crate::ids::RequestIds;
+use crate::ids::{self, RequestIds};
 use crate::metrics::Metrics;
 use crate::upstream;
 use crate::wake::{WakeError, Waker};
@@ -363,7 +363,9 @@ impl ProxyHttp for EdgeProxy {
         upstream.insert_header("x-forwarded-for", client)?;
         upstream.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
         upstream.insert_header("x-forwarded-host", ctx.host.as_str())?;
-        upstream.insert_header("x-request-id", ctx.id.as_str())?;
+        if let Some(id) = ids::field_value(&ctx.id) {
+            upstream.insert_header(ids::FIELD, id)?;
+        }
         ctx.sent = Some(Instant::now());
         Ok(())
     }
@@ -401,8 +403,10 @@ impl ProxyHttp for EdgeProxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if !response.headers.contains_key("x-request-id") {
-            response.insert_header("x-request-id", ctx.id.as_str())?;
+        if !response.headers.contains_key(ids::FIELD) {
+            if let Some(id) = ids::field_value(&ctx.id) {
+                response.insert_header(ids::FIELD, id)?;
+            }
         }
         Ok(())
     }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
-use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession as H2Stream;
 use pingora::protocols::http::v2::write_body;
@@ -32,6 +31,7 @@ use super::h2::{send, H2Target};
 use super::message;
 use super::{Direct, Done, Failure};
 use crate::answers::Refusal;
+use crate::ids;
 
 /// h2c connections by VM service address, each carrying up to `h2_streams_per_connection`
 /// streams at once; another is opened when all of a service's are full (as pingora's
@@ -198,10 +198,13 @@ impl Direct {
         self.metrics.responded(sent.elapsed().as_secs_f64());
         let (mut parts, mut body_in) = answer.into_parts();
         // Into the map itself: pingora's `insert_header` copies the name twice on the way.
-        let id = HeaderName::from_static("x-request-id");
-        if !parts.headers.contains_key(&id) {
-            if let Ok(value) = HeaderValue::from_str(to.id) {
-                parts.headers.insert(id, value);
+        // Never indexed, the VM's own (an echo) too: see `ids::field_value`.
+        match parts.headers.get_mut(ids::FIELD) {
+            Some(value) => value.set_sensitive(true),
+            None => {
+                if let Some(value) = ids::field_value(to.id) {
+                    parts.headers.insert(ids::FIELD, value);
+                }
             }
         }
         let header = ResponseHeader::from(parts);

@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::date;
 
-use crate::ids::RequestIds;
+use crate::ids::{self, RequestIds};
 use crate::proxy::header_size;
 
 /// A request that is not one for the direct path: pingora takes it, from the same bytes.
@@ -192,8 +192,8 @@ pub(super) trait AnswerHeader: Sized {
     ) -> Result<Self, Malformed>;
     /// A field of the VM's passed on (`value` lies within the source).
     fn field(&mut self, name: &str, value: &[u8]) -> Result<(), Malformed>;
-    /// A field the edge adds (`name` in lower case).
-    fn edge_field(&mut self, name: &'static str, value: &str) -> Result<(), Malformed>;
+    /// The request's id (the VM's answer had none).
+    fn request_id(&mut self, id: &str) -> Result<(), Malformed>;
     /// The date field, now (the answer had none).
     fn date(&mut self);
 }
@@ -216,8 +216,8 @@ impl AnswerHeader for Vec<u8> {
         Ok(())
     }
 
-    fn edge_field(&mut self, name: &'static str, value: &str) -> Result<(), Malformed> {
-        self.field(name, value.as_bytes())
+    fn request_id(&mut self, id: &str) -> Result<(), Malformed> {
+        self.field("x-request-id", id.as_bytes())
     }
 
     fn date(&mut self) {
@@ -272,17 +272,19 @@ impl AnswerHeader for H2Header {
             return Ok(());
         }
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| Malformed)?;
-        let value =
+        let mut value =
             HeaderValue::from_maybe_shared(self.source.slice_ref(value)).map_err(|_| Malformed)?;
+        if name == ids::FIELD {
+            // A VM that echoes the request id: see `ids::field_value`.
+            value.set_sensitive(true);
+        }
         self.parts.headers.append(name, value);
         Ok(())
     }
 
-    fn edge_field(&mut self, name: &'static str, value: &str) -> Result<(), Malformed> {
-        let value = HeaderValue::from_str(value).map_err(|_| Malformed)?;
-        self.parts
-            .headers
-            .append(HeaderName::from_static(name), value);
+    fn request_id(&mut self, id: &str) -> Result<(), Malformed> {
+        let value = ids::field_value(id).ok_or(Malformed)?;
+        self.parts.headers.append(ids::FIELD, value);
         Ok(())
     }
 
@@ -430,7 +432,7 @@ pub(super) fn h2c_request(
         ),
         ("x-forwarded-proto", HeaderValue::from_static(proto)),
         ("x-forwarded-host", HeaderValue::from_str(host).ok()?),
-        ("x-request-id", HeaderValue::from_str(id).ok()?),
+        ("x-request-id", ids::field_value(id)?),
     ];
     for (name, value) in edge {
         fields.insert(HeaderName::from_static(name), value);
@@ -508,7 +510,7 @@ pub(super) fn parse_answer<H: AnswerHeader>(
         header.field(name, value)?;
     }
     if !has_id {
-        header.edge_field("x-request-id", id)?;
+        header.request_id(id)?;
     }
     if !has_date {
         // A proxy adds the date an answer lacks (RFC 9110 6.6.1).
@@ -1048,6 +1050,14 @@ mod tests {
         }
         let up = h2c_request(&req, host, None, "http", "id-4").unwrap();
         assert_eq!(up.headers()["x-forwarded-for"], "");
+        // Only the id is never indexed (see `ids::field_value`).
+        let never: Vec<&str> = up
+            .headers()
+            .iter()
+            .filter(|(_, v)| v.is_sensitive())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(never, ["x-request-id"]);
     }
 
     #[test]
@@ -1066,10 +1076,26 @@ mod tests {
         let names: Vec<&str> = fields.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-thing", "x-request-id", "date"]);
         assert_eq!(fields["x-request-id"], "id-2");
+        assert!(fields["x-request-id"].is_sensitive());
+        assert!(!fields["x-thing"].is_sensitive() && !fields["date"].is_sensitive());
         // The VM's values are where they were read, not copies.
         let value = fields["x-thing"].as_bytes().as_ptr_range();
         assert!(raw.as_ptr_range().contains(&value.start), "a copy");
         assert_eq!(answer.header.into_response().status, 200);
+    }
+
+    #[test]
+    fn a_request_id_the_vm_echoes_is_never_indexed_either() {
+        let raw = b"HTTP/1.1 204 No Content\r\nX-Request-ID: theirs\r\nX-Thing: 1\r\n\r\n";
+        let source = Bytes::from_static(raw);
+        let Ok(Some((answer, _))) = parse_answer::<H2Header>(&source, false, "id-5") else {
+            panic!("not parsed");
+        };
+        let fields = answer.header.headers();
+        assert_eq!(fields.get_all("x-request-id").iter().count(), 1);
+        assert_eq!(fields["x-request-id"], "theirs");
+        assert!(fields["x-request-id"].is_sensitive());
+        assert!(!fields["x-thing"].is_sensitive());
     }
 
     #[test]
