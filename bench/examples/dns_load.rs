@@ -50,6 +50,8 @@ fn state(lab: &Lab, fqdn: bool) -> vmedge_model::State {
     };
     let vm = json!({"id": "6f1c2d3e-0000-4000-8000-0000000000aa", "org_id": "o", "worker": "w",
         "public_ipv6": lab.vms[0].ipv6.to_string(), "interface": lab.vms[0].interface,
+        // The queries are for A records: only a VM with an IPv4 address has sets for them.
+        "ipv4": lab.vms[0].ipv4.to_string(),
         "status": "running", "services": [],
         "firewall": {"ingress": {"default": "deny", "rules": []},
                      "egress": {"default": "deny", "rules": rules},

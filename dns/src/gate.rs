@@ -19,7 +19,7 @@ use crate::confirmed::Confirmed;
 use crate::metrics::{Metrics, Outcome};
 use crate::names::normalize;
 use crate::policy::{set_timeout, Verdict, VmView};
-use crate::sets::{FqdnElement, SetWriter};
+use crate::sets::SetWriter;
 use crate::upstream::{Upstream, UpstreamConfig};
 
 /// The largest answer sent over UDP (DNS flag day 2020); larger ones go out truncated.
@@ -351,20 +351,7 @@ impl Gate {
                 _ => continue,
             };
             let timeout = set_timeout(record.ttl, self.config.fqdn_floor, self.config.fqdn_grace);
-            for &i in hit {
-                let Some(sets) = view.fqdn_sets.get(usize::from(i)) else {
-                    continue;
-                };
-                let set = match addr {
-                    IpAddr::V4(_) => &sets.v4,
-                    IpAddr::V6(_) => &sets.v6,
-                };
-                elements.push(FqdnElement {
-                    set: set.clone(),
-                    addr,
-                    timeout,
-                });
-            }
+            view.set_elements(hit, addr, timeout, &mut elements);
         }
         if elements.is_empty() {
             return Ok(());

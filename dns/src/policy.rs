@@ -1,6 +1,7 @@
 //! What the gate does for one VM: which names resolve, which fqdn sets an answer fills,
 //! how fast it may ask. Built from the VM's policy once per change, not per query.
 
+use std::net::IpAddr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use vmedge_firewall::FqdnSets;
 use vmedge_model::{DnsMode, DomainPattern, RateLimit, TokenBucket, Vm, VmId};
 
 use crate::names::PatternIndex;
+use crate::sets::FqdnElement;
 
 /// The canary Firefox asks before it turns DoH on: NXDOMAIN keeps it off.
 pub const DOH_CANARY: &str = "use-application-dns.net";
@@ -115,6 +117,35 @@ impl VmView {
         });
     }
 
+    /// Onto `out`, the elements an answered address makes: one in each hit set of its
+    /// family. A VM without an IPv4 address has no IPv4 sets: no IPv4 packet is its, so
+    /// an IPv4 address opens nothing.
+    pub fn set_elements(
+        &self,
+        hit: &[u16],
+        addr: IpAddr,
+        timeout: Duration,
+        out: &mut Vec<FqdnElement>,
+    ) {
+        for &i in hit {
+            let Some(sets) = self.fqdn_sets.get(usize::from(i)) else {
+                continue;
+            };
+            let set = match addr {
+                IpAddr::V4(_) => match &sets.v4 {
+                    Some(v4) => v4,
+                    None => continue,
+                },
+                IpAddr::V6(_) => &sets.v6,
+            };
+            out.push(FqdnElement {
+                set: set.clone(),
+                addr,
+                timeout,
+            });
+        }
+    }
+
     /// Takes one query from the VM's budget; false when it is spent.
     pub fn allow_query(&self) -> bool {
         self.budget.as_ref().is_none_or(TokenBucket::take)
@@ -213,10 +244,54 @@ mod tests {
         v.fqdn_matches("cdn.example.com", &mut hit);
         hit.sort_unstable();
         assert_eq!(hit, vec![0, 1]);
-        let id = v.id();
         assert_eq!(
             v.fqdn_sets[1],
-            vmedge_firewall::fqdn_sets(&id, &DomainPattern::parse("api.example.com").unwrap())
+            vmedge_firewall::fqdn_sets(&v.vm, &DomainPattern::parse("api.example.com").unwrap())
+        );
+        // The VM has no IPv4 address: no IPv4 sets to fill.
+        assert!(v.fqdn_sets.iter().all(|sets| sets.v4.is_none()));
+    }
+
+    #[test]
+    fn an_answered_address_goes_to_the_hit_sets_of_its_family_only() {
+        let egress = json!({"default": "deny", "rules": [
+            {"action": "allow", "kind": "fqdn", "value": "*.example.com", "protocol": "tcp", "ports": "443"},
+            {"action": "allow", "kind": "fqdn", "value": "api.example.com", "protocol": "tcp", "ports": "8443"}]});
+        let firewall = json!({"ingress": {"default": "deny", "rules": []}, "egress": egress,
+                              "dns": {"mode": "deny", "domains": [], "block_bypass": false}});
+        let (v4, v6): (IpAddr, IpAddr) = (
+            "198.18.5.5".parse().unwrap(),
+            "fd5e:ed00:5::5".parse().unwrap(),
+        );
+        let ttl = Duration::from_secs(60);
+        let hit = [0u16, 1];
+        let elements = |view: &VmView, addr| {
+            let mut out = Vec::new();
+            view.set_elements(&hit, addr, ttl, &mut out);
+            out.into_iter()
+                .map(|e| (e.set, e.addr, e.timeout))
+                .collect::<Vec<_>>()
+        };
+
+        // No IPv4 address: its AAAA answers fill both IPv6 sets, its A answers nothing.
+        let v6_only = VmView::new(&vm(firewall.clone()), None);
+        let sets = &v6_only.fqdn_sets;
+        assert_eq!(
+            elements(&v6_only, v6),
+            [(sets[0].v6.clone(), v6, ttl), (sets[1].v6.clone(), v6, ttl)]
+        );
+        assert_eq!(elements(&v6_only, v4), []);
+
+        // With one: A answers fill the IPv4 sets.
+        let mut dual = vm(firewall);
+        dual.interface = Some("vmtap0".into());
+        dual.ipv4 = Some("198.18.0.2".parse().unwrap());
+        let dual = VmView::new(&dual, None);
+        let v4_sets: Vec<String> = dual.fqdn_sets.iter().filter_map(|s| s.v4.clone()).collect();
+        assert_eq!(v4_sets.len(), 2);
+        assert_eq!(
+            elements(&dual, v4),
+            [(v4_sets[0].clone(), v4, ttl), (v4_sets[1].clone(), v4, ttl)]
         );
     }
 

@@ -932,6 +932,49 @@ mod tests {
          "services": [{"name": "web", "port": 8080}, {"name": "udp-thing", "port": 9000}]}]}"#;
 
     #[test]
+    fn a_vm_without_an_ipv4_address_gets_no_ipv4_fqdn_set_until_it_has_one() {
+        let options = options();
+        let doc = r#"{"vms": [{"id": "00000000-0000-4000-8000-000000000001", "org_id": "o",
+            "worker": "w", "public_ipv6": "fd5e:ed00::1", "status": "running", "services": [],
+            "interface": "tap1", "firewall": {"egress": {"default": "deny", "rules": [
+                {"action": "allow", "kind": "fqdn", "value": "*.pypi.org", "protocol": "tcp", "ports": "443"}]}}}]}"#;
+        let pattern = vmedge_model::DomainPattern::parse("*.pypi.org").unwrap();
+        let v6_only = vms(doc);
+        let sets = names::fqdn_sets(&v6_only[0], &pattern);
+        assert_eq!(sets.v4, None);
+        assert_eq!(
+            crate::fqdn_targets(&v6_only[0]),
+            [(pattern.clone(), sets.clone())]
+        );
+        let text = compile("w", v6_only.iter(), &options).text;
+        let fqdn: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("@fq_") || l.contains(" fq_"))
+            .collect();
+        assert_eq!(fqdn.len(), 2, "{fqdn:#?}");
+        assert!(fqdn.iter().all(|l| l.contains(&*sets.v6)), "{fqdn:#?}");
+
+        // Given an address, it gets the IPv4 set and its rule; its IPv6 set stays as it is
+        // (the DNS gate's entries in it with it).
+        let dual = vms(&doc.replace(
+            r#""interface": "tap1""#,
+            r#""interface": "tap1", "ipv4": "198.18.0.2""#,
+        ));
+        let v4 = names::fqdn_sets(&dual[0], &pattern).v4.unwrap();
+        let text = update(&sections(&v6_only), &sections(&dual), &options)
+            .unwrap()
+            .text();
+        let fqdn: Vec<&str> = text.lines().filter(|l| l.contains("fq_")).collect();
+        assert!(fqdn.iter().all(|l| l.contains(&v4)), "{text}");
+        assert!(fqdn.iter().any(|l| l.starts_with("add set")), "{text}");
+        assert!(
+            fqdn.iter()
+                .any(|l| l.contains("ip saddr 198.18.0.2 ip daddr @")),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn an_update_touches_only_what_changed() {
         let options = options();
         let before = sections(&vms(TWO));

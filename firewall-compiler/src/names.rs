@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use vmedge_model::{DomainPattern, VmId};
+use vmedge_model::{DomainPattern, Vm};
 
 /// The table: `table inet vmedge`.
 pub const TABLE: &str = "vmedge";
@@ -174,16 +174,19 @@ pub fn default_deny(direction: Direction, by_tap: bool) -> &'static str {
     }
 }
 
-/// The two dynamic sets (IPv4, IPv6) the DNS gate fills for an egress fqdn pattern of a VM.
+/// The dynamic sets the DNS gate fills for an egress fqdn pattern of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FqdnSets {
-    /// `type ipv4_addr; flags timeout`
-    pub v4: String,
+    /// `type ipv4_addr; flags timeout`. None for a VM without an IPv4 address (the
+    /// state's `ipv4`): no IPv4 packet is attributed to it, so no rule would look in the
+    /// set, and every set there is makes each walk of the table's set list longer.
+    pub v4: Option<String>,
     /// `type ipv6_addr; flags timeout`
     pub v6: String,
 }
 
 /// The sets of (VM, fqdn pattern). Rules of the VM with the same pattern share them.
+/// An IPv4 set only for a VM with an IPv4 address (see [`FqdnSets::v4`]).
 ///
 /// `fq_<VM id>_<pattern hash>_4`, both numbers in base 62 with their last digits first:
 /// the kernel finds a set by walking the table's list of sets and comparing each name
@@ -191,17 +194,20 @@ pub struct FqdnSets {
 /// by name. A name of ~38 characters that differs from its neighbours' in its first few
 /// (ids made in sequence differ in their last digits) makes every step of such a walk
 /// cheaper than one of 55 that begins with the id in hex (bench/RESULTS.md, session 17).
-pub fn fqdn_sets(vm: &VmId, pattern: &DomainPattern) -> FqdnSets {
-    let mut v4 = String::with_capacity(40);
-    v4.push_str("fq_");
-    push_base62_reversed(&mut v4, vm.as_uuid().as_u128());
-    v4.push('_');
-    push_base62_reversed(&mut v4, u128::from(fnv1a64(pattern.to_string().as_bytes())));
-    v4.push_str("_4");
+pub fn fqdn_sets(vm: &Vm, pattern: &DomainPattern) -> FqdnSets {
+    let mut v6 = String::with_capacity(40);
+    v6.push_str("fq_");
+    push_base62_reversed(&mut v6, vm.id.as_uuid().as_u128());
+    v6.push('_');
+    push_base62_reversed(&mut v6, u128::from(fnv1a64(pattern.to_string().as_bytes())));
+    v6.push_str("_6");
     // The same name but its last character: one format, not two (10k VMs name 40k sets).
-    let mut v6 = v4.clone();
-    v6.pop();
-    v6.push('6');
+    let v4 = vm.ipv4.map(|_| {
+        let mut v4 = v6.clone();
+        v4.pop();
+        v4.push('4');
+        v4
+    });
     FqdnSets { v4, v6 }
 }
 
@@ -268,20 +274,39 @@ mod tests {
         }
     }
 
+    /// A VM named by `id`, with an IPv4 address or without.
+    fn vm_of(id: &str, ipv4: Option<&str>) -> Vm {
+        Vm {
+            id: vmedge_model::VmId::parse(id).unwrap(),
+            org_id: "o".into(),
+            worker: "w".into(),
+            public_ipv6: "fd5e:ed00:1::2".parse().unwrap(),
+            status: vmedge_model::VmStatus::Running,
+            services: Vec::new(),
+            firewall: vmedge_model::FirewallPolicy::default(),
+            ssh_host_keys: None,
+            interface: Some("vmtap0".into()),
+            ipv4: ipv4.map(|a| a.parse().unwrap()),
+        }
+    }
+
     #[test]
     fn names_are_stable_and_per_vm() {
-        let vm = VmId::parse("6f1c2d3e-0000-4000-8000-0000000000aa").unwrap();
+        let vm = vm_of("6f1c2d3e-0000-4000-8000-0000000000aa", Some("198.18.0.2"));
         assert_eq!(shard_chain(Direction::Ingress, 42), "in_s42");
         let sets = fqdn_sets(&vm, &DomainPattern::parse("*.pypi.org").unwrap());
         // Fixed: the DNS gate and running tables depend on it. A change makes the next
         // sync replace every fqdn set with an empty one.
-        assert_eq!(sets.v4, "fq_INezmjmKdAX8tnd3ty1Fn3_FQmjQq3uoy8_4");
+        let v4 = sets.v4.as_deref().unwrap();
+        assert_eq!(v4, "fq_INezmjmKdAX8tnd3ty1Fn3_FQmjQq3uoy8_4");
         assert_eq!(sets.v6, "fq_INezmjmKdAX8tnd3ty1Fn3_FQmjQq3uoy8_6");
         // The next VM's sets differ from the first character of the id on.
-        let next = VmId::parse("6f1c2d3e-0000-4000-8000-0000000000ab").unwrap();
+        let next = vm_of("6f1c2d3e-0000-4000-8000-0000000000ab", None);
         let next = fqdn_sets(&next, &DomainPattern::parse("*.pypi.org").unwrap());
-        assert_ne!(next.v4.as_bytes()[3], sets.v4.as_bytes()[3]);
-        assert!(next.v4.len() <= 40 && sets.v4.len() <= 40);
+        assert_ne!(next.v6.as_bytes()[3], sets.v6.as_bytes()[3]);
+        assert!(next.v6.len() <= 40 && v4.len() <= 40);
+        // A VM without an IPv4 address has no IPv4 set.
+        assert_eq!(next.v4, None);
         assert_eq!(
             fqdn_sets(&vm, &DomainPattern::parse("*.PyPI.org.").unwrap()),
             sets,
@@ -300,6 +325,6 @@ mod tests {
             "an older version's"
         );
         assert!(!is_managed_chain("in_s3_b0_allow_tcp6"));
-        assert!(!is_managed_chain(&sets.v4));
+        assert!(!is_managed_chain(v4));
     }
 }

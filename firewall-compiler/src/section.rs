@@ -238,7 +238,7 @@ pub struct VmSection {
     pub elements: Vec<(BlockSet, Element)>,
     /// Its entries in the worker-wide sets.
     pub members: BTreeSet<Member>,
-    /// Its fqdn sets (both families of each pattern, whether or not a rule uses both).
+    /// Its fqdn sets: each pattern's, of each family the VM has an address of.
     pub fqdn_sets: Vec<(Arc<str>, Family)>,
     /// Its fqdn rules, in order.
     pub fqdn_rules: Vec<FqdnRule>,
@@ -290,7 +290,7 @@ pub fn fqdn_targets(vm: &Vm) -> Vec<(DomainPattern, names::FqdnSets)> {
     for block in canonicalize(&policy.egress).blocks {
         for fqdn in block.fqdn {
             if !targets.iter().any(|(p, _)| *p == fqdn.pattern) {
-                let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
+                let sets = names::fqdn_sets(vm, &fqdn.pattern);
                 targets.push((fqdn.pattern, sets));
             }
         }
@@ -452,9 +452,13 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                 section.elements.extend(elements.map(|e| (set, e)));
             }
             for fqdn in &b.fqdn {
-                let sets = names::fqdn_sets(&vm.id, &fqdn.pattern);
+                let sets = names::fqdn_sets(vm, &fqdn.pattern);
                 let pattern: Arc<str> = Arc::from(fqdn.pattern.to_string());
-                for (family, set) in [(Family::V4, sets.v4), (Family::V6, sets.v6)] {
+                for (family, set) in [(Family::V4, sets.v4), (Family::V6, Some(sets.v6))] {
+                    // A family the VM has no address of has no set (`FqdnSets::v4`).
+                    let (Some(set), Some(own)) = (set, own(family)) else {
+                        continue;
+                    };
                     let set: Arc<str> = match section.fqdn_sets.iter().find(|(s, _)| **s == *set) {
                         Some((known, _)) => Arc::clone(known),
                         None => {
@@ -463,7 +467,6 @@ pub fn compile_vm_with(vm: &Vm, canonicals: &mut Canonicals) -> VmSection {
                             set
                         }
                     };
-                    let Some(own) = own(family) else { continue };
                     section.fqdn_rules.push(FqdnRule {
                         block,
                         own,

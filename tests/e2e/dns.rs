@@ -56,9 +56,10 @@ fn firewall(egress: Value, dns: Value) -> Value {
     json!({"ingress": {"default": "deny", "rules": []}, "egress": egress, "dns": dns})
 }
 
-/// VM 0: deny mode, egress only to `api` by fqdn. VM 1: allow mode. VM 2: block_bypass.
+/// VM 0: deny mode, egress only to `api` by fqdn, IPv4 and IPv6. VM 1: allow mode. VM 2:
+/// block_bypass, an fqdn deny rule, no IPv4 address (so no IPv4 sets).
 fn state(lab: &Lab) -> vmedge_model::State {
-    let vms = vec![
+    let mut vms = vec![
         vm(
             lab,
             0,
@@ -84,11 +85,13 @@ fn state(lab: &Lab) -> vmedge_model::State {
             2,
             &[7000],
             firewall(
-                json!({"default": "allow", "rules": []}),
+                json!({"default": "allow", "rules": [
+                    {"action": "deny", "kind": "fqdn", "value": format!("many.{ZONE}"), "protocol": "tcp", "ports": "7001"}]}),
                 json!({"mode": "deny", "domains": [], "block_bypass": true}),
             ),
         ),
     ];
+    vms[0]["ipv4"] = json!(lab.vms[0].ipv4.to_string());
     vmedge_model::state_from_value(&json!({"vms": vms}))
         .unwrap()
         .value
@@ -350,8 +353,8 @@ fn fqdn_rules_open_only_answered_addresses_until_the_ttl_runs_out() {
         "an address never answered stays closed"
     );
     let pattern = DomainPattern::parse(&name("api")).unwrap();
-    let id = t.registry.load().vms()[0].id;
-    let sets = vmedge_firewall::fqdn_sets(&id, &pattern);
+    let vm = t.registry.load().vms()[0].clone();
+    let sets = vmedge_firewall::fqdn_sets(&vm, &pattern);
     assert!(t.set_listing(&sets.v6).contains(&api.ipv6.to_string()));
 
     // The HTTPS record of a name with an fqdn rule loses its address hints; a VM
@@ -378,12 +381,23 @@ fn fqdn_rules_open_only_answered_addresses_until_the_ttl_runs_out() {
     // The cap on addresses per answer: 4 of 6 reach the VM, and exactly those are in the set.
     let many = t.short(0, &name("many"), "A");
     assert_eq!(many.len(), 4, "{many:?}");
-    let many_sets = vmedge_firewall::fqdn_sets(&id, &DomainPattern::parse(&name("many")).unwrap());
-    let listing = t.set_listing(&many_sets.v4);
+    let many_sets = vmedge_firewall::fqdn_sets(&vm, &DomainPattern::parse(&name("many")).unwrap());
+    let listing = t.set_listing(many_sets.v4.as_deref().expect("VM 0 has an IPv4 address"));
     for addr in &many {
         assert!(listing.contains(addr.as_str()), "{addr} not in {listing}");
     }
     assert_eq!(listing.matches("198.18.2.").count(), 4, "{listing}");
+    // A VM without an IPv4 address gets the same A answer, and has no IPv4 set to fill:
+    // its IPv6 set of the same rule is the only one.
+    assert_eq!(t.short(2, &name("many"), "A").len(), 4);
+    let v6_only = t.registry.load().vms()[2].clone();
+    let sets = vmedge_firewall::fqdn_sets(&v6_only, &DomainPattern::parse(&name("many")).unwrap());
+    assert_eq!(sets.v4, None);
+    let listed = t.lab.worker.sh(&["nft", "list", "sets", "inet"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let stem = format!("set {}", sets.v6.trim_end_matches('6'));
+    assert_eq!(listed.matches(&stem).count(), 1, "{listed}");
+    assert!(listed.contains(&format!("set {} ", sets.v6)), "{listed}");
 
     // A CNAME chain counts for the queried name's rule: `alias` -> `api`.
     assert_eq!(t.short(0, &name("alias"), "AAAA").len(), 2);
@@ -435,8 +449,10 @@ fn upstream_down_serves_stale_or_servfail_never_hangs() {
 fn an_insert_refreshes_the_timeout_of_an_address_already_there() {
     let t = DnsLab::start();
     let pattern = DomainPattern::parse(&name("api")).unwrap();
-    let id = t.registry.load().vms()[0].id;
-    let set = vmedge_firewall::fqdn_sets(&id, &pattern).v4;
+    let vm = t.registry.load().vms()[0].clone();
+    let set = vmedge_firewall::fqdn_sets(&vm, &pattern)
+        .v4
+        .expect("VM 0 has an IPv4 address");
     let mut socket = NetlinkSocket::open_in_netns(t.lab.worker.name()).unwrap();
     let insert = |socket: &mut NetlinkSocket, secs| {
         let mut batch = Batch::new(socket.next_seq());

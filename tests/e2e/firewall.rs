@@ -596,7 +596,7 @@ fn a_table_of_the_per_vm_chain_layout_is_taken_over() {
     let vm = &applied.vms[0];
     let hex = vm.id.hex();
     let pattern = vmedge_model::DomainPattern::parse("*.example.test").unwrap();
-    let fq = vmedge_firewall::fqdn_sets(&vm.id, &pattern).v6;
+    let fq = vmedge_firewall::fqdn_sets(vm, &pattern).v6;
     let tap = a.interface.clone();
     let old = format!(
         "add table inet vmedge
@@ -640,7 +640,7 @@ fn a_re_apply_never_empties_the_dns_gates_fqdn_sets() {
     setup.apply(&applied);
     let vm = &applied.vms[0];
     let pattern = vmedge_model::DomainPattern::parse("*.example.test").unwrap();
-    let sets = vmedge_firewall::fqdn_sets(&vm.id, &pattern);
+    let sets = vmedge_firewall::fqdn_sets(vm, &pattern);
     // What the DNS gate does: the resolved address, with a timeout.
     setup.lab.worker.sh(&[
         "nft",
