@@ -1,13 +1,25 @@
 //! How nft's time grows with the table: a full apply of N VMs, then one VM changed (its
 //! ports; one rule more; one VM more), each change applied and undone
 //! `VMEDGE_SCALE_FLIPS` times. `VMEDGE_SCALE_ONLY=ports|rule|vm` times one kind alone (to
-//! profile it); the others print as zero.
+//! profile it); the others print as zero. `VMEDGE_SCALE_IPV6_ONLY=1`: VMs without an IPv4
+//! address (so without IPv4 fqdn sets).
 //! `cargo run --release -p vmedge-bench --example firewall_scale -- 100 500 1000` (root)
 #![allow(clippy::unwrap_used)]
 
 use std::time::Instant;
 
 use vmedge_firewall::{compile, CompileOptions, FirewallBackend, NftBackend};
+
+/// The bench's state, its VMs without IPv4 addresses under `VMEDGE_SCALE_IPV6_ONLY=1`.
+fn firewall_state(n: u32, rules: u32, variant: u32) -> serde_json::Value {
+    let mut doc = vmedge_bench::firewall_state(n, rules, variant);
+    if std::env::var_os("VMEDGE_SCALE_IPV6_ONLY").is_some_and(|v| v == "1") {
+        for vm in doc["vms"].as_array_mut().into_iter().flatten() {
+            vm.as_object_mut().map(|vm| vm.remove("ipv4"));
+        }
+    }
+    doc
+}
 
 fn main() {
     let sizes: Vec<u32> = std::env::args()
@@ -24,7 +36,7 @@ fn main() {
     for n in sizes {
         let lab = vmedge_tests::Lab::new(0);
         let nft = NftBackend::in_netns(lab.worker.name());
-        let state = vmedge_model::state_from_value(&vmedge_bench::firewall_state(n, 20, 0))
+        let state = vmedge_model::state_from_value(&firewall_state(n, 20, 0))
             .unwrap()
             .value;
         let t = Instant::now();
@@ -51,12 +63,9 @@ fn main() {
         };
         let mut one_vm = Vec::new();
         for (kind, vm) in [
-            ("ports", vm_of(vmedge_bench::firewall_state(1, 20, 1), 0)),
-            ("rule", vm_of(vmedge_bench::firewall_state(1, 21, 0), 0)),
-            (
-                "vm",
-                vm_of(vmedge_bench::firewall_state(n + 1, 20, 0), n as usize),
-            ),
+            ("ports", vm_of(firewall_state(1, 20, 1), 0)),
+            ("rule", vm_of(firewall_state(1, 21, 0), 0)),
+            ("vm", vm_of(firewall_state(n + 1, 20, 0), n as usize)),
         ] {
             if only.as_ref().is_some_and(|only| only != kind) {
                 one_vm.push(std::time::Duration::ZERO);
