@@ -67,8 +67,8 @@ pub(crate) const FIELD: HeaderName = HeaderName::from_static("x-request-id");
 /// new, so HPACK indexing it (h2's encoder indexes every field it may) fills the
 /// connection's dynamic table with ids never sent again, pushing out fields that do
 /// repeat, and each later id compares itself with every one of them (h2's `Table::index`
-/// was ~4% of the edge's samples under h2c load). Sent as a literal instead, as nginx
-/// sends every field. An HTTP/1.1 writer ignores the mark.
+/// and `value_eq`: 2.2% of the edge's samples under h2c load, 0.9% after). Sent as a
+/// literal instead, as nginx sends every field. An HTTP/1.1 writer ignores the mark.
 pub(crate) fn field_value(id: &str) -> Option<HeaderValue> {
     let mut value = HeaderValue::from_str(id).ok()?;
     value.set_sensitive(true);
