@@ -15,7 +15,9 @@ fn firewall_state(n: u32, rules: u32, variant: u32) -> serde_json::Value {
     let mut doc = vmedge_bench::firewall_state(n, rules, variant);
     if std::env::var_os("VMEDGE_SCALE_IPV6_ONLY").is_some_and(|v| v == "1") {
         for vm in doc["vms"].as_array_mut().into_iter().flatten() {
-            vm.as_object_mut().map(|vm| vm.remove("ipv4"));
+            if let Some(vm) = vm.as_object_mut() {
+                vm.remove("ipv4");
+            }
         }
     }
     doc
