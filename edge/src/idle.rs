@@ -469,23 +469,19 @@ where
 {
     async fn process_new_http(
         self: &Arc<Self>,
-        session: ServerSession,
+        mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        // An h2 stream is offered to the direct path first, in place: moving it out of
+        // the session would copy it, and keep a third copy in this task's future.
+        if let (ServerSession::H2(stream), Some(direct)) = (&mut session, &self.direct) {
+            if direct.serve_h2(stream).await == H2Offered::Served {
+                return None;
+            }
+        }
         let h1 = match session {
             ServerSession::H1(h1) => h1,
-            ServerSession::H2(stream) => {
-                // Offered to the direct path first; pingora's proxy serves it otherwise.
-                let stream = match &self.direct {
-                    Some(direct) => match direct.serve_h2(stream).await {
-                        H2Offered::Served => return None,
-                        H2Offered::Declined(stream) => stream,
-                    },
-                    None => stream,
-                };
-                let session = ServerSession::H2(stream);
-                return self.app.process_new_http(session, shutdown).await;
-            }
+            // Declined h2 streams, and the rest: pingora's proxy serves them.
             other => return self.app.process_new_http(other, shutdown).await,
         };
         if h1.digest().ssl_digest.is_some() {
